@@ -1,0 +1,37 @@
+"""mu: small encoder-decoder language models (the Mu architecture) and their decoder-only twins.
+
+    import mu
+    model = mu.build_model("small", arch="encdec")
+    model = mu.load_model("runs/squad/final")      # or the paper's model.pt
+    out = model.generate(ids, max_new_tokens=32)
+
+Heavy submodules (training, vision, benchmarks) are imported only when used.
+"""
+
+from mu.config import MuConfig
+from mu.errors import MuError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "mu.checkpoint",
+    "load_model": "mu.checkpoint",
+    "convert_reference": "mu.checkpoint",
+    "load_tokenizer": "mu.tokenizer",
+    "byte_tokenizer": "mu.tokenizer",
+    "train_tokenizer": "mu.tokenizer",
+    "generate": "mu.generation",
+    "MuEncoderDecoder": "mu.model.encoder_decoder",
+    "MuDecoderOnly": "mu.model.decoder_only",
+    "KVCache": "mu.model.cache",
+}
+
+__all__ = ["MuConfig", "MuError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mu' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from mu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""`mu generate`: text in, text out, with cached generation."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from mu.errors import MuError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="model directory or the paper's model.pt")
+    p.add_argument("--prompt", help="input text (default: read stdin)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+
+
+def run(args) -> int:
+    import torch
+
+    from mu.checkpoint import load_model
+    from mu.tokenizer import load_tokenizer
+    from mu.utils import pick_device
+
+    device = pick_device(args.device)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
+    if model.tokenizer is None:
+        raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
+    tok = model.tokenizer
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise MuError("empty prompt: pass --prompt TEXT or text on stdin")
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    streamer = None
+    if args.stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tok, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         num_beams=args.num_beams, eos_token_id=tok.eos_token_id, streamer=streamer)
+    elapsed = time.perf_counter() - t0
+    new = out[0, 1:] if model.config.arch == "encdec" else out[0, ids.shape[1]:]
+    if not args.stream:
+        print(tok.decode(new, skip_special_tokens=True))
+    print(f"[{len(new)} tokens in {elapsed:.2f}s]", file=sys.stderr)
+    return 0

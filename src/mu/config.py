@@ -1,0 +1,111 @@
+"""Model configuration: one typed dataclass with named presets.
+
+`MuConfig` keeps the field names and defaults of the paper's released code
+(microsoft/encoder-decoder-slm), so `asdict(config)` round-trips with its
+checkpoints. Two fields are ours: `arch`, and nothing else changes meaning.
+The decoder-only twin uses the same dataclass with `arch="deconly"`: its
+stack is `n_decoder_layer` blocks of causal self-attention + MLP (no
+cross-attention) and `n_encoder_layer` is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from mu.errors import MuError
+
+ARCHS = ("encdec", "deconly")
+
+
+@dataclass
+class MuConfig:
+    n_encoder_layer: int = 20  # encoder blocks (0 for the decoder-only twin)
+    n_decoder_layer: int = 10  # decoder blocks (all blocks of the decoder-only twin)
+    n_embd: int = 1024  # residual stream width
+    qkv_embd: Optional[int] = 384  # width of q (= n_head * head_dim); None means n_embd
+    is_interleaved: bool = False  # GQA mapping: False -> head h uses kv h % n_kv_head; True -> h // group
+    hidden_dim: int = 4096  # MLP inner width
+    n_head: int = 6  # query heads
+    n_kv_head: int = 3  # key/value heads (grouped-query attention)
+    block_size: int = 1024  # trained context; RoPE NTK scaling starts beyond it
+    dropout: float = 0.1  # on attention weights and after the MLP
+    rope_theta: int = 10000  # RoPE base
+    rope_factor: float = 1.0  # > 1 enables NTK-dynamic RoPE scaling beyond block_size
+    pad_token_id: int = 0  # padding id: masked as a key everywhere, ignored by the loss
+    vocab_size: int = 32128  # embedding rows (tied with lm_head)
+    arch: str = "encdec"  # "encdec" (Mu) or "deconly" (the matched decoder-only twin)
+
+    def __post_init__(self) -> None:
+        if self.qkv_embd is None:
+            self.qkv_embd = self.n_embd
+        if self.arch not in ARCHS:
+            raise MuError(f"config field 'arch' is {self.arch!r}; expected one of {ARCHS}")
+        if self.qkv_embd % self.n_head:
+            raise MuError(f"config: qkv_embd={self.qkv_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise MuError(f"config: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if (self.qkv_embd // self.n_head) % 2:
+            raise MuError(f"config: head_dim={self.qkv_embd // self.n_head} must be even for RoPE")
+        if self.arch == "deconly" and self.n_encoder_layer:
+            raise MuError("config: a decoder-only model has n_encoder_layer=0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv_embd // self.n_head
+
+    @property
+    def n_layer(self) -> int:
+        return self.n_encoder_layer + self.n_decoder_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "MuConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MuError(f"{source}: unknown config field(s) {unknown}; expected a subset of {sorted(known)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise MuError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_name(cls, name: str, arch: str = "encdec", **overrides: Any) -> "MuConfig":
+        if name not in PRESETS:
+            raise MuError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        if arch not in ARCHS:
+            raise MuError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        base = dict(PRESETS[name])
+        if arch == "deconly":
+            base["n_decoder_layer"] = DECONLY_LAYERS[name]
+            base["n_encoder_layer"] = 0
+        base["arch"] = arch
+        base.update(overrides)
+        return cls.from_dict(base, source=f"preset {name!r}")
+
+    def replace(self, **changes: Any) -> "MuConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Encoder-decoder presets keep the paper's 2/3 encoder, 1/3 decoder split and head_dim 64.
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: ~0.5M parameters with a 512-token vocabulary (enough for the byte tokenizer).
+    "tiny": dict(n_encoder_layer=6, n_decoder_layer=3, n_embd=64, qkv_embd=64, n_head=4, n_kv_head=2,
+                 hidden_dim=256, block_size=512, vocab_size=512),
+    # ~34M parameters with the paper's 32k vocabulary (~23M with the 4k built-in one); trains on a CPU.
+    "small": dict(n_encoder_layer=8, n_decoder_layer=4, n_embd=384, qkv_embd=384, n_head=6, n_kv_head=3,
+                  hidden_dim=1536),
+    # The paper's model: 332M parameters.
+    "330m": dict(),
+    # ~1.0B: width 1536, 12 query / 6 KV heads of 64, FFN 6144, 26 encoder + 13 decoder layers.
+    "1b": dict(n_encoder_layer=26, n_decoder_layer=13, n_embd=1536, qkv_embd=768, n_head=12, n_kv_head=6,
+               hidden_dim=6144),
+}
+
+# Depth of the decoder-only twin of each preset: the layer count whose total parameter count is
+# closest to the encoder-decoder's (a decoder block carries an extra cross-attention).
+DECONLY_LAYERS: dict[str, int] = {"tiny": 10, "small": 13, "330m": 31, "1b": 41}

@@ -1,0 +1,208 @@
+"""Cached generation shared by both architectures: prefill, then decode one token at a time.
+
+    logits = model.prefill(prompt)            # encoder-decoder: encode once + cross K/V once
+    loop:  token = pick(logits)               # greedy / temperature, top-k, top-p sampling
+           logits = model.decode_step(token)  # one position through the decoder, KV cache grows
+
+Beam search is the same loop over batch * num_beams rows, with the cache reordered
+after each step. Encoder-decoder outputs start with the decoder start token (as in the
+paper's code); decoder-only outputs are the (left-padded) prompt followed by the new tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mu.errors import MuError
+
+DEFAULT_BOS_ID = 1  # the paper's decoder start token (Phi-3.5's BOS)
+
+
+def sample_logits(logits: Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Pick the next token (B,) from logits (B, V): argmax, or a sample after temperature/top-k/top-p."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Move each row's real tokens to the right end so every row's last position is a real token."""
+    if bool(attention_mask[:, -1].all()):
+        return input_ids, attention_mask
+    lengths = attention_mask.sum(-1)
+    T = input_ids.shape[1]
+    out = torch.full_like(input_ids, pad_token_id)
+    mask = torch.zeros_like(attention_mask)
+    for i in range(input_ids.shape[0]):
+        real = input_ids[i][attention_mask[i].bool()]
+        out[i, T - len(real):] = real
+        mask[i, T - int(lengths[i]):] = 1
+    return out, mask
+
+
+def _special_id(model, name: str, given: Optional[int], default: Optional[int]) -> Optional[int]:
+    if given is not None:
+        return given
+    tok = getattr(model, "tokenizer", None)
+    value = getattr(tok, name, None) if tok is not None else None
+    return value if value is not None else default
+
+
+def _as_batch(input_ids: Any, device) -> Tensor:
+    if not isinstance(input_ids, Tensor):
+        input_ids = torch.tensor(input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise MuError(f"input_ids must be a non-empty (batch, length) array of token ids, got shape "
+                      f"{tuple(input_ids.shape)}")
+    return input_ids.to(device=device, dtype=torch.long)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             num_beams: int = 1, eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
+             attention_mask: Optional[Tensor] = None, streamer: Any = None,
+             generator: Optional[torch.Generator] = None, length_penalty: float = 1.0,
+             **model_kwargs: Any) -> Tensor:
+    """Generate up to `max_new_tokens` tokens per row with a KV cache.
+
+    eos_token_id=None never stops early (the attached tokenizer's EOS is *not* used implicitly,
+    so benchmarks generate exactly max_new_tokens). Finished rows are filled with the pad id.
+    `streamer` gets `put(tokens)` with each step's new tokens (B,) and `end()` at the end
+    (Hugging Face's TextStreamer works for batch 1). `model_kwargs` go to `model.prefill`
+    (e.g. `inputs_embeds` from a vision-language model).
+    """
+    config = model.config
+    pad = config.pad_token_id
+    input_ids = _as_batch(input_ids, model.device)
+    if attention_mask is None:
+        attention_mask = input_ids != pad
+    attention_mask = attention_mask.to(input_ids.device).bool()
+    if max_new_tokens < 1:
+        raise MuError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    B = input_ids.shape[0]
+    encdec = config.arch == "encdec"
+    if encdec:
+        bos = _special_id(model, "bos_token_id", bos_token_id, DEFAULT_BOS_ID)
+        start = torch.full((B, 1), bos, dtype=torch.long, device=input_ids.device)
+        cache = model.new_cache(B, 1 + max_new_tokens)
+        prefix = start
+    else:
+        input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
+        start = None
+        cache = model.new_cache(B, input_ids.shape[1] + max_new_tokens)
+        prefix = input_ids
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model.prefill(input_ids, attention_mask, cache, start, **model_kwargs)
+        if num_beams > 1:
+            if streamer is not None:
+                raise MuError("streaming is not supported with beam search (num_beams > 1)")
+            new = beam_search(model, logits, cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
+        else:
+            new = _sample_loop(model, logits, cache, max_new_tokens, eos_token_id, pad, streamer,
+                               dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator))
+    finally:
+        model.train(was_training)
+    return torch.cat([prefix, new], dim=1)
+
+
+def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optional[int], pad: int, streamer,
+                 sampling: dict) -> Tensor:
+    B = logits.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    out = []
+    for step in range(max_new_tokens):
+        token = sample_logits(logits, **sampling)
+        if eos is not None:
+            token = token.masked_fill(finished, pad)
+            finished |= token == eos
+        out.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+            break
+        logits = model.decode_step(token[:, None], cache)
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(out, dim=1)
+
+
+def beam_search(model, logits: Tensor, cache, num_beams: int, max_new_tokens: int, eos: Optional[int], pad: int,
+                length_penalty: float = 1.0) -> Tensor:
+    """Beam search from prefilled `logits` (B, V) and `cache` (B rows); returns the best new tokens (B, N).
+
+    A beam that emits EOS becomes a finished hypothesis scored sum(log p) / length**length_penalty;
+    a row stops once it has `num_beams` finished hypotheses (early stopping), so one beam is greedy.
+    """
+    B, V = logits.shape
+    K = num_beams
+    device = logits.device
+    cache.reorder(torch.arange(B, device=device).repeat_interleave(K))
+    logp = F.log_softmax(logits.float(), -1).repeat_interleave(K, 0)  # (B*K, V)
+    beam_scores = torch.zeros(B, K, device=device)
+    beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    seqs = torch.empty(B * K, 0, dtype=torch.long, device=device)
+    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        scores = (beam_scores.view(-1, 1) + logp).view(B, K * V)
+        top_scores, top_idx = scores.topk(2 * K, dim=-1)
+        next_beam = (torch.arange(B) * K).repeat_interleave(K).view(B, K)  # default: the row's first beam
+        next_token = torch.full((B, K), pad, dtype=torch.long)
+        next_score = torch.full((B, K), float("-inf"))
+        for b in range(B):
+            kept = 0
+            for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                if done[b] or kept == K:
+                    break
+                src, tok = divmod(idx, V)
+                if eos is not None and tok == eos:
+                    hyp = torch.cat([seqs[b * K + src], seqs.new_tensor([tok])])
+                    finished[b].append((score / (step + 1) ** length_penalty, hyp))
+                    if len(finished[b]) >= K:
+                        done[b] = True
+                    continue
+                next_beam[b, kept], next_token[b, kept], next_score[b, kept] = b * K + src, tok, score
+                kept += 1
+            if done[b]:  # keep the row's beams alive but inert until the batch finishes
+                next_beam[b] = b * K
+        rows = next_beam.view(-1).to(device)
+        seqs = torch.cat([seqs.index_select(0, rows), next_token.view(-1, 1).to(device)], dim=1)
+        beam_scores = next_score.to(device)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        cache.reorder(rows)
+        logp = F.log_softmax(model.decode_step(next_token.view(-1, 1).to(device), cache).float(), -1)
+    best = []
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                if beam_scores[b, k] > float("-inf"):
+                    finished[b].append((beam_scores[b, k].item() / seqs.shape[1] ** length_penalty, seqs[b * K + k]))
+        best.append(max(finished[b], key=lambda h: h[0])[1])
+    width = max(len(s) for s in best)
+    out = torch.full((B, width), pad, dtype=torch.long, device=device)
+    for b, s in enumerate(best):
+        out[b, :len(s)] = s
+    return out

@@ -1,0 +1,1 @@
+"""Model definitions: shared layers, the encoder-decoder, the decoder-only twin, the KV cache."""

@@ -1,0 +1,136 @@
+"""What both architectures share: output type, init, cached decode step, save, generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu.config import MuConfig
+from mu.model.cache import KVCache
+from mu.model.layers import causal_padding_mask, init_linear_and_embedding, rope_cos_sin
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, vocab_size)
+    loss: Optional[Tensor] = None  # mean cross-entropy over non-ignored targets
+
+
+def lm_loss(logits: Tensor, targets: Tensor, pad_token_id: int) -> Tensor:
+    """Cross-entropy ignoring `pad_token_id` targets (the paper's convention) and -100 (the HF one)."""
+    targets = targets.masked_fill(targets == -100, pad_token_id)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=pad_token_id)
+
+
+class MuModel(nn.Module):
+    """Base of `MuEncoderDecoder` and `MuDecoderOnly`. Subclasses define the stacks."""
+
+    config: MuConfig
+    tokenizer: Any = None  # an attached Hugging Face tokenizer, saved alongside the weights
+
+    # -- construction --------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.transformer.wte.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place (works after building on the meta device + `to_empty`)."""
+        init_linear_and_embedding(self)
+        self.tie_weights()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.transformer.wte.weight.numel() if exclude_embeddings else n
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    # -- cached decoding (shared by both architectures) ----------------------------------------
+
+    def decoder_blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(len(self.decoder_blocks()), batch, c.n_kv_head, c.head_dim, max_len, self.dtype, self.device)
+
+    def _run_decoder(self, x: Tensor, rope, self_mask: Optional[Tensor], is_causal: bool, cache: KVCache) -> Tensor:
+        raise NotImplementedError
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Feed new tokens (B, T) through the decoder stack, reading and extending `cache`.
+
+        Returns the logits at the last position, (B, vocab_size). Pad tokens are masked as keys
+        (as in the paper's uncached decoding).
+        """
+        B, T = tokens.shape
+        valid = tokens != self.config.pad_token_id
+        cache.append_valid(valid)
+        end = cache.length + T
+        positions = cache.positions[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        rope = rope_cos_sin(self.config, positions, end, self.dtype)
+        keys_valid = cache.valid[:, :end]
+        if T == 1:
+            self_mask = keys_valid[:, None, None, :]  # the new token sees every valid key so far
+        else:
+            self_mask = causal_padding_mask(keys_valid, T, offset=cache.length)
+        x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
+        cache.advance(T)
+        cache.positions += T
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """Cached generation; see `mu.generation.generate` for the options."""
+        from mu.generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` + `model.safetensors` (+ tokenizer files) atomically into `directory`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "lm_head.weight"}
+            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
+            config = {"model_type": "mu", "mu_format": FORMAT_VERSION, **self.config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory

@@ -1,0 +1,259 @@
+"""Building blocks shared by the Mu encoder-decoder and its decoder-only twin.
+
+Semantics follow the paper's released code (microsoft/encoder-decoder-slm,
+`mu_utils.py`) so its checkpoints load unchanged: fp32 RMSNorm, rotate-half
+RoPE with NTK-dynamic scaling, grouped-query attention with biased q/k/v/out
+projections, a tanh-GELU MLP. The attention itself runs through
+`F.scaled_dot_product_attention` with the heads arranged by KV group (see
+`Attention.attend`), which keeps the paper's head mapping without copying K/V.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu.config import MuConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype, then scaled by its weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inv_freq(config: MuConfig, seq_len: int, device=None) -> Tensor:
+    """Inverse frequencies 1/theta^(2i/d), with the paper's NTK-dynamic base when rope_factor > 1."""
+    dim, base, factor = config.head_dim, float(config.rope_theta), config.rope_factor
+    if factor > 1.0:
+        seq_len_eff = max(seq_len, config.block_size)
+        base = base * ((factor * seq_len_eff / config.block_size) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+
+
+def rope_cos_sin(config: MuConfig, positions: Tensor, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for integer `positions` (T,) or (B, T) -> each (T|B, T, 1, head_dim) in `dtype`.
+
+    `seq_len` is the length the NTK-dynamic scaling sees (the full sequence, as in the paper).
+    """
+    inv_freq = rope_inv_freq(config, seq_len, device=positions.device)
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # (..., T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    if emb.dim() == 2:
+        emb = emb.unsqueeze(0)
+    return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)  # (B|1, T, 1, head_dim)
+
+
+def encoder_positions(seq_len: int, device=None) -> Tensor:
+    """The paper's centred encoder positions: pos - (L-1)//2 (RoPE is relative, so only exactness needs it)."""
+    return torch.arange(seq_len, device=device) - (seq_len - 1) // 2
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, heads, head_dim); cos/sin: (B|1, T, 1, head_dim)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with biased projections; self- or cross-attention by how it is called.
+
+    Query head h reads KV head `h % n_kv_head` (tiled, `is_interleaved=False`) or
+    `h // (n_head // n_kv_head)` (interleaved). Internally the query heads are regrouped so
+    that each KV head's queries are adjacent; SDPA then sees either `enable_gqa` (prefill) or,
+    for single-token decoding, the group folded into the query length, which reads the KV cache
+    once per KV head and never materialises repeated K/V.
+    """
+
+    def __init__(self, config: MuConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.groups = config.n_head // config.n_kv_head
+        self.interleaved = config.is_interleaved
+        self.dropout = config.dropout
+        self.q_linear = nn.Linear(config.n_embd, self.n_head * self.head_dim)
+        self.k_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.v_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.out_linear = nn.Linear(config.qkv_embd, config.n_embd)
+
+    def project_q(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        return self.q_linear(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+
+    def project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, _ = src.shape
+        k = self.k_linear(src).view(B, S, self.n_kv_head, self.head_dim)  # (B, S, n_kv_head, head_dim)
+        v = self.v_linear(src).view(B, S, self.n_kv_head, self.head_dim)
+        return k, v
+
+    def _grouped(self, q: Tensor) -> Tensor:
+        """(B, T, n_head, hd) -> (B, n_kv_head, groups, T, hd): the queries of KV head j together."""
+        B, T, _, hd = q.shape
+        if self.interleaved:  # head h = j * groups + g
+            return q.view(B, T, self.n_kv_head, self.groups, hd).permute(0, 2, 3, 1, 4)
+        return q.view(B, T, self.groups, self.n_kv_head, hd).permute(0, 3, 2, 1, 4)  # head h = g * n_kv + j
+
+    def _ungrouped(self, o: Tensor) -> Tensor:
+        """Inverse of `_grouped`: (B, n_kv_head, groups, T, hd) -> (B, T, n_head * hd)."""
+        B, _, _, T, hd = o.shape
+        o = o.permute(0, 3, 1, 2, 4) if self.interleaved else o.permute(0, 3, 2, 1, 4)
+        return o.reshape(B, T, self.n_head * hd)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """q: (B, T, n_head, hd); k, v: (B, n_kv_head, S, hd); mask: bool (B|1, 1, T|1, S), True = attend.
+
+        Returns the output projection, (B, T, n_embd).
+        """
+        B, T = q.shape[:2]
+        qg = self._grouped(q)  # (B, n_kv_head, groups, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        if T == 1 and not is_causal:
+            # Decode step: fold the group into the query axis; the mask (B, 1, 1, S) broadcasts.
+            qf = qg.reshape(B, self.n_kv_head, self.groups, self.head_dim)
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)
+            o = o.view(B, self.n_kv_head, self.groups, 1, self.head_dim)
+        else:
+            qh = qg.reshape(B, self.n_head, T, self.head_dim)
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=is_causal, enable_gqa=self.groups > 1)
+            o = o.view(B, self.n_kv_head, self.groups, T, self.head_dim)
+        return self.out_linear(self._ungrouped(o))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MuConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.n_embd, config.hidden_dim)
+        self.fc2 = nn.Linear(config.hidden_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm self-attention + MLP: the encoder block (bidirectional) and the decoder-only block (causal)."""
+
+    def __init__(self, config: MuConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.ln1 = RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.ln2 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Optional[Tensor] = None,
+                is_causal: bool = False, cache=None) -> Tensor:
+        h = self.ln1(x)
+        q = self.attn.project_q(h)
+        k, v = self.attn.project_kv(h)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        x = x + self.attn.attend(q, k, v, mask, is_causal)
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention (RoPE), cross-attention to the encoder (no RoPE), MLP."""
+
+    def __init__(self, config: MuConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.ln1 = RMSNorm(config.n_embd)
+        self.causal_attn = Attention(config)
+        self.ln2 = RMSNorm(config.n_embd)
+        self.cross_attn = Attention(config)
+        self.ln3 = RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
+                self_mask: Optional[Tensor], cross_mask: Optional[Tensor], is_causal: bool = False,
+                cache=None) -> Tensor:
+        h = self.ln1(x)
+        q = self.causal_attn.project_q(h)
+        k, v = self.causal_attn.project_kv(h)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        x = x + self.causal_attn.attend(q, k, v, self_mask, is_causal)
+        q = self.cross_attn.project_q(self.ln2(x))
+        x = x + self.cross_attn.attend(q, *cross_kv, cross_mask)
+        return x + self.mlp(self.ln3(x))
+
+    def cross_kv(self, enc_out: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention K/V of the encoder output, (B, n_kv_head, S, hd) each; computed once per request."""
+        k, v = self.cross_attn.project_kv(enc_out)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks (bool, True = may attend)
+
+
+def key_padding_mask(valid: Tensor) -> Tensor:
+    """(B, S) valid keys -> (B, 1, 1, S). A row with no valid key attends to all (as the paper's code does)."""
+    valid = valid | ~valid.any(-1, keepdim=True)
+    return valid[:, None, None, :]
+
+
+def causal_padding_mask(valid: Tensor, q_len: int, offset: int = 0) -> Tensor:
+    """Causal mask over keys (B, S) for queries at positions offset..offset+q_len-1 -> (B, 1, q_len, S).
+
+    A query may always see itself, so a padding query never has an empty row (its output is unused).
+    """
+    S = valid.shape[-1]
+    q_pos = torch.arange(offset, offset + q_len, device=valid.device)[:, None]
+    k_pos = torch.arange(S, device=valid.device)[None, :]
+    causal = k_pos <= q_pos  # (q_len, S)
+    return (causal & valid[:, None, None, :]) | (k_pos == q_pos)
+
+
+def init_linear_and_embedding(module: nn.Module, std: float = 0.02) -> None:
+    """The paper's initialisation: N(0, std) for Linear and Embedding weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+
+
+def gelu_tanh_reference(x: Tensor) -> Tensor:
+    """The paper's explicit tanh-GELU, kept to test that `F.gelu(approximate='tanh')` equals it."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
