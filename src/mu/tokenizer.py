@@ -78,14 +78,20 @@ def load_tokenizer(path: str | os.PathLike):
     """Load a Hugging Face tokenizer from a local directory (no network); apply the paper's conventions
     to a Phi-3.5-style vocabulary; make sure a pad token exists."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     if not path.is_dir():
         raise MuError(f"tokenizer directory {str(path)!r} does not exist")
+    # A mu model directory's config.json (model_type "mu") is unknown to transformers, which would warn about it.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for unreadable folders
         raise MuError(f"could not load a tokenizer from {str(path)!r}: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if is_phi3_style(tok):
         return apply_paper_conventions(tok)
     if tok.pad_token is None:

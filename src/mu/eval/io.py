@@ -1,0 +1,83 @@
+"""Predictions and results files: read {id: text} predictions, write JSON atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from mu.errors import MuError
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -> Path:
+    """A `.json` path gets the SQuAD convention {id: text}; anything else JSON lines {"id", "prediction"}."""
+    if str(path).endswith(".json"):
+        return write_json_atomic(path, dict(predictions))
+    lines = "".join(json.dumps({"id": k, "prediction": v}, ensure_ascii=False) + "\n" for k, v in predictions.items())
+    return write_text_atomic(path, lines)
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """Read predictions: a JSON object {id: text} (the SQuAD convention), or JSON lines {"id", "prediction"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise MuError(f"no predictions file at {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MuError(f"{path}: not valid UTF-8 text") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise MuError(f"{path}: the predictions file is empty")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        obj = None  # maybe JSON lines
+    if isinstance(obj, dict) and not ("id" in obj and "prediction" in obj):
+        bad = next((k for k, v in obj.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise MuError(f"{path}: prediction for id {bad!r} should be a string, got {type(obj[bad]).__name__}")
+        return obj
+    if obj is not None and not isinstance(obj, dict):
+        raise MuError(f"{path}: expected a JSON object {{id: text}} or JSON lines {{\"id\", \"prediction\"}}, "
+                      f"got a JSON {type(obj).__name__}")
+    from mu.data.tasks import iter_jsonl
+
+    out: dict[str, str] = {}
+    for lineno, rec in iter_jsonl(path):
+        where = f"{path}, line {lineno}"
+        if not isinstance(rec, dict):
+            raise MuError(f"{where}: expected an object {{\"id\": ..., \"prediction\": ...}}")
+        for field in ("id", "prediction"):
+            if field not in rec:
+                raise MuError(f"{where}: missing field {field!r}")
+        if not isinstance(rec["prediction"], str):
+            raise MuError(f"{where}: field 'prediction' should be a string, got {type(rec['prediction']).__name__}")
+        if isinstance(rec["id"], bool) or not isinstance(rec["id"], (str, int)):
+            raise MuError(f"{where}: field 'id' should be a string, got {type(rec['id']).__name__}")
+        qid = str(rec["id"])
+        if qid in out:
+            raise MuError(f"{where}: id {qid!r} appears twice")
+        out[qid] = rec["prediction"]
+    return out

@@ -1,0 +1,51 @@
+import pytest
+
+from mu.data.synthetic import synthetic_reading_comprehension, synthetic_splits, write_synthetic_splits
+from mu.data.tasks import NO_ANSWER, load_examples
+from mu.errors import MuError
+
+
+def test_deterministic_by_seed():
+    a = synthetic_reading_comprehension(200, seed=3)
+    assert a == synthetic_reading_comprehension(200, seed=3)
+    assert a != synthetic_reading_comprehension(200, seed=4)
+    assert len(a) == 200 and len({r["id"] for r in a}) == 200
+    assert set(a[0]) == {"id", "title", "context", "question", "answers"}
+
+
+def test_answers_are_spans_and_a_third_unanswerable():
+    rows = synthetic_reading_comprehension(3000, seed=0)
+    for r in rows:
+        assert all(ans in r["context"] for ans in r["answers"]), r
+        assert r["question"].endswith("?")
+    frac = sum(not r["answers"] for r in rows) / len(rows)
+    assert 0.30 < frac < 0.37
+    # unanswerable questions look answerable: many name a person of the paragraph
+    names_present = sum(r["question"].split()[-1].rstrip("?").removesuffix("'s") in r["context"]
+                        for r in rows if not r["answers"])
+    assert names_present > 0.2 * sum(not r["answers"] for r in rows)
+
+
+def test_knobs_change_difficulty():
+    easy = synthetic_reading_comprehension(300, seed=0, facts_per_paragraph=2, entities=1, distractors=0,
+                                           unanswerable=0.0)
+    hard = synthetic_reading_comprehension(300, seed=0, facts_per_paragraph=8, entities=3, distractors=3,
+                                           unanswerable=0.5)
+    assert all(r["answers"] for r in easy)
+    assert sum(len(r["context"]) for r in hard) > 2.5 * sum(len(r["context"]) for r in easy)
+    assert 0.4 < sum(not r["answers"] for r in hard) / 300 < 0.6
+    with pytest.raises(MuError):
+        synthetic_reading_comprehension(10, entities=3, facts_per_paragraph=2)
+
+
+def test_splits_share_no_paragraph_and_load(tmp_path):
+    splits = synthetic_splits(600, 90, 90, seed=1)
+    contexts = {k: {r["context"] for r in v} for k, v in splits.items()}
+    assert not (contexts["train"] & contexts["val"] or contexts["train"] & contexts["test"]
+                or contexts["val"] & contexts["test"])
+    assert synthetic_splits(900, 90, 90, seed=1)["test"] == splits["test"]  # more train data: same test set
+    paths = write_synthetic_splits(tmp_path, 60, 9, 9, seed=1)
+    ex = load_examples("squad_v2", paths["train"])
+    assert len(ex) == 60 and any(e.target == NO_ANSWER for e in ex)
+    assert [e.id for e in load_examples("squad_v2", "synthetic:val:5")] == [
+        r["id"] for r in synthetic_splits(0, 5, 1000)["val"]]
