@@ -1,0 +1,123 @@
+"""Training checkpoints: written atomically, read without executing pickles.
+
+    DIR/checkpoints/step_00000200/
+        model/               config.json + model.safetensors (+ tokenizer): `mu.load_model` reads it
+        trainer_state.pt     optimizer, schedule, RNG states of every rank, step, data position,
+                             counters, best score; read with torch.load(weights_only=True)
+
+A checkpoint is built in `checkpoints/.tmp-step_N` and renamed into place only when complete,
+so a run killed mid-save leaves the previous checkpoint as the latest one. Older checkpoints
+beyond `keep` are deleted after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mu.errors import MuError
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+MODEL_DIR = "model"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / STATE_FILE).is_file() and (p / MODEL_DIR).is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(out_dir: Path, step: int, save_model, state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step`: `save_model(dir)` writes the model directory, `state` goes to trainer_state.pt."""
+    root = Path(out_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:08d}-", dir=root))
+    try:
+        save_model(tmp / MODEL_DIR)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():  # re-saving the same step (e.g. a resumed run that had nothing left to do)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable or not ours: say which file
+        raise MuError(f"{path}: not a readable mu trainer state ({type(e).__name__}: {e})") from None
+
+
+def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = load_file(Path(checkpoint) / MODEL_DIR / "model.safetensors")
+    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+# -- RNG states (plain lists and tensors, so weights_only loading accepts them) ----------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,824 @@
+"""The training loop, as a library function: `train(cfg) -> TrainResult`.
+
+    from mu.train import TrainConfig, train
+    result = train(TrainConfig(out="runs/squad", arch="encdec", preset="small", task="squad_v2",
+                               train_data="squad_v2_train.jsonl", val_data="squad_v2_dev.jsonl",
+                               tokenizer="bpe:8192", max_flops=1e15))
+
+One step = `grad_accum` micro-batches per process, `world_size` processes. Each micro-batch's mean
+loss is weighted by its share of the step's scored target tokens (all-reduced over processes), so
+the gradient is the token-mean over the whole global batch: 2 processes x k micro-batches give the
+same step as 1 process x 2k micro-batches on the same data.
+
+Hooks for other objectives (knowledge distillation, ...) without copying this loop:
+  loss_fn(model, batch) -> (loss, stats)    scalar mean over the batch's scored tokens + floats to log
+  batch_hook(batch, features) -> batch      add tensors to a collated batch (e.g. teacher logits)
+  on_step(state)                            after every optimizer step (and its checkpoint)
+and `train_dataset`/`val_dataset`/`model`/`tokenizer` may be given instead of files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mu.data.batching import (Collator, encode_examples, example_text, length_grouped_batches, move_batch,
+                              round_up)
+from mu.errors import MuError
+from mu.train import checkpoint as ckpt
+from mu.train.config import RESUMABLE_CHANGES, TrainConfig
+from mu.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, init_distributed,
+                                  no_grad_sync, shutdown, wrap_model)
+from mu.train.flops import flops_params, training_flops
+from mu.train.objectives import NUM_SENTINELS, FeatureDataset, PretrainDataset, chunk_documents, seq2seq_loss
+from mu.train.optim import LRSchedule, build_optimizer, set_lr, warmup_steps
+
+LossFn = Callable[[nn.Module, dict], tuple[Tensor, dict]]
+BatchHook = Callable[[dict, list], dict]
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+TOKENIZER_DIR = "tokenizer"
+FINAL_DIR = "final"
+BEST_DIR = "best"
+VOCAB_MULTIPLE = 64
+
+
+class TrainingDiverged(MuError):
+    """The loss or the gradient norm became NaN/Inf; the run stopped before the optimizer step."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters (saved in every checkpoint); totals are over all processes."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current pass over the data
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (all processes)
+    examples: int = 0
+    enc_tokens: int = 0  # real tokens through the encoder
+    dec_tokens: int = 0  # real tokens through the decoder (decoder-only: the whole input)
+    loss_tokens: int = 0  # scored target tokens
+    flops: float = 0.0  # training FLOPs, 6·N·tokens per stack
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    last_loss: Optional[float] = None
+    elapsed_s: float = 0.0  # training time, summed over resumed segments
+
+    @property
+    def tokens(self) -> int:
+        return self.enc_tokens + self.dec_tokens
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    final_dir: str  # the trained model (mu.load_model), with its tokenizer
+    best_dir: Optional[str]  # best checkpoint by `best_metric` (None without validation data)
+    arch: str
+    params: int  # all parameters (tied embedding once)
+    steps: int
+    epochs: float  # passes over the training data
+    examples: int
+    enc_tokens: int
+    dec_tokens: int
+    loss_tokens: int
+    flops: float
+    train_loss: Optional[float]  # mean loss of the last step
+    val_loss: Optional[float]
+    val_metrics: dict[str, float] = field(default_factory=dict)  # final validation (loss, task metrics)
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    stop_reason: str = ""  # max_steps | max_flops | max_tokens | epochs
+    resumed_from: Optional[int] = None
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32). bf16 on a CPU without native bf16 works but is emulated (slow)."""
+    from mu.utils import autocast_dtype
+
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return autocast_dtype(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise MuError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp32")
+    if device.type == "cpu" and autocast_dtype(device) is None:
+        warnings.warn("bf16 on this CPU is emulated (no native bf16 matmul): expect it to be several times slower "
+                      "than fp32", stacklevel=2)
+    return torch.bfloat16
+
+
+def make_tokenizer(spec: str, texts: Callable[[], Sequence[str]]):
+    from mu.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
+
+    if spec == "byte":
+        return byte_tokenizer()
+    if spec.startswith("bpe:"):
+        return train_tokenizer(texts(), int(spec[4:]))
+    return load_tokenizer(spec)
+
+
+def model_vocab_size(tokenizer) -> int:
+    """len(tokenizer) + the span-corruption sentinels, rounded up to a multiple of 64."""
+    return round_up(len(tokenizer) + NUM_SENTINELS, VOCAB_MULTIPLE)
+
+
+def _log(env: DistEnv, msg: str) -> None:
+    if env.is_main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+class _Metrics:
+    """metrics.jsonl, written by rank 0; a resumed run drops the records after its checkpoint's step."""
+
+    def __init__(self, path: Path, env: DistEnv, resume_step: Optional[int]):
+        self.path, self.enabled = path, env.is_main
+        if self.enabled and path.exists():
+            if resume_step is None:
+                path.unlink()
+            else:
+                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and
+                        json.loads(ln).get("step", 0) <= resume_step]
+                ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _load_examples(cfg: TrainConfig, path: str, limit: Optional[int]):
+    from mu.data.tasks import load_examples
+
+    return load_examples(cfg.task, path, limit=limit)
+
+
+def _load_texts(path: str, limit: Optional[int]) -> list[str]:
+    from mu.data.tasks import iter_text
+
+    texts = []
+    for t in iter_text(path):
+        if limit is not None and len(texts) >= limit:
+            break
+        texts.append(t)
+    if not texts:
+        raise MuError(f"{path}: no text found")
+    return texts
+
+
+def _tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), 1000):
+        out.extend(tokenizer(list(texts[i:i + 1000]), add_special_tokens=False)["input_ids"])
+    return out
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_source, val_source):
+    """Examples/texts -> datasets of features for `cfg.objective`."""
+    eos = tokenizer.eos_token_id
+    if cfg.objective == "seq2seq":
+        train = FeatureDataset(encode_examples(train_source, tokenizer, cfg.max_source_len, cfg.max_target_len,
+                                               eos, task=cfg.task, what="training examples"))
+        val = None
+        if val_source is not None:
+            val = FeatureDataset(encode_examples(val_source[:cfg.val_limit], tokenizer, cfg.max_source_len,
+                                                 cfg.max_target_len, eos, task=cfg.task, what="validation examples"))
+        return train, val
+    datasets = []
+    for name, texts in (("training", train_source), ("validation", val_source)):
+        if texts is None:
+            datasets.append(None)
+            continue
+        chunks = chunk_documents(_tokenize_texts(tokenizer, texts), cfg.seq_len, eos)
+        if name == "validation":
+            chunks = chunks[:cfg.val_limit]
+        if not chunks:
+            raise MuError(f"the {name} text has fewer than --seq-len={cfg.seq_len} tokens; use a shorter --seq-len")
+        datasets.append(PretrainDataset(chunks, cfg.objective, vocab_size, eos, cfg.seed, cfg.noise_density,
+                                        cfg.mean_span))
+    return datasets[0], datasets[1]
+
+
+def _feature_tokens(feature: dict, arch: str) -> tuple[int, int]:
+    s, t = len(feature["source_ids"]), len(feature["target_ids"])
+    if arch == "encdec":
+        return s, t
+    return 0, (s + t - 1) if s else t
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Trainer:
+    """Holds one run's objects; `train()` below is the public entry point."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, *, model=None, tokenizer=None, train_dataset=None,
+                 val_dataset=None, train_examples=None, val_examples=None, loss_fn: Optional[LossFn] = None,
+                 batch_hook: Optional[BatchHook] = None, on_step: Optional[Callable[[TrainState], None]] = None):
+        self.cfg, self.env = cfg, env
+        self.out = Path(cfg.out)
+        self.loss_fn = loss_fn or seq2seq_loss
+        self.batch_hook, self.on_step = batch_hook, on_step
+        self._setup_run_dir()
+        self.state = TrainState()
+        self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.resume else None
+
+        pretraining = cfg.objective != "seq2seq"
+        train_src, val_src = train_examples, val_examples
+        if train_dataset is None and train_src is None:
+            train_src = (_load_texts(cfg.train_data, cfg.train_limit) if pretraining
+                         else _load_examples(cfg, cfg.train_data, cfg.train_limit))
+        if val_dataset is None and val_src is None and cfg.val_data:
+            val_src = (_load_texts(cfg.val_data, None) if pretraining
+                       else _load_examples(cfg, cfg.val_data, cfg.val_limit))
+        self.val_examples = val_src if not pretraining else None
+
+        self.tokenizer = self._setup_tokenizer(tokenizer, model, train_src, pretraining)
+        self.raw = self._setup_model(model)
+        self.config = self.raw.config
+        if len(self.tokenizer) > self.config.vocab_size:
+            raise MuError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
+                          f"{self.config.vocab_size}")
+        if cfg.objective == "span" and len(self.tokenizer) > self.config.vocab_size - NUM_SENTINELS:
+            raise MuError(f"span corruption needs {NUM_SENTINELS} free ids at the top of the vocabulary: the model has "
+                          f"{self.config.vocab_size} and the tokenizer {len(self.tokenizer)}")
+        if train_dataset is None:
+            train_dataset, built_val = build_datasets(cfg, self.tokenizer, self.config.vocab_size, train_src, val_src)
+            val_dataset = val_dataset if val_dataset is not None else built_val
+        self.train_data, self.val_data = train_dataset, val_dataset
+        if len(self.train_data) == 0:
+            raise MuError("the training data is empty")
+        self.collator = Collator(self.config.arch, self.config.pad_token_id, bos_token_id=self._bos_id(),
+                                 pad_to_multiple_of=8 if cfg.compile else 1)
+        self._setup_budget()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _setup_run_dir(self) -> None:
+        cfg, env = self.cfg, self.env
+        path = self.out / CONFIG_FILE
+        if not cfg.resume and ckpt.list_checkpoints(self.out):
+            raise MuError(f"{self.out} already holds a run (checkpoints/); use another --out, remove it, or drop "
+                          f"--no-resume to continue it")
+        if path.exists() and cfg.resume and ckpt.list_checkpoints(self.out):  # every rank checks: all stop alike
+            old = TrainConfig.from_dict(json.loads(path.read_text()), source=str(path))
+            diff = {k: v for k, v in old.differences(cfg).items() if k not in RESUMABLE_CHANGES}
+            if diff:
+                items = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise MuError(f"{self.out} holds a different run ({items}); use another --out to start a new "
+                              f"one, or the same options to resume it")
+        barrier(env)
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(path)
+        barrier(env)
+
+    def _bos_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return 1 if bos is None else bos
+
+    def _setup_tokenizer(self, tokenizer, model, train_src, pretraining: bool):
+        cfg, env = self.cfg, self.env
+        tok_dir = self.out / TOKENIZER_DIR
+        if tokenizer is not None:
+            return tokenizer
+        from mu.tokenizer import has_tokenizer_files, load_tokenizer
+
+        # a resumed run keeps its tokenizer (a trained BPE is not retrained)
+        exists = self.resume_from is not None and has_tokenizer_files(tok_dir)
+        barrier(env)  # every rank has looked before rank 0 writes: all take the same branch
+        if exists:
+            return load_tokenizer(tok_dir)
+        spec = cfg.tokenizer
+        if spec is None and cfg.init:
+            if not has_tokenizer_files(cfg.init):
+                raise MuError(f"--init {cfg.init} has no tokenizer files; pass --tokenizer")
+            spec = cfg.init
+        spec = spec or "byte"
+        if env.is_main:
+            def texts():
+                if train_src is None:
+                    raise MuError("--tokenizer bpe:N needs training text; pass a tokenizer with a prebuilt dataset")
+                if pretraining:
+                    return list(train_src)
+                return [example_text(e, k) for e in train_src for k in ("source", "target")]
+
+            _log(env, f"tokenizer: {spec}")
+            tok = make_tokenizer(spec, texts)
+            import shutil
+            import tempfile
+
+            tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=self.out))
+            tok.save_pretrained(tmp)
+            if tok_dir.exists():
+                shutil.rmtree(tok_dir)
+            os.rename(tmp, tok_dir)
+        barrier(env)
+        return load_tokenizer(tok_dir)
+
+    def _setup_model(self, model):
+        cfg, env = self.cfg, self.env
+        from mu.checkpoint import build_model, load_model
+        from mu.utils import seed_everything
+
+        seed_everything(cfg.seed)
+        if model is None:
+            if cfg.init:
+                model = load_model(cfg.init, device="cpu", dtype="fp32")
+                if model.config.arch != cfg.arch:
+                    raise MuError(f"--init {cfg.init} is an {model.config.arch} model but --arch is {cfg.arch}")
+                if cfg.model_overrides:
+                    raise MuError("model overrides (e.g. --dropout) cannot change an --init model's config")
+            else:
+                overrides = dict(cfg.model_overrides)
+                overrides.setdefault("vocab_size", model_vocab_size(self.tokenizer))
+                model = build_model(cfg.preset, arch=cfg.arch, **overrides)
+        model.tokenizer = self.tokenizer
+        if self.resume_from is not None:
+            model.load_state_dict(ckpt.load_model_state(self.resume_from))
+            model.tie_weights()
+        model.train()
+        return model
+
+    def _setup_budget(self) -> None:
+        cfg, env = self.cfg, self.env
+        world = env.world_size
+        if cfg.global_batch_size is None:
+            self.accum = 1
+        else:
+            per_step = cfg.batch_size * world
+            if cfg.global_batch_size % per_step:
+                raise MuError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size "
+                              f"{cfg.batch_size} x {world} process(es) = {per_step}")
+            self.accum = cfg.global_batch_size // per_step
+        self.micro_per_step = self.accum * world
+        self.global_batch = cfg.batch_size * self.micro_per_step
+        n_batches = len(self._epoch_batches(0))
+        self.steps_per_epoch = n_batches // self.micro_per_step
+        if self.steps_per_epoch == 0:
+            raise MuError(f"{len(self.train_data)} training examples make {n_batches} micro-batches of "
+                          f"{cfg.batch_size}, fewer than one step needs ({self.micro_per_step}); lower "
+                          f"--global-batch-size or --batch-size")
+        # average tokens per example (exact for fine-tuning, sampled for pretraining) -> FLOPs per step
+        n = len(self.train_data)
+        sample = range(n) if n <= 4096 else range(0, n, n // 4096)
+        enc = dec = 0
+        for i in sample:
+            e, d = _feature_tokens(self.train_data.get(i, 0), self.config.arch)
+            enc, dec = enc + e, dec + d
+        k = len(sample)
+        examples_per_step = n / (n_batches / self.micro_per_step)  # batches may be short at group ends
+        self.est_tokens_per_step = (enc + dec) / k * examples_per_step
+        self.est_flops_per_step = training_flops(self.config, enc / k * examples_per_step, dec / k * examples_per_step)
+        limits = {}
+        if cfg.max_steps:
+            limits["max_steps"] = cfg.max_steps
+        if cfg.max_flops:
+            limits["max_flops"] = math.ceil(cfg.max_flops / self.est_flops_per_step)
+        if cfg.max_tokens:
+            limits["max_tokens"] = math.ceil(cfg.max_tokens / self.est_tokens_per_step)
+        self.epoch_steps = None
+        if cfg.epochs or not limits:
+            self.epoch_steps = limits["epochs"] = max(1, math.ceil((cfg.epochs or 1.0) * self.steps_per_epoch))
+        self.total_steps = min(limits.values())
+        self.schedule = LRSchedule(cfg.lr, self.total_steps, warmup_steps(cfg.warmup, self.total_steps),
+                                   cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        cfg = self.cfg
+        lengths = self.train_data.lengths(self.config.arch)
+        if cfg.group_by_length:
+            return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        import random
+
+        order = list(range(len(self.train_data)))
+        random.Random(f"mu-batches:{cfg.seed}:{epoch}").shuffle(order)
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+
+    def _collate(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        if self.batch_hook is not None:
+            batch = self.batch_hook(batch, features)
+        return move_batch(batch, self.env.device)
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    def _stop_reason(self) -> Optional[str]:
+        cfg, s = self.cfg, self.state
+        if cfg.max_steps and s.step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_flops and s.flops >= cfg.max_flops:
+            return "max_flops"
+        if cfg.max_tokens and s.tokens >= cfg.max_tokens:
+            return "max_tokens"
+        if self.epoch_steps is not None and s.step >= self.epoch_steps:
+            return "epochs"
+        return None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _full_model_state(self) -> dict[str, Tensor]:
+        if self.env.strategy != "fsdp":
+            return self.raw.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _save_model_dir(self, directory: Path, state: Optional[dict[str, Tensor]] = None) -> None:
+        """Write a `mu.load_model` directory (rank 0); `state` from `_full_model_state` (all ranks under FSDP)."""
+        if self.env.strategy != "fsdp":
+            self.raw.save_pretrained(directory)
+            return
+        from mu.checkpoint import model_class
+
+        with torch.device("meta"):
+            m = model_class(self.config)(self.config)
+        m.load_state_dict(state, strict=True, assign=True)
+        m.tie_weights()
+        m.tokenizer = self.tokenizer
+        m.save_pretrained(directory)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        env = self.env
+        model_state = self._full_model_state() if env.strategy == "fsdp" else None
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rngs = all_gather_object(ckpt.rng_state(env.device), env)
+        path = None
+        if env.is_main:
+            state = {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "rng": rngs,
+                     "world_size": env.world_size, "train": asdict(self.state), "format": 1}
+            path = ckpt.save_checkpoint(self.out, self.state.step, lambda d: self._save_model_dir(d, model_state),
+                                        state, self.cfg.keep_checkpoints)
+        barrier(env)
+        return path
+
+    def _restore(self) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        env = self.env
+        saved = ckpt.load_trainer_state(self.resume_from)
+        set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.state = TrainState(**saved["train"])
+        if saved.get("world_size") == env.world_size:
+            ckpt.set_rng_state(saved["rng"][env.rank], env.device)
+        else:
+            _log(env, f"note: the checkpoint was written by {saved.get('world_size')} process(es), this run has "
+                      f"{env.world_size}: RNG states are re-seeded, the data position is kept")
+            torch.manual_seed(self.cfg.seed + 1000 * self.state.step + env.rank)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        """Validation loss (token mean, all processes), a few greedy samples and the task metric (rank 0)."""
+        cfg, env = self.cfg, self.env
+        model = self.model if env.strategy == "fsdp" else self.raw
+        was_training = model.training
+        model.eval()
+        bs = cfg.eval_batch_size or cfg.batch_size
+        data = self.val_data
+        batches = length_grouped_batches(data.lengths(self.config.arch), bs, shuffle=False)
+        per_rank = math.ceil(len(batches) / env.world_size)
+        loss_sum = n_tok = 0.0
+        for i in range(per_rank):
+            j = i * env.world_size + env.rank
+            weight = 1.0 if j < len(batches) else 0.0  # FSDP needs every rank to run the same number of passes
+            batch = self._collate([data.get(k, 0) for k in batches[min(j, len(batches) - 1)]])
+            with self.autocast():
+                loss, _ = self.loss_fn(model, batch)
+            n = batch.get("n_loss_tokens", len(batch["targets"]))
+            loss_sum += weight * float(loss) * n
+            n_tok += weight * n
+        loss_sum, n_tok = all_reduce_sum([loss_sum, n_tok], env)
+        val_loss = loss_sum / max(n_tok, 1.0)
+        result: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if env.strategy != "fsdp" and env.is_main:
+            if cfg.num_samples:
+                result["samples"] = self._samples(cfg.num_samples)
+            if cfg.best_metric != "val_loss":
+                result.update(self._task_metrics())
+        result = _broadcast_dict(result, env)
+        model.train(was_training)
+        return result
+
+    def _max_new_tokens(self) -> int:
+        return self.cfg.max_new_tokens or (self.cfg.max_target_len + 1 if self.cfg.objective == "seq2seq"
+                                           else min(64, self.cfg.seq_len))
+
+    def _decode(self, ids: list[int]) -> str:
+        n = len(self.tokenizer)
+        parts, run = [], []
+        for t in ids:
+            if t >= n:  # a sentinel (or an unused id): show it, the tokenizer cannot
+                if run:
+                    parts.append(self.tokenizer.decode(run))
+                    run = []
+                parts.append(f"<extra_id_{self.config.vocab_size - 1 - t}>")
+            else:
+                run.append(t)
+        if run:
+            parts.append(self.tokenizer.decode(run))
+        return "".join(parts)
+
+    def _samples(self, k: int) -> list[dict[str, str]]:
+        data, eos, pad = self.val_data, self.tokenizer.eos_token_id, self.config.pad_token_id
+        out = []
+        for i in range(min(k, len(data))):
+            f = data.get(i, 0)
+            src = f["source_ids"] or [self._bos_id()]
+            ids = torch.tensor([src], device=self.env.device)
+            with self.autocast():
+                gen = self.raw.generate(ids, max_new_tokens=self._max_new_tokens(), eos_token_id=eos,
+                                        bos_token_id=self._bos_id())
+            new = gen[0, 1:] if self.config.arch == "encdec" else gen[0, len(src):]
+            new = [t for t in new.tolist() if t not in (eos, pad)]
+            out.append({"source": self._decode(src)[-300:], "target": self._decode(f["target_ids"][:-1]
+                        if f["target_ids"] and f["target_ids"][-1] == eos else f["target_ids"]),
+                        "prediction": self._decode(new)})
+        return out
+
+    def _task_metrics(self) -> dict[str, float]:
+        try:
+            from mu.eval import evaluate_model
+        except ImportError:
+            raise MuError(f"--best-metric {self.cfg.best_metric} needs the evaluation module mu.eval") from None
+        cfg = self.cfg
+        if not self.val_examples:
+            raise MuError(f"--best-metric {cfg.best_metric} needs validation Examples (val_examples or --val-data)")
+        with self.autocast():
+            metrics, _ = evaluate_model(self.raw, self.tokenizer, cfg.task, self.val_examples[:cfg.val_limit],
+                                        batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                        max_new_tokens=self._max_new_tokens(), max_source_len=cfg.max_source_len,
+                                        device=self.env.device, progress=False)
+        if cfg.best_metric not in metrics:
+            raise MuError(f"--best-metric {cfg.best_metric!r} is not a metric of task {cfg.task!r}; it has "
+                          f"{sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def _is_better(self, value: float) -> bool:
+        best = self.state.best_metric
+        lower = self.cfg.best_metric in ("val_loss", "val_ppl")
+        return best is None or (value < best if lower else value > best)
+
+    def _after_validation(self, result: dict[str, Any], metrics: _Metrics) -> None:
+        s = self.state
+        value = result.get(self.cfg.best_metric)
+        record = {"event": "eval", "step": s.step, "tokens": s.tokens, "flops": s.flops,
+                  **{k: v for k, v in result.items()}}
+        if value is not None and math.isfinite(value) and self._is_better(value):
+            s.best_metric, s.best_step = float(value), s.step
+            state = self._full_model_state() if self.env.strategy == "fsdp" else None
+            if self.env.is_main:
+                self._save_model_dir(self.out / BEST_DIR, state)
+            barrier(self.env)
+            record["new_best"] = True
+        metrics.write(record)
+        if self.env.is_main:
+            msg = f"step {s.step}: val_loss {result['val_loss']:.4f}"
+            if self.cfg.best_metric != "val_loss" and value is not None:
+                msg += f", {self.cfg.best_metric} {value:.4f}"
+            self._write(msg + (" (best)" if record.get("new_best") else ""))
+            for smp in result.get("samples", []):
+                self._write(f"  target: {smp['target'][:120]!r}\n  output: {smp['prediction'][:120]!r}")
+
+    def _write(self, msg: str) -> None:
+        if self.env.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        device = env.device
+        self.raw.to(device)
+        self.amp_dtype = resolve_precision(cfg.precision, device)
+        fsdp_dtype = self.amp_dtype if env.strategy == "fsdp" else None
+        if cfg.compile:
+            self.raw.compile()
+        self.model = wrap_model(self.raw, env, fsdp_dtype)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas, cfg.adam_eps, device)
+        resumed_from = None
+        if self.resume_from is not None:
+            self._restore()
+            resumed_from = self.state.step
+            _log(env, f"resuming from {self.resume_from} (step {self.state.step}, {self.state.tokens:,} tokens, "
+                      f"{self.state.flops:.3g} FLOPs)")
+        else:
+            torch.manual_seed(cfg.seed + env.rank)  # dropout differs across processes
+        metrics = _Metrics(self.out / METRICS_FILE, env, resumed_from)
+        p = flops_params(self.config)
+        info = {"event": "start", "step": self.state.step, "arch": self.config.arch, "params": p.total,
+                "params_per_encoder_token": p.encoder, "params_per_decoder_token": p.decoder,
+                "vocab_size": self.config.vocab_size, "world_size": env.world_size, "strategy": env.strategy,
+                "batch_size": cfg.batch_size, "grad_accum": self.accum, "global_batch_size": self.global_batch,
+                "train_examples": len(self.train_data), "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "est_flops_per_step": self.est_flops_per_step,
+                "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""), "resumed_from": resumed_from}
+        metrics.write(info)
+        _log(env, f"{self.config.arch} {cfg.preset if not cfg.init else cfg.init}: {p.total / 1e6:.2f}M parameters, "
+                  f"vocab {self.config.vocab_size}; {len(self.train_data)} training examples, global batch "
+                  f"{self.global_batch} ({cfg.batch_size} x {self.accum} accumulation x {env.world_size} "
+                  f"process(es)), {self.total_steps} steps ({self.steps_per_epoch}/epoch), "
+                  f"~{self.est_flops_per_step * self.total_steps:.3g} FLOPs, {info['precision']}, {env.strategy}")
+        stop = self._loop(metrics)
+        return self._finish(stop, metrics, resumed_from)
+
+    def autocast(self):
+        if self.amp_dtype is None or self.env.strategy == "fsdp":
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def _loop(self, metrics: _Metrics) -> str:
+        cfg, env, s = self.cfg, self.env, self.state
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=s.step, disable=not (env.is_main and cfg.progress),
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        batches = self._epoch_batches(s.epoch)
+        window_t, window_tokens = time.perf_counter(), 0
+        stop = self._stop_reason()
+        try:
+            while stop is None:
+                if s.batch_in_epoch + self.micro_per_step > len(batches):
+                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                    batches = self._epoch_batches(s.epoch)
+                step_batches = batches[s.batch_in_epoch:s.batch_in_epoch + self.micro_per_step]
+                mine = step_batches[env.rank::env.world_size]  # this process's share of the global batch
+                t0 = time.perf_counter()
+                stats = self._step([self._collate([self.train_data.get(i, s.epoch) for i in b]) for b in mine])
+                s.batch_in_epoch += self.micro_per_step
+                dt = time.perf_counter() - t0
+                s.elapsed_s += dt
+                window_tokens += stats["tokens"]
+                bar.update(1)
+                if s.step % cfg.log_every == 0 or s.step == 1:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    metrics.write({"event": "train", "step": s.step, "epoch": s.epoch + s.batch_in_epoch /
+                                   max(len(batches), 1), "loss": stats["loss"], "lr": stats["lr"],
+                                   "grad_norm": stats["grad_norm"], "tokens": s.tokens, "enc_tokens": s.enc_tokens,
+                                   "dec_tokens": s.dec_tokens, "loss_tokens": s.loss_tokens, "flops": s.flops,
+                                   "examples": s.examples, "tokens_per_s": tps, "step_time_s": dt,
+                                   "elapsed_s": s.elapsed_s, **stats["extra"]})
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}")
+                stop = self._stop_reason()
+                if self.val_data is not None and cfg.eval_every and s.step % cfg.eval_every == 0 and stop is None:
+                    self._after_validation(self.validate(), metrics)
+                if cfg.save_every and s.step % cfg.save_every == 0 and stop is None:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(s)
+        finally:
+            bar.close()
+        return stop
+
+    def _step(self, micro: list[dict]) -> dict[str, Any]:
+        cfg, env, s = self.cfg, self.env, self.state
+        lr = self.schedule(s.step)
+        set_lr(self.optimizer, lr)
+        counts = [float(b.get("n_loss_tokens", len(b["targets"]))) for b in micro]
+        (n_global,) = all_reduce_sum([sum(counts)], env)
+        loss_sum, extra = 0.0, {}
+        for k, batch in enumerate(micro):
+            with no_grad_sync(self.model, env, skip=k < len(micro) - 1):
+                with self.autocast():
+                    loss, st = self.loss_fn(self.model, batch)
+                # token-weighted share of the global mean; x world_size undoes DDP's gradient averaging
+                (loss * (counts[k] / n_global * env.world_size)).backward()
+            loss_sum += float(loss.detach()) * counts[k]
+            for key, v in st.items():
+                extra[key] = extra.get(key, 0.0) + float(v) * counts[k]
+        enc = sum(int(b.get("n_enc_tokens", 0)) for b in micro)
+        dec = sum(int(b.get("n_dec_tokens", 0)) for b in micro)
+        n_ex = sum(len(b["targets"]) for b in micro)
+        keys = sorted(extra)
+        reduced = all_reduce_sum([loss_sum, enc, dec, n_ex, *[extra[k] for k in keys]], env)
+        loss_mean = reduced[0] / n_global
+        if not math.isfinite(loss_mean):
+            self._diverged("loss", loss_mean)
+        grad_norm = self._clip()
+        if not math.isfinite(grad_norm):
+            self._diverged("gradient norm", grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.enc_tokens += int(reduced[1])
+        s.dec_tokens += int(reduced[2])
+        s.examples += int(reduced[3])
+        s.loss_tokens += int(n_global)
+        s.flops += training_flops(self.config, reduced[1], reduced[2])
+        s.last_loss = loss_mean
+        return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": reduced[1] + reduced[2],
+                "extra": {k: v / n_global for k, v in zip(keys, reduced[4:])}}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _diverged(self, what: str, value: float) -> None:
+        last = ckpt.latest_checkpoint(self.out)
+        where = (f"the last good checkpoint is {last} (re-run the same command to resume from it, e.g. with a "
+                 f"lower --lr)" if last else "no checkpoint was saved yet")
+        raise TrainingDiverged(f"the training {what} is {value} at step {self.state.step + 1}; stopped before the "
+                               f"optimizer step. {where}")
+
+    def _finish(self, stop: str, metrics: _Metrics, resumed_from: Optional[int]) -> TrainResult:
+        cfg, env, s = self.cfg, self.env, self.state
+        val = {}
+        if self.val_data is not None:
+            val = self.validate()
+            self._after_validation(val, metrics)
+        last = ckpt.latest_checkpoint(self.out)
+        if last is None or ckpt.list_checkpoints(self.out)[-1][0] != s.step:
+            self.save_checkpoint()
+        state = self._full_model_state() if env.strategy == "fsdp" else None
+        if env.is_main:
+            self._save_model_dir(self.out / FINAL_DIR, state)
+        barrier(env)
+        result = TrainResult(
+            out_dir=str(self.out), final_dir=str(self.out / FINAL_DIR),
+            best_dir=str(self.out / BEST_DIR) if s.best_step is not None else None, arch=self.config.arch,
+            params=flops_params(self.config).total, steps=s.step,
+            epochs=s.epoch + s.batch_in_epoch / max(1, self.steps_per_epoch * self.micro_per_step),
+            examples=s.examples, enc_tokens=s.enc_tokens, dec_tokens=s.dec_tokens, loss_tokens=s.loss_tokens,
+            flops=s.flops, train_loss=s.last_loss, val_loss=val.get("val_loss"),
+            val_metrics={k: v for k, v in val.items() if isinstance(v, (int, float))},
+            best_metric=s.best_metric, best_step=s.best_step, stop_reason=stop, resumed_from=resumed_from,
+            elapsed_s=s.elapsed_s, tokens_per_s=s.tokens / s.elapsed_s if s.elapsed_s else 0.0)
+        metrics.write({"event": "end", "step": s.step, **result.to_dict()})
+        if env.is_main:
+            ckpt.atomic_write_text(self.out / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+            _log(env, f"done ({stop}): {s.step} steps, {s.tokens:,} tokens ({s.enc_tokens:,} encoder + "
+                      f"{s.dec_tokens:,} decoder), {s.flops:.3g} FLOPs, {result.tokens_per_s:,.0f} tokens/s; "
+                      f"model in {result.final_dir}")
+        return result
+
+
+def _broadcast_dict(d: dict, env: DistEnv) -> dict:
+    from mu.train.distributed import broadcast_object
+
+    return broadcast_object(d, env)
+
+
+def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=None, train_dataset=None,
+          val_dataset=None, train_examples: Optional[Sequence[Any]] = None,
+          val_examples: Optional[Sequence[Any]] = None, loss_fn: Optional[LossFn] = None,
+          batch_hook: Optional[BatchHook] = None,
+          on_step: Optional[Callable[[TrainState], None]] = None) -> TrainResult:
+    """Train (or resume) the run `cfg` describes; see the module docstring and docs/training.md.
+
+    Data comes from `cfg.train_data`/`cfg.val_data` unless given: `train_examples`/`val_examples`
+    (`Example`s for fine-tuning, strings for pretraining), or ready `train_dataset`/`val_dataset`
+    (objects with `__len__`, `get(i, epoch) -> feature` and `lengths(arch)`, e.g. `FeatureDataset`).
+    `model`/`tokenizer` replace the preset/--init model and the --tokenizer.
+    """
+    have_val = val_dataset is not None or val_examples is not None
+    cfg.validate(have_train_data=train_dataset is not None or train_examples is not None, have_val_data=have_val)
+    env = init_distributed(cfg.device, cfg.distributed)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on cross_kv
+            trainer = Trainer(cfg, env, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                              val_dataset=val_dataset, train_examples=train_examples, val_examples=val_examples,
+                              loss_fn=loss_fn, batch_hook=batch_hook, on_step=on_step)
+            return trainer.run()
+    finally:
+        shutdown(env)
