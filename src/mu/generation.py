@@ -80,7 +80,7 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              num_beams: int = 1, eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
              attention_mask: Optional[Tensor] = None, streamer: Any = None,
-             generator: Optional[torch.Generator] = None, length_penalty: float = 1.0,
+             generator: Optional[torch.Generator] = None, length_penalty: float = 1.0, compile: bool = False,
              **model_kwargs: Any) -> Tensor:
     """Generate up to `max_new_tokens` tokens per row with a KV cache.
 
@@ -103,17 +103,19 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     if encdec:
         bos = _special_id(model, "bos_token_id", bos_token_id, DEFAULT_BOS_ID)
         start = torch.full((B, 1), bos, dtype=torch.long, device=input_ids.device)
-        cache = model.new_cache(B, 1 + max_new_tokens)
+        cache = model.new_cache(B, _cache_len(1 + max_new_tokens, compile))
         prefix = start
     else:
         input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
         start = None
-        cache = model.new_cache(B, input_ids.shape[1] + max_new_tokens)
+        cache = model.new_cache(B, _cache_len(input_ids.shape[1] + max_new_tokens, compile))
         prefix = input_ids
     was_training = model.training
     model.eval()
     try:
         logits = model.prefill(input_ids, attention_mask, cache, start, **model_kwargs)
+        if compile:  # the prompt went through the usual path; the steps now have fixed shapes
+            cache.static = cache.compiled = True
         if num_beams > 1:
             if streamer is not None:
                 raise MuError("streaming is not supported with beam search (num_beams > 1)")
@@ -125,6 +127,11 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     finally:
         model.train(was_training)
     return torch.cat([prefix, new], dim=1)
+
+
+def _cache_len(n: int, compile: bool) -> int:
+    """Cache slots for n positions; a compiled (fixed-shape) cache rounds up so shapes repeat across calls."""
+    return -(-n // 64) * 64 if compile else n
 
 
 def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optional[int], pad: int, streamer,

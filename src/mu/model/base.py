@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.config import MuConfig
+from mu.errors import MuError
 from mu.model.cache import KVCache
-from mu.model.layers import causal_padding_mask, init_linear_and_embedding, rope_cos_sin
+from mu.model.layers import causal_padding_mask, init_linear_and_embedding, rope_cos_sin, rope_scaled, rope_table
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +42,7 @@ class MuModel(nn.Module):
 
     config: MuConfig
     tokenizer: Any = None  # an attached Hugging Face tokenizer, saved alongside the weights
+    quantization: Optional[str] = None  # set by `quantize_` (an inference-only transform)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -83,21 +85,77 @@ class MuModel(nn.Module):
         Returns the logits at the last position, (B, vocab_size). Pad tokens are masked as keys
         (as in the paper's uncached decoding).
         """
+        if cache.static:
+            return self._static_step(tokens, cache)
         B, T = tokens.shape
         valid = tokens != self.config.pad_token_id
         cache.append_valid(valid)
         end = cache.length + T
-        positions = cache.positions[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        rope = rope_cos_sin(self.config, positions, end, self.dtype)
+        positions = cache.positions[:, None]  # (B, 1)
+        if T > 1:
+            positions = positions + torch.arange(T, device=tokens.device)  # (B, T)
+        rope = self._step_rope(cache, positions, end)
         keys_valid = cache.valid[:, :end]
-        if T == 1:
-            self_mask = keys_valid[:, None, None, :]  # the new token sees every valid key so far
+        if T == 1:  # the new token sees every valid key so far
+            self_mask = None if cache.all_valid else keys_valid[:, None, None, :]
         else:
             self_mask = causal_padding_mask(keys_valid, T, offset=cache.length)
         x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
         cache.advance(T)
         cache.positions += T
         return self.lm_head(self.transformer.ln_f(x[:, -1]))
+
+    def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
+        B, T = tokens.shape
+        if T != 1:
+            raise ValueError(f"a static cache takes one token per row per step, got {T}")
+        end = cache.length + 1
+        if end > cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
+        cache.slot = torch.full((1,), cache.length, dtype=torch.long, device=tokens.device)
+        cache.valid.index_copy_(1, cache.slot, tokens != self.config.pad_token_id)
+        cos, sin = self._step_rope(cache, cache.positions[:, None], end)
+        core = self._decode_core
+        if cache.compiled:
+            if self.quantization:
+                raise MuError(f"compile=True needs a float model: this one is {self.quantization}-quantized and "
+                              "its kernels are opaque to torch.compile (quantized decoding runs eagerly)")
+            core = self.__dict__.get("_compiled_core")
+            if core is None:  # one compiled function per model; torch.compile caches a graph per shape
+                core = self.__dict__["_compiled_core"] = torch.compile(self._decode_core, dynamic=False)
+        logits = core(self.transformer.wte(tokens), cos, sin, cache.valid[:, None, None, :], cache)
+        cache.advance(1)
+        cache.positions += 1
+        return logits
+
+    def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
+        """The layers, final norm and lm_head of one static step: what `generate(compile=True)` compiles."""
+        x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+
+    def _step_rope(self, cache: KVCache, positions: Tensor, end: int) -> tuple[Tensor, Tensor]:
+        """cos/sin (B, T, 1, hd) at `positions` (B, T): indexed from the cache's table unless NTK scaling is on."""
+        if rope_scaled(self.config, end):  # the base depends on the length: recompute, as the paper does
+            return rope_cos_sin(self.config, positions, end, self.dtype)
+        if cache.rope is None:
+            cache.rope = rope_table(self.config, cache.max_len, self.dtype, positions.device)
+        cos, sin = cache.rope
+        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    # -- inference transforms ------------------------------------------------------------------
+
+    def quantize_(self, mode: str = "int8", include_encoder: bool = True) -> "MuModel":
+        """Quantize the linear layers in place for CPU inference; see `mu.export.quantize`.
+
+        mode "int8": int8 weights (per-channel scales) run by fbgemm's dynamic int8 GEMM.
+        `include_encoder=False` leaves the encoder in float (exact prefill). Save before quantizing.
+        """
+        from mu.export.quantize import quantize_int8_
+
+        if mode != "int8":
+            raise MuError(f"quantize_: unknown mode {mode!r}; expected 'int8'")
+        return quantize_int8_(self, include_encoder=include_encoder)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -113,6 +171,9 @@ class MuModel(nn.Module):
         """Write `config.json` + `model.safetensors` (+ tokenizer files) atomically into `directory`."""
         from safetensors.torch import save_file
 
+        if self.quantization:
+            raise MuError(f"cannot save a {self.quantization}-quantized model (quantization is an inference-time "
+                          "transform): save the float model and call quantize_ after loading it")
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

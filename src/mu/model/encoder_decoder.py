@@ -86,12 +86,12 @@ class MuEncoderDecoder(MuModel):
                 start_ids: Tensor, inputs_embeds: Optional[Tensor] = None) -> Tensor:
         """Encode once, project every decoder layer's cross-attention K/V once, feed the start token(s)."""
         enc_out, valid = self.encode(input_ids, attention_mask, inputs_embeds)
-        cache.cross_kv = [block.cross_kv(enc_out) for block in self.transformer.h]
-        cache.cross_valid = valid
+        # contiguous once here, so every step's attention reads them densely
+        cache.set_cross([tuple(t.contiguous() for t in block.cross_kv(enc_out)) for block in self.transformer.h],
+                        valid)
         return self.decode_step(start_ids, cache)
 
     def _run_decoder(self, x, rope, self_mask, is_causal, cache):
-        cross_mask = None if bool(cache.cross_valid.all()) else key_padding_mask(cache.cross_valid)
         for block, cross_kv in zip(self.transformer.h, cache.cross_kv):
-            x = block(x, rope, cross_kv, self_mask, cross_mask, is_causal, cache=cache)
+            x = block(x, rope, cross_kv, self_mask, cache.cross_mask, is_causal, cache=cache)
         return x

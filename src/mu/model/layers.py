@@ -6,12 +6,18 @@ RoPE with NTK-dynamic scaling, grouped-query attention with biased q/k/v/out
 projections, a tanh-GELU MLP. The attention itself runs through
 `F.scaled_dot_product_attention` with the heads arranged by KV group (see
 `Attention.attend`), which keeps the paper's head mapping without copying K/V.
+
+Inference fast paths (used only when autograd is off, so training sees exactly the
+paper's modules and parameters): q/k/v (and cross-attention k/v) run as one GEMM on a
+concatenated weight built on first use and rebuilt whenever a source parameter changes
+(`Attention.fused_linear`); RoPE rotates q and k together.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +35,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same math, one kernel
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +78,22 @@ def rotate_half(x: Tensor) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, T, heads, head_dim); cos/sin: (B|1, T, 1, head_dim)."""
-    return x * cos + rotate_half(x) * sin
+    return torch.addcmul(x * cos, rotate_half(x), sin)
+
+
+def rope_table(config: MuConfig, length: int, dtype: torch.dtype, device=None) -> tuple[Tensor, Tensor]:
+    """cos/sin for positions 0..length-1, (length, head_dim) each, valid while the NTK scaling is off.
+
+    The scaling only changes the base once the sequence is longer than `block_size` (and
+    `rope_factor > 1`); `rope_scaled` says when a step must recompute instead of indexing this.
+    """
+    cos, sin = rope_cos_sin(config, torch.arange(length, device=device), config.block_size, dtype)
+    return cos[0, :, 0], sin[0, :, 0]
+
+
+def rope_scaled(config: MuConfig, seq_len: int) -> bool:
+    """True when NTK-dynamic scaling makes the RoPE base depend on `seq_len`."""
+    return config.rope_factor > 1.0 and seq_len > config.block_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +110,9 @@ class Attention(nn.Module):
     once per KV head and never materialises repeated K/V.
     """
 
+    # Inference-only concatenations of projections (see `fused_linear`).
+    FUSED = {"qkv": ("q_linear", "k_linear", "v_linear"), "kv": ("k_linear", "v_linear")}
+
     def __init__(self, config: MuConfig):
         super().__init__()
         self.n_head = config.n_head
@@ -101,6 +125,51 @@ class Attention(nn.Module):
         self.k_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.v_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.out_linear = nn.Linear(config.qkv_embd, config.n_embd)
+        # name -> (key, fn): a plain dict, so the state dict keeps only the paper's parameters
+        self._fused: dict[str, tuple[Optional[tuple], Callable[[Tensor], Tensor]]] = {}
+
+    def fused_linear(self, name: str) -> Optional[Callable[[Tensor], Tensor]]:
+        """One linear over the concatenated weights of `FUSED[name]` (outputs in that order), or None.
+
+        None (use the separate projections) while autograd is on, inside `torch.compile` (the
+        compiler fuses on its own), or when a projection is not a plain `nn.Linear` (a LoRA adapter
+        from peft, say, whose output is more than its base weight). The concatenation is built on
+        first use and rebuilt when any source weight/bias is replaced or modified in place (checked
+        by storage pointer and version counter), so a model that trains between two generations
+        never uses stale weights. `set_fused` installs a fixed replacement (e.g. an int8 kernel).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        entry = self._fused.get(name)
+        if entry is not None and entry[0] is None:
+            return entry[1]
+        parts = [getattr(self, n) for n in self.FUSED[name]]
+        if any(type(p) is not nn.Linear for p in parts):
+            return None
+        key = tuple((t.data_ptr(), t._version) for p in parts for t in (p.weight, p.bias))
+        if entry is None or entry[0] != key:
+            weight = torch.cat([p.weight for p in parts])
+            bias = torch.cat([p.bias for p in parts])
+            entry = (key, partial(F.linear, weight=weight, bias=bias))
+            self._fused[name] = entry
+        return entry[1]
+
+    def set_fused(self, name: str, fn: Callable[[Tensor], Tensor]) -> None:
+        """Use `fn` (x -> concatenated outputs of `FUSED[name]`) as the fused projection from now on."""
+        self._fused[name] = (None, fn)
+
+    def project_qkv_rope(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Self-attention q, k (rotated) and v, (B, T, heads, head_dim) each."""
+        fused = self.fused_linear("qkv")
+        if fused is None:  # training (or adapters): the paper's three projections
+            q = self.project_q(x)
+            k, v = self.project_kv(x)
+            return apply_rope(q, *rope), apply_rope(k, *rope), v
+        B, T, _ = x.shape
+        H, KV = self.n_head, self.n_kv_head
+        qkv = fused(x).view(B, T, H + 2 * KV, self.head_dim)
+        qk = apply_rope(qkv[:, :, :H + KV], *rope)  # q and k heads rotated together
+        return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + KV:]
 
     def project_q(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
@@ -108,6 +177,10 @@ class Attention(nn.Module):
 
     def project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = src.shape
+        fused = self.fused_linear("kv")
+        if fused is not None:
+            kv = fused(src).view(B, S, 2 * self.n_kv_head, self.head_dim)
+            return kv[:, :, :self.n_kv_head], kv[:, :, self.n_kv_head:]
         k = self.k_linear(src).view(B, S, self.n_kv_head, self.head_dim)  # (B, S, n_kv_head, head_dim)
         v = self.v_linear(src).view(B, S, self.n_kv_head, self.head_dim)
         return k, v
@@ -131,19 +204,23 @@ class Attention(nn.Module):
         Returns the output projection, (B, T, n_embd).
         """
         B, T = q.shape[:2]
-        qg = self._grouped(q)  # (B, n_kv_head, groups, T, hd)
         dropout = self.dropout if self.training else 0.0
+        KV, G, hd = self.n_kv_head, self.groups, self.head_dim
         if T == 1 and not is_causal:
-            # Decode step: fold the group into the query axis; the mask (B, 1, 1, S) broadcasts.
-            qf = qg.reshape(B, self.n_kv_head, self.groups, self.head_dim)
-            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)
-            o = o.view(B, self.n_kv_head, self.groups, 1, self.head_dim)
-        else:
-            qh = qg.reshape(B, self.n_head, T, self.head_dim)
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=is_causal, enable_gqa=self.groups > 1)
-            o = o.view(B, self.n_kv_head, self.groups, T, self.head_dim)
-        return self.out_linear(self._ungrouped(o))
+            # Decode step: fold the group into the query axis, so each KV head's cache is read once;
+            # for one position that regrouping is a view (no permute + copy), and the mask (B, 1, 1, S)
+            # broadcasts over the group.
+            if self.interleaved:  # head h = j * groups + g
+                qf = q.view(B, KV, G, hd)
+            else:  # head h = g * n_kv_head + j
+                qf = q.view(B, G, KV, hd).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
+            o = o if self.interleaved else o.transpose(1, 2)
+            return self.out_linear(o.reshape(B, 1, self.n_head * hd))
+        qh = self._grouped(q).reshape(B, self.n_head, T, hd)  # (B, n_kv_head * groups, T, hd)
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=dropout,
+                                           is_causal=is_causal, enable_gqa=G > 1)
+        return self.out_linear(self._ungrouped(o.view(B, KV, G, T, hd)))
 
 
 class MLP(nn.Module):
@@ -154,7 +231,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        x = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.dropout(x) if self.training else x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +252,7 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Optional[Tensor] = None,
                 is_causal: bool = False, cache=None) -> Tensor:
-        h = self.ln1(x)
-        q = self.attn.project_q(h)
-        k, v = self.attn.project_kv(h)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.attn.project_qkv_rope(self.ln1(x), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         else:
@@ -202,10 +277,7 @@ class DecoderBlock(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
                 self_mask: Optional[Tensor], cross_mask: Optional[Tensor], is_causal: bool = False,
                 cache=None) -> Tensor:
-        h = self.ln1(x)
-        q = self.causal_attn.project_q(h)
-        k, v = self.causal_attn.project_kv(h)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.causal_attn.project_qkv_rope(self.ln1(x), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         else:

@@ -1,0 +1,36 @@
+"""`mu demo`: the paper's comparison at small scale, end to end, with no downloads.
+
+    from mu.demo import demo_config, run_demo
+    result = run_demo(demo_config("demo_out", preset="default"))
+    result.report["comparisons"]   # encoder-decoder vs decoder-only, KD vs CE (F1 differences)
+    result.files                   # report.md, report.json, training_curves.png, quality.png, latency.png
+
+    config.py    DemoConfig, its presets (quick, default, large), the demo's model shapes, deconly_twin
+    pipeline.py  the stages (data, teacher, encdec, deconly, encdec_kd, evaluate, bench, report) and run_demo
+    manifest.py  which stages are finished, with which settings (resume)
+    progress.py  the stage list with an overall ETA
+    report.py    report.json / report.md and the reading generated from the numbers
+    plots.py     the PNGs
+
+See docs/demo.md.
+"""
+
+_LAZY = {
+    "DemoConfig": "mu.demo.config",
+    "PRESETS": "mu.demo.config",
+    "demo_config": "mu.demo.config",
+    "deconly_twin": "mu.demo.config",
+    "run_demo": "mu.demo.pipeline",
+    "DemoResult": "mu.demo.pipeline",
+    "STAGES": "mu.demo.pipeline",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mu.demo' has no attribute {name!r}")

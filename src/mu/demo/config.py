@@ -1,0 +1,216 @@
+"""What the demo runs: one typed dataclass, `DemoConfig`, with named presets (quick, default, large).
+
+The demo's models sit between the core `tiny` and `small` presets, so they are defined here as MuConfig
+field dicts. The decoder-only student is the encoder-decoder student's twin: the same widths, and the
+depth whose parameter count is closest to the encoder-decoder's (`deconly_twin`, checked to be within
+`PARAM_TOLERANCE`). Both students train for the same FLOP budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from mu.config import MuConfig
+from mu.errors import MuError
+
+PARAM_TOLERANCE = 0.02  # the two students' parameter counts may differ by at most this fraction
+
+
+def _width(n_embd: int, n_head: int, n_kv_head: int, hidden_mult: int = 4) -> dict[str, int]:
+    return dict(n_embd=n_embd, qkv_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, hidden_dim=hidden_mult * n_embd)
+
+
+# Model shapes. Encoder-decoder students keep the paper's 2/3 encoder, 1/3 decoder split; the teacher is a
+# decoder-only model several times the students' size. vocab_size comes from the tokenizer at run time.
+STUDENT_QUICK = dict(_width(32, 2, 1), n_encoder_layer=6, n_decoder_layer=3)
+TEACHER_QUICK = dict(_width(64, 2, 1), n_encoder_layer=0, n_decoder_layer=6)
+STUDENT_DEFAULT = dict(_width(128, 4, 2), n_encoder_layer=6, n_decoder_layer=3)
+TEACHER_DEFAULT = dict(_width(256, 4, 2), n_encoder_layer=0, n_decoder_layer=8)
+STUDENT_LARGE = dict(_width(256, 4, 2), n_encoder_layer=8, n_decoder_layer=4)
+TEACHER_LARGE = dict(_width(512, 8, 4), n_encoder_layer=0, n_decoder_layer=12)
+
+
+@dataclass
+class DemoConfig:
+    out: str  # output directory: data/, tokenizer/, one directory per stage, report.md/json, PNGs
+    preset: str = "default"  # the preset these values came from (recorded in the report)
+    # -- data ---------------------------------------------------------------------------------
+    train_data: Optional[str] = None  # squad_v2 file for training (None: built-in synthetic data)
+    val_data: Optional[str] = None  # validation file (None: synthetic, or carved from train_data)
+    test_data: Optional[str] = None  # test file (None: synthetic, or val_data when train_data is given)
+    n_train: int = 12000  # synthetic training questions (a limit on train_data when that is given)
+    n_val: int = 300  # synthetic validation questions (a limit on val_data)
+    n_test: int = 600  # synthetic test questions (a limit on test_data)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic (difficulty)
+    vocab_size: int = 1024  # byte-level BPE trained on the training split
+    max_source_len: int = 256  # prompt tokens kept (both architectures, training and evaluation)
+    max_target_len: int = 24  # answer tokens kept (EOS on top)
+    # -- models -------------------------------------------------------------------------------
+    student: dict[str, Any] = field(default_factory=lambda: dict(STUDENT_DEFAULT))  # encoder-decoder student
+    teacher: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_DEFAULT))  # decoder-only teacher
+    dropout: float = 0.0  # all models (short runs on fresh data: no need for dropout)
+    # -- training -----------------------------------------------------------------------------
+    batch_size: int = 32  # examples per optimizer step (every model)
+    teacher_examples: int = 24000  # training examples the teacher sees (steps = this / batch_size)
+    teacher_lr: float = 2e-3
+    student_examples: int = 12000  # sets the students' FLOP budget: what the encoder-decoder needs for this many
+    student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD student)
+    student_lr: float = 3e-3  # encoder-decoder students (CE and KD)
+    deconly_lr: float = 3e-3  # the decoder-only student
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.1
+    evals_per_run: int = 4  # validation points per training run (loss and F1 on the curves)
+    # -- distillation -------------------------------------------------------------------------
+    kd_alpha: float = 0.9  # loss = alpha * KD + (1 - alpha) * CE (the paper's 0.9)
+    kd_temperature: float = 1.0
+    kd_divergence: str = "forward_kl"
+    kd_on_policy: float = 0.0  # probability that a batch's KD targets are sampled by the student
+    kd_topk: int = 0  # > 0: precompute the teacher's top-k logits once (pays off over several epochs)
+    # -- evaluation ---------------------------------------------------------------------------
+    eval_batch_size: int = 64
+    max_new_tokens: int = 24  # answer tokens generated (greedy)
+    # -- efficiency benchmark -----------------------------------------------------------------
+    bench_preset: str = "small"  # the students' architectures at a larger size (mu.config preset, random weights)
+    bench_input_lengths: tuple[int, ...] = (128, 256, 512, 1024)
+    bench_new_tokens: int = 32
+    bench_repeats: int = 2
+    bench_memory: bool = True  # peak memory in fresh subprocesses (needed for memory_ratio)
+    # -- run ----------------------------------------------------------------------------------
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # trainer precision: auto (bf16 where native) | fp32 | bf16
+    threads: Optional[int] = None  # torch threads (None: torch's default)
+    seed: int = 0
+    progress: bool = True  # per-stage progress bars and the overall ETA on stderr
+
+    def __post_init__(self) -> None:
+        self.synthetic = dict(self.synthetic or {})
+        self.student = dict(self.student)
+        self.teacher = dict(self.teacher)
+        self.bench_input_lengths = tuple(int(x) for x in self.bench_input_lengths)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def validate(self) -> "DemoConfig":
+        positive = dict(n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, vocab_size=self.vocab_size,
+                        max_source_len=self.max_source_len, max_target_len=self.max_target_len,
+                        batch_size=self.batch_size, teacher_examples=self.teacher_examples,
+                        student_examples=self.student_examples, teacher_lr=self.teacher_lr,
+                        student_lr=self.student_lr, deconly_lr=self.deconly_lr, eval_batch_size=self.eval_batch_size,
+                        max_new_tokens=self.max_new_tokens, bench_new_tokens=self.bench_new_tokens,
+                        bench_repeats=self.bench_repeats, evals_per_run=self.evals_per_run)
+        for name, value in positive.items():
+            if not value > 0:
+                raise MuError(f"demo setting {name} must be > 0, got {value}")
+        if self.vocab_size < 300:
+            raise MuError(f"demo setting vocab_size must be >= 300 (a byte-level BPE), got {self.vocab_size}")
+        if self.student_flops is not None and not self.student_flops > 0:
+            raise MuError(f"demo setting student_flops must be > 0, got {self.student_flops}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise MuError(f"demo setting kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not 0.0 <= self.kd_on_policy <= 1.0:
+            raise MuError(f"demo setting kd_on_policy must be in [0, 1], got {self.kd_on_policy}")
+        if self.test_data and not self.train_data:
+            raise MuError("--test-data needs --train-data (the built-in data has its own test split)")
+        if self.val_data and not self.train_data:
+            raise MuError("--val-data needs --train-data (the built-in data has its own validation split)")
+        if not self.bench_input_lengths or min(self.bench_input_lengths) < 1:
+            raise MuError(f"bench input lengths must be positive, got {list(self.bench_input_lengths)}")
+        from mu.config import PRESETS
+
+        if self.bench_preset not in PRESETS:
+            raise MuError(f"--bench-preset {self.bench_preset!r}: expected one of {sorted(PRESETS)}")
+        for name in ("student", "teacher"):
+            unknown = set(getattr(self, name)) - {f.name for f in fields(MuConfig)}
+            if unknown:
+                raise MuError(f"demo {name} config: unknown MuConfig field(s) {sorted(unknown)}")
+        self.model_config("teacher", 1024)
+        deconly_twin(self.model_config("encdec", 1024))  # raises if no depth matches the parameters
+        return self
+
+    # -- models ---------------------------------------------------------------------------------
+
+    def model_config(self, role: str, vocab_size: int) -> MuConfig:
+        """The MuConfig of "teacher", "encdec" (both encoder-decoder students) or "deconly"."""
+        common = dict(dropout=self.dropout, vocab_size=vocab_size,
+                      block_size=max(512, self.max_source_len + self.max_target_len + 1))
+        if role == "teacher":
+            return MuConfig(**{**self.teacher, **common, "arch": "deconly", "n_encoder_layer": 0})
+        encdec = MuConfig(**{**self.student, **common, "arch": "encdec"})
+        if role == "encdec":
+            return encdec
+        if role == "deconly":
+            return deconly_twin(encdec)
+        raise ValueError(f"unknown model role {role!r}")
+
+    # -- (de)serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bench_input_lengths"] = list(self.bench_input_lengths)
+        return d
+
+    def replace(self, **changes: Any) -> "DemoConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def deconly_twin(encdec: MuConfig, tolerance: float = PARAM_TOLERANCE) -> MuConfig:
+    """The decoder-only student: `encdec`'s widths, with the depth whose parameter count is closest.
+
+    Raises MuError when even the closest depth differs by more than `tolerance` (then change the
+    encoder/decoder depths: e.g. 6+3 -> 10 and 8+4 -> 13 match within 2% at hidden_dim = 4 x n_embd).
+    """
+    from mu.train.flops import flops_params
+
+    target = flops_params(encdec).total
+    best = None
+    for depth in range(1, 2 * encdec.n_layer + 2):
+        twin = encdec.replace(arch="deconly", n_encoder_layer=0, n_decoder_layer=depth)
+        gap = flops_params(twin).total / target - 1.0
+        if best is None or abs(gap) < abs(best[1]):
+            best = (twin, gap)
+    twin, gap = best
+    if abs(gap) > tolerance:
+        raise MuError(f"no decoder-only depth matches the encoder-decoder student ({encdec.n_encoder_layer}+"
+                      f"{encdec.n_decoder_layer} layers, {target:,} parameters) within {tolerance:.0%}: the closest, "
+                      f"{twin.n_decoder_layer} layers, is {gap:+.1%}; change the student's depths (6+3 and 8+4 match)")
+    return twin
+
+
+# Presets: field overrides of DemoConfig. Sizes and budgets of `default` are set for ~15 minutes on a
+# quiet 2-core laptop CPU (see docs/demo.md for the measurements behind them).
+PRESETS: dict[str, dict[str, Any]] = {
+    # End-to-end in well under a minute on a quiet machine: tests and a smoke check. Its numbers mean nothing.
+    "quick": dict(n_train=256, n_val=16, n_test=32, vocab_size=300, student=STUDENT_QUICK, teacher=TEACHER_QUICK,
+                  batch_size=8, teacher_examples=64, student_examples=64, teacher_lr=3e-3, student_lr=3e-3,
+                  deconly_lr=3e-3, evals_per_run=1, eval_batch_size=32, max_target_len=8, max_new_tokens=6,
+                  bench_preset="tiny", bench_input_lengths=(16, 32), bench_new_tokens=4, bench_repeats=1),
+    # `make demo`: the paper's comparison in ~15 minutes on a 2-core laptop CPU.
+    "default": dict(),
+    # Bigger models and more data (a GPU, or an hour or more of CPU).
+    "large": dict(n_train=40000, n_val=500, n_test=2000, vocab_size=2048, student=STUDENT_LARGE,
+                  teacher=TEACHER_LARGE, batch_size=64, teacher_examples=160000, student_examples=80000,
+                  teacher_lr=1e-3, student_lr=1.5e-3, deconly_lr=1.5e-3, bench_preset="330m",
+                  bench_input_lengths=(256, 512, 1024, 2048), bench_new_tokens=64, bench_repeats=3),
+}
+
+
+def demo_config(out: str, preset: str = "default", **overrides: Any) -> DemoConfig:
+    """The preset's DemoConfig with `overrides` (DemoConfig fields; None values are ignored)."""
+    if preset not in PRESETS:
+        raise MuError(f"unknown demo preset {preset!r}; expected one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(DemoConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise MuError(f"unknown demo setting(s) {unknown}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return DemoConfig(out=str(out), preset=preset, **values).validate()
+
+
+def settings_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-able settings (stage manifests compare these)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

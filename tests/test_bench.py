@@ -1,0 +1,167 @@
+"""The efficiency benchmark on tiny models: end to end, FLOP formula vs counter, runners, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mu
+from mu.bench import BenchConfig, generation_flops, run_benchmark
+from mu.bench.measure import count_generation_flops, random_input_ids, time_generation
+from mu.bench.models import HFRunner, ModelSpec, MuRunner, build_hf_model, build_runner
+from mu.bench.report import PLOTS
+from mu.cli import main
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The box is shared: more busy threads than cores makes OpenMP kernels crawl. Behaviour is the same.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(preset="tiny", input_lengths=(8, 16), new_tokens=4, batch_sizes=(1, 2), repeats=2, warmup=1,
+                      memory_jobs=6, threads=1, out=str(out), progress=False)
+    return run_benchmark(cfg), out
+
+
+def test_writes_json_markdown_and_plots(result):
+    res, out = result
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["summary"]["ttft_ratio"] == pytest.approx(res["summary"]["ttft_ratio"])
+    md = (out / "bench.md").read_text()
+    assert "encdec/deconly" in md and "FlopCounterMode" in md and "peak memory" in md
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_rows_have_sane_positive_numbers(result):
+    res, _ = result
+    rows = res["rows"]
+    # batch 1 at both lengths and batch 2 at the summary length (the longest here), for both archs
+    assert {(r["arch"], r["input_length"], r["batch"]) for r in rows} == {
+        (a, L, B) for a in ("encdec", "deconly") for L, B in ((8, 1), (16, 1), (16, 2))}
+    for r in rows:
+        assert r["decode_ms_median"] > 0 and r["decode_ms_p90"] >= r["decode_ms_median"] * 0.999
+        assert r["decode_tok_s"] > 0 and r["roofline_ms"] > 0
+        assert len(r["decode_steps_ms"]) == 2 and all(len(run) == 3 for run in r["decode_steps_ms"])  # 2 reps x N-1
+        if r["batch"] == 1:
+            assert r["ttft_s"] > 0 and r["e2e_s"] > r["ttft_s"]
+        assert r["kv_cache_bytes"] == r["kv_cache_bytes_analytic"]  # KVCache.nbytes() == the formula
+        assert r["peak_rss_bytes"] >= r["rss_loaded_bytes"] > 0
+        assert r["flops_total"] == r["flops_prefill"] + r["flops_decode"] > 0
+
+
+def test_ratios_are_ratios_of_the_recorded_numbers(result):
+    res, _ = result
+    rows = {(r["arch"], r["input_length"], r["batch"]): r for r in res["rows"]}
+    assert len(res["ratios"]) == 3
+    for q in res["ratios"]:
+        a, b = rows["encdec", q["input_length"], q["batch"]], rows["deconly", q["input_length"], q["batch"]]
+        for m in ("decode_ms_median", "decode_tok_s", "kv_cache_bytes", "flops_total", "peak_rss_bytes",
+                  "roofline_ms"):
+            assert q[m] == pytest.approx(a[m] / b[m]), m
+        if q["batch"] == 1:
+            assert q["ttft_s"] == pytest.approx(a["ttft_s"] / b["ttft_s"])
+    s = res["summary"]
+    assert s["input_length"] == 16
+    b1 = rows["encdec", 16, 1], rows["deconly", 16, 1]
+    assert s["ttft_ratio"] == pytest.approx(b1[0]["ttft_s"] / b1[1]["ttft_s"])
+    assert s["decode_speedup"] == pytest.approx(b1[0]["decode_tok_s"] / b1[1]["decode_tok_s"])
+    assert s["memory_ratio"] == pytest.approx(b1[0]["peak_rss_bytes"] / b1[1]["peak_rss_bytes"])
+    assert s["flops_ratio"] == pytest.approx(b1[0]["flops_total"] / b1[1]["flops_total"])
+    assert set(s["decode_speedup_by_batch"]) == {1, 2}
+    assert [t["target"] for t in s["targets"]][0] == "time to first token"
+
+
+def test_analytic_flops_within_10_percent_of_the_counter(result):
+    res, _ = result
+    checks = {c["arch"]: c for c in res["flop_check"]}
+    assert set(checks) == {"encdec", "deconly"}
+    for c in checks.values():
+        for part in ("prefill", "decode", "total"):
+            assert abs(c["relative_error"][part]) < 0.10, (c["arch"], part, c)
+
+
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_flop_formula_counts_attention_exactly(arch):
+    # At L=96 on `tiny` attention is ~30% of the FLOPs: an uncounted SDPA would be far off.
+    runner = build_runner(ModelSpec(arch, "tiny"), torch.float32, CPU)
+    ids = random_input_ids(1, 96, runner.vocab_size, 0, CPU)
+    counted = count_generation_flops(runner, ids, 5)
+    analytic = generation_flops(runner.config, 96, 5)
+    for part in ("prefill", "decode"):
+        assert analytic[part] == pytest.approx(counted[part], rel=0.01), part
+
+
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_replicated_batch_decodes_like_its_source_row(arch):
+    runner = build_runner(ModelSpec(arch, "tiny"), torch.float32, CPU)
+    ids = random_input_ids(1, 12, runner.vocab_size, 1, CPU)
+    with torch.inference_mode():
+        state, token = runner.prefill(ids, 4)
+        wide = runner.copy(state)
+        runner.expand(wide, 3)
+        one = runner.step(state, token)
+        three = runner.step(wide, token.repeat(3))
+        reference = mu.generate(runner.model, ids, max_new_tokens=2)[:, -1]
+    assert three.tolist() == [one.item()] * 3 and one.item() == reference.item()
+
+
+@pytest.mark.parametrize("arch", ["hf-t5", "hf-llama"])
+def test_hf_twins_match_size_and_run(arch):
+    mu_arch = "encdec" if arch == "hf-t5" else "deconly"
+    config = mu.MuConfig.from_name("tiny", mu_arch)
+    runner = HFRunner(build_hf_model(arch, config, torch.float32, CPU), arch, CPU)
+    mu_params = mu.build_model("tiny", arch=mu_arch).num_parameters()
+    assert runner.describe()["params"] == pytest.approx(mu_params, rel=0.05)
+    ids = random_input_ids(1, 10, config.vocab_size, 0, CPU)
+    out = time_generation(runner, ids, 4, [1, 2], replicate=True, device=CPU)
+    assert len(out["steps_s"][2]) == 3 and out["ttft_s"][1] > 0 and out["cache_bytes"][2] > out["cache_bytes"][1]
+
+
+def test_mu_runner_reports_decode_weights():
+    runner = build_runner(ModelSpec("encdec", "tiny"), torch.float32, CPU)
+    assert isinstance(runner, MuRunner)
+    c = runner.config
+    cross_kv = c.n_decoder_layer * 2 * (c.n_embd * c.n_kv_head * c.head_dim + c.n_kv_head * c.head_dim)
+    decoder = sum(p.numel() for p in runner.model.transformer.h.parameters())
+    lm_head_and_norm = c.vocab_size * c.n_embd + c.n_embd
+    assert runner.decode_weight_bytes() == 4 * (decoder - cross_kv + lm_head_and_norm)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-lengths", "128,abc"], "--input-lengths: 'abc' is not a positive integer"),
+    (["--batch-sizes", "0"], "--batch-sizes: '0' is not a positive integer"),
+    (["--arch", "encdec,rnn"], "unknown arch"),
+    (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+    (["--new-tokens", "1"], "new_tokens must be >= 2"),
+    (["--repeats", "0"], "--repeats: expected a positive integer"),
+    (["--input-lengths", "128,512", "--summary-length", "1024"], "summary_length 1024 is not one of"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--model", "/nonexistent/model"], "no model at"),
+    (["--device", "tpu9"], "unknown device"),
+])
+def test_cli_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path / "o"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_param_count_formula(arch):
+    from mu.bench.flops import mu_param_count
+
+    for preset in ("tiny", "small"):
+        assert mu_param_count(mu.MuConfig.from_name(preset, arch)) == mu.build_model(preset, arch=arch).num_parameters()

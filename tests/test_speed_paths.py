@@ -1,0 +1,319 @@
+"""The inference fast paths give the same answers as the plain model: fused projections, RoPE tables,
+bf16, int8 (`model.quantize_`), within each path's tolerance."""
+
+import pytest
+import torch
+
+import mu
+from mu.export import quantize as q8
+from mu.model import layers
+
+
+def _ids(B, T, seed=0):
+    return torch.randint(4, 500, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, enc, dec):
+    if model.config.arch == "encdec":
+        return model(encoder_input_ids=enc, decoder_input_ids=dec).logits
+    return model(input_ids=torch.cat([enc, dec], 1)).logits
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(params=["encdec", "deconly"])
+def model(request):
+    torch.manual_seed(0)
+    return mu.build_model("tiny", arch=request.param).eval()
+
+
+def _padded_inputs():
+    enc, dec = _ids(2, 11), _ids(2, 6, seed=1)
+    enc[1, 8:] = 0
+    dec[:, 0] = 1
+    return enc, dec
+
+
+def test_fused_inference_path_equals_training_path(model):
+    """Without autograd, q/k/v (and cross k/v) run as one fused GEMM; with it, the paper's three linears."""
+    enc, dec = _padded_inputs()
+    with torch.enable_grad():
+        plain = _logits(model, enc, dec)
+    with torch.no_grad():
+        fused = _logits(model, enc, dec)
+    attn = next(m for m in model.modules() if isinstance(m, layers.Attention))
+    assert "qkv" in attn._fused  # the fused path really ran
+    valid = torch.cat([enc, dec], 1) != 0 if model.config.arch == "deconly" else dec != 0
+    torch.testing.assert_close(fused[valid], plain.detach()[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_weights_follow_parameter_updates(model):
+    """Training between generations (in-place updates) or loading weights never leaves stale fused copies."""
+    enc, dec = _padded_inputs()
+    attn = model.decoder_blocks()[0].causal_attn if model.config.arch == "encdec" else model.decoder_blocks()[0].attn
+    with torch.no_grad():
+        before = _logits(model, enc, dec)
+        fused = attn.fused_linear("qkv")
+        assert attn.fused_linear("qkv") is fused  # cached while nothing changes
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    out = model(encoder_input_ids=enc, decoder_input_ids=dec, targets=dec) if model.config.arch == "encdec" \
+        else model(input_ids=enc, targets=enc)
+    out.loss.backward()
+    opt.step()  # in-place parameter updates
+    model.eval()
+    with torch.no_grad():
+        after = _logits(model, enc, dec)
+        assert attn.fused_linear("qkv") is not fused
+    with torch.enable_grad():
+        expected = _logits(model, enc, dec).detach()
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    # load_state_dict copies into the parameters in place: the fused weights follow again
+    torch.manual_seed(1)
+    other = mu.build_model("tiny", arch=model.config.arch).eval()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model, enc, dec), _logits(other, enc, dec), atol=1e-6, rtol=1e-6)
+    assert set(model.state_dict()) == set(other.state_dict())  # nothing fused leaks into the state dict
+
+
+def test_rope_table_equals_direct_computation():
+    """A decode step indexes a per-request table, except when NTK scaling makes the base length-dependent."""
+    for factor in (1.0, 4.0):
+        torch.manual_seed(0)
+        m = mu.build_model("tiny", arch="deconly", rope_factor=factor, block_size=8).eval()
+        cache = m.new_cache(2, 20)
+        positions = torch.tensor([[3], [7]])
+        for end in (5, 8, 12):  # below, at and above block_size
+            got = m._step_rope(cache, positions, end)
+            want = layers.rope_cos_sin(m.config, positions, end, m.dtype)
+            torch.testing.assert_close(got[0], want[0].expand_as(got[0]), atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[1], want[1].expand_as(got[1]), atol=1e-6, rtol=0)
+
+
+def test_cached_decoding_past_block_size_with_ntk_scaling():
+    """With rope_factor > 1, steps beyond block_size recompute RoPE (as before the table existed)."""
+    torch.manual_seed(0)
+    m = mu.build_model("tiny", arch="deconly", rope_factor=2.0, block_size=8).eval()
+    prompt = _ids(1, 6)
+    out = m.generate(prompt, max_new_tokens=6)
+    cache = m.new_cache(1, 12)
+    with torch.no_grad():
+        steps = [m.prefill(prompt, None, cache)]
+        steps += [m.decode_step(out[:, t:t + 1], cache) for t in range(6, 11)]
+    # the same steps, computing RoPE directly every time
+    cache2 = m.new_cache(1, 12)
+    with torch.no_grad():
+        ref = [m.prefill(prompt, None, cache2)]
+        for t in range(6, 11):
+            cache2.rope = None
+            ref.append(m.decode_step(out[:, t:t + 1], cache2))
+    torch.testing.assert_close(torch.stack(steps), torch.stack(ref), atol=1e-6, rtol=0)
+    assert out[0, 6:].tolist() == torch.stack(steps).argmax(-1)[:, 0].tolist()
+
+
+def test_bf16_cached_matches_uncached_and_fp32(model):
+    prompt = _ids(1, 9, seed=3)
+    m16 = mu.build_model("tiny", arch=model.config.arch)
+    m16.load_state_dict(model.state_dict())
+    m16 = m16.to(torch.bfloat16).eval()
+    out = m16.generate(prompt, max_new_tokens=5)
+    w = 1 if model.config.arch == "encdec" else prompt.shape[1]
+    with torch.no_grad():
+        for t in range(5):
+            if model.config.arch == "encdec":
+                ref16 = m16(encoder_input_ids=prompt, decoder_input_ids=out[:, :w + t]).logits[0, -1]
+                ref32 = model(encoder_input_ids=prompt, decoder_input_ids=out[:, :w + t]).logits[0, -1]
+            else:
+                ref16 = m16(input_ids=out[:, :w + t]).logits[0, -1]
+                ref32 = model(input_ids=out[:, :w + t]).logits[0, -1]
+            assert ref16.argmax().item() == out[0, w + t].item()
+            assert _rel(ref16, ref32) < 0.05
+
+
+def _quantized_copy(model, **kw):
+    m = mu.build_model("tiny", arch=model.config.arch)
+    m.load_state_dict(model.state_dict())
+    return m.eval().quantize_("int8", **kw)
+
+
+def test_int8_logits_close_to_float_and_cached_close_to_uncached(model):
+    m8 = _quantized_copy(model)
+    assert not any(type(m) is torch.nn.Linear for m in m8.modules())
+    assert isinstance(m8.lm_head, q8.Int8Linear) and m8.transformer.wte.weight.dtype == torch.float32
+    enc, dec = _padded_inputs()
+    with torch.no_grad():
+        ref, got = _logits(model, enc, dec), _logits(m8, enc, dec)
+    valid = torch.cat([enc, dec], 1) != 0 if model.config.arch == "deconly" else dec != 0
+    assert _rel(got[valid], ref[valid]) < 0.08
+    # the cached decode of the int8 model against its own uncached forward
+    prompt = _ids(1, 10, seed=2)
+    out = m8.generate(prompt, max_new_tokens=6)
+    cache = m8.new_cache(1, 20)
+    with torch.no_grad():
+        if model.config.arch == "encdec":
+            full = m8(encoder_input_ids=prompt, decoder_input_ids=out).logits[0]
+            steps = [m8.prefill(prompt, None, cache, out[:, :1])]
+            steps += [m8.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
+        else:
+            full = m8(input_ids=out).logits[0, 9:]
+            steps = [m8.prefill(prompt, None, cache)]
+            steps += [m8.decode_step(out[:, t:t + 1], cache) for t in range(10, out.shape[1])]
+    assert _rel(torch.cat(steps), full) < 0.05
+
+
+def test_int8_decoder_only_quantization_keeps_the_encoder_exact():
+    torch.manual_seed(0)
+    model = mu.build_model("tiny").eval()
+    m8 = _quantized_copy(model, include_encoder=False)
+    assert type(m8.transformer.e[0].mlp.fc1) is torch.nn.Linear
+    assert isinstance(m8.transformer.h[0].mlp.fc1, q8.Int8Linear)
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(m8.encode(ids)[0], model.encode(ids)[0], atol=0, rtol=0)
+
+
+def test_int8_dequant_fallback_matches_fbgemm(monkeypatch):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64)
+    fast = q8.Int8Linear(lin.weight, lin.bias)
+    monkeypatch.setattr(q8, "_fbgemm_available", lambda: False)
+    slow = q8.Int8Linear(lin.weight, lin.bias)
+    assert slow.backend == "dequant"
+    with torch.no_grad():
+        ref = lin(x)
+        assert _rel(slow(x), ref) < 0.02
+        if fast.backend == "fbgemm":
+            assert _rel(fast(x), ref) < 0.03  # activations are quantized too (7-bit, per call)
+        assert fast(x).shape == ref.shape == (3, 5, 48)
+
+
+def test_int8_model_refuses_training_saving_and_double_quantization(model, tmp_path):
+    m8 = _quantized_copy(model)
+    with pytest.raises(mu.MuError, match="save"):
+        m8.save_pretrained(tmp_path / "q")
+    with pytest.raises(mu.MuError, match="already quantized"):
+        m8.quantize_("int8")
+    with pytest.raises(mu.MuError, match="unknown mode"):
+        model.quantize_("int4")
+    m8.train()
+    x = m8.transformer.wte(_ids(1, 4)).requires_grad_(True)
+    with pytest.raises(mu.MuError, match="inference only"):
+        m8.decoder_blocks()[0].mlp(x)
+
+
+def test_int8_generation_batched_and_beam(model):
+    """The quantized model runs every generation mode of the one loop."""
+    m8 = _quantized_copy(model)
+    prompt = _ids(2, 8, seed=4)
+    prompt[1, 6:] = 0
+    greedy = m8.generate(prompt, max_new_tokens=5)
+    beam = m8.generate(prompt, max_new_tokens=5, num_beams=3)
+    sampled = m8.generate(prompt, max_new_tokens=5, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert greedy.shape == beam.shape == sampled.shape
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_single_token_attention_both_gqa_mappings(arch, interleaved):
+    """The decode step regroups heads by view, per GQA mapping: cached steps equal the full forward."""
+    torch.manual_seed(0)
+    m = mu.build_model("tiny", arch=arch, is_interleaved=interleaved).eval()
+    prompt = _ids(2, 9, seed=7)
+    prompt[0, 7:] = 0
+    out = m.generate(prompt, max_new_tokens=5)
+    cache = m.new_cache(2, 20)
+    with torch.no_grad():
+        if arch == "encdec":
+            full = m(encoder_input_ids=prompt, decoder_input_ids=out).logits
+            steps = [m.prefill(prompt, None, cache, out[:, :1])]
+            steps += [m.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
+            torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+        else:
+            row = out[1:]  # row 1 has no padding: positions 0..T-1
+            full = m(input_ids=row).logits
+            steps = [m.prefill(row[:, :9], None, cache := m.new_cache(1, 20))]
+            steps += [m.decode_step(row[:, t:t + 1], cache) for t in range(9, row.shape[1])]
+            torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_adapters_are_not_bypassed_by_the_fused_path():
+    """peft wraps q/k/v_linear; without autograd the model must still run the adapters, not the bare weights."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = mu.build_model("tiny").eval()
+    enc, dec = _padded_inputs()
+    with torch.no_grad():
+        base = _logits(model, enc, dec)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_linear", "k_linear",
+                                                                                            "v_linear"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero adapter
+    lora.eval()
+    with torch.enable_grad():
+        expected = _logits(model, enc, dec).detach()
+    with torch.no_grad():
+        got = _logits(model, enc, dec)
+        gen = model.generate(enc, max_new_tokens=3)  # and generation runs through the adapters too
+    assert not torch.allclose(expected, base, atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(mu.MuError, match="LoRA"):
+        model.quantize_("int8")
+    assert gen.shape == (2, 4)
+
+
+def _replay(model, prompt, out, static):
+    """Prefill + step through `out` with a normal or a fixed-shape (static) cache -> logits (B, steps, V)."""
+    encdec = model.config.arch == "encdec"
+    w = 1 if encdec else prompt.shape[1]
+    cache = model.new_cache(prompt.shape[0], 64)
+    with torch.no_grad():
+        steps = [model.prefill(prompt, None, cache, out[:, :1] if encdec else None)]
+        cache.static = static
+        steps += [model.decode_step(out[:, t:t + 1], cache) for t in range(w, out.shape[1] - 1)]
+    return torch.stack(steps, 1)
+
+
+def test_static_cache_steps_equal_growing_cache_steps(model):
+    """The fixed-shape steps (write at a slot, attend over every slot with the validity mask) that
+    generate(compile=True) compiles give the usual steps' logits, with padding and beam reordering."""
+    prompt = _ids(2, 9, seed=8)
+    prompt[1, 6:] = 0
+    out = model.generate(prompt, max_new_tokens=6)
+    torch.testing.assert_close(_replay(model, prompt, out, True), _replay(model, prompt, out, False),
+                               atol=1e-5, rtol=1e-5)
+    # beam search reorders the cache between steps (decoder-only prompts are left-padded, as generate does)
+    from mu.generation import beam_search, left_pad
+    if model.config.arch == "deconly":
+        prompt, _ = left_pad(prompt, prompt != 0, 0)
+    cache = model.new_cache(2, 64)
+    with torch.no_grad():
+        start = torch.ones(2, 1, dtype=torch.long) if model.config.arch == "encdec" else None
+        logits = model.prefill(prompt, None, cache, start)
+        cache.static = True
+        beams_static = beam_search(model, logits, cache, num_beams=3, max_new_tokens=5, eos=None, pad=0)
+    w = 1 if model.config.arch == "encdec" else prompt.shape[1]
+    assert beams_static.tolist() == model.generate(prompt, max_new_tokens=5, num_beams=3)[:, w:].tolist()
+
+
+def test_compile_refuses_quantized_models(model):
+    m8 = _quantized_copy(model)
+    with pytest.raises(mu.MuError, match="float model"):
+        m8.generate(_ids(1, 5), max_new_tokens=3, compile=True)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
+                    reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
+def test_compiled_generation_equals_eager(model):
+    prompt = _ids(2, 9, seed=9)
+    prompt[0, 7:] = 0
+    eager = model.generate(prompt, max_new_tokens=6)
+    compiled = model.generate(prompt, max_new_tokens=6, compile=True)
+    assert compiled.tolist() == eager.tolist()
+    assert model.generate(prompt, max_new_tokens=6, compile=True, num_beams=2).shape == eager.shape
