@@ -140,3 +140,13 @@ def test_cli_user_mistakes_exit_2(tmp_path, capsys):
     assert "--val-data needs --train-data" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path), "--quick", "--bench-preset", "huge"]) == 2
     assert "--bench-preset 'huge'" in capsys.readouterr().err
+
+
+def test_report_says_when_every_model_only_abstains():
+    from mu.demo.report import _claim_verdict, always_abstains
+
+    assert always_abstains({"HasAns_f1": 0.0, "NoAns_f1": 100.0, "f1": 34.8})
+    assert not always_abstains({"HasAns_f1": 12.0, "NoAns_f1": 90.0})
+    assert "same answer to every question" in _claim_verdict(0.0, 0.0, 3.0)
+    assert "other way" in _claim_verdict(-8.0, 1.0, 3.0)
+    assert "holds" in _claim_verdict(5.0, 1.0, 3.0)

@@ -103,7 +103,7 @@ def test_cli_score_squad_convention_and_errors(tmp_path, examples, capsys):
           str(tmp_path / "p.json")], "bad_data.jsonl, line 1: missing field 'answers'"),
         (["score", "--task", "squad_v2", "--data", str(data), "--predictions", str(tmp_path / "none.json")],
          "no predictions file"),
-        (["eval", "--model", str(tmp_path / "nomodel"), "--task", "vqa", "--data", str(data)], "vision module"),
+        (["eval", "--model", str(tmp_path / "nomodel"), "--task", "vqa", "--data", str(data)], "field 'image' must be"),
         (["eval", "--model", str(tmp_path / "nomodel"), "--task", "squad_v2", "--data", str(data)], "no model at"),
     ]
     for argv, message in cases:

@@ -49,3 +49,16 @@ def test_splits_share_no_paragraph_and_load(tmp_path):
     assert len(ex) == 60 and any(e.target == NO_ANSWER for e in ex)
     assert [e.id for e in load_examples("squad_v2", "synthetic:val:5")] == [
         r["id"] for r in synthetic_splits(0, 5, 1000)["val"]]
+
+
+def test_closed_class_attributes_knob():
+    from mu.data.synthetic import _CHOICES, ATTRIBUTES, CLOSED_CLASS
+
+    rows = synthetic_reading_comprehension(600, seed=1, attributes=list(CLOSED_CLASS), entities=2,
+                                           facts_per_paragraph=4, distractors=0)
+    allowed = {v for attr in CLOSED_CLASS for v in _CHOICES[ATTRIBUTES[attr][0]]}
+    answered = [r for r in rows if r["answers"]]
+    assert answered and all(r["answers"][0] in allowed for r in answered)
+    assert 0.2 < 1 - len(answered) / len(rows) < 0.45  # still about a third unanswerable
+    with pytest.raises(MuError, match="spaceship"):
+        synthetic_reading_comprehension(10, attributes=["job", "spaceship"])

@@ -233,3 +233,34 @@ def test_train_vqa_argument_errors():
         train_vqa(vlm, data, trainable=("decoder",), progress=False)
     with pytest.raises(MuError, match="some steps"):
         train_vqa(vlm, data, steps=0, progress=False)
+
+
+def test_cli_train_eval_and_score_vqa(tmp_path, capsys):
+    from mu.cli import main
+
+    write_vqa_jsonl(synthetic_shapes_vqa(12, seed=0, image_size=32), tmp_path / "train.jsonl")
+    write_vqa_jsonl(synthetic_shapes_vqa(4, seed=1, image_size=32), tmp_path / "val.jsonl")
+    run = tmp_path / "run"
+    argv = ["train", "--task", "vqa", "--preset", "tiny", "--train-data", str(tmp_path / "train.jsonl"),
+            "--val-data", str(tmp_path / "val.jsonl"), "--out", str(run), "--image-size", "32", "--vit-width", "32",
+            "--vit-depth", "1", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["final_dir"] == str(run / "final")
+    assert main(argv) == 2  # a finished run is not silently overwritten
+    assert "already finished" in capsys.readouterr().err
+
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "--task", "vqa", "--model", str(run / "final"), "--data", str(tmp_path / "val.jsonl"),
+                 "--predictions", str(preds), "--out", str(tmp_path / "res.json"), "--quiet"]) == 0
+    result = json.loads((tmp_path / "res.json").read_text())
+    n = len(load_vqa_jsonl(tmp_path / "val.jsonl"))
+    assert result["metrics"]["n"] == n and 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    capsys.readouterr()
+    assert main(["score", "--task", "vqa", "--data", str(tmp_path / "val.jsonl"), "--predictions", str(preds)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["accuracy"] == pytest.approx(result["metrics"]["accuracy"])  # same predictions, same metric
+
+    assert main(["train", "--task", "vqa", "--preset", "tiny", "--train-data", str(tmp_path / "train.jsonl"),
+                 "--out", str(tmp_path / "r2"), "--max-flops", "1e9"]) == 2
+    assert "--max-flops" in capsys.readouterr().err

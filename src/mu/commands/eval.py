@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from mu.commands.score import TASK_CHOICES, vqa_not_here
+from mu.commands.score import TASK_CHOICES
 from mu.errors import MuError
 
 
@@ -28,12 +28,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if args.task == "vqa":
-        raise vqa_not_here("eval")
     for name in ("batch_size", "max_new_tokens", "max_source_len", "num_beams"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MuError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.task == "vqa":
+        from mu.vision.cli import run_eval
+
+        return run_eval(args)
     from mu.checkpoint import load_model
     from mu.data.tasks import TASKS, load_examples
     from mu.eval.io import write_json_atomic, write_predictions

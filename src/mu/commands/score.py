@@ -19,13 +19,11 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, help="score only the first N examples of --data")
 
 
-def vqa_not_here(verb: str) -> MuError:
-    return MuError(f"task 'vqa' is handled by the vision module, not `mu {verb}`; see `mu vqa --help`")
-
-
 def run(args) -> int:
     if args.task == "vqa":
-        raise vqa_not_here("score")
+        from mu.vision.cli import run_score
+
+        return run_score(args)
     from mu.data.tasks import TASKS, load_examples
     from mu.eval.io import read_predictions, write_json_atomic
     from mu.eval.metrics import compute_metrics

@@ -60,7 +60,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, pretrain: bool) -> Non
     else:
         from mu.data.tasks import TASKS
 
-        g.add_argument("--task", choices=sorted(TASKS), default="seq2seq", help="task format (default seq2seq)")
+        g.add_argument("--task", choices=sorted(TASKS) + ["vqa"], default="seq2seq",
+                       help="task format (default seq2seq; vqa trains a vision-language model, see below)")
         g.add_argument("--objective", choices=["seq2seq", "span", "prefix", "causal"], default="seq2seq",
                        help="seq2seq fine-tuning (default); span/prefix/causal pretrain on text like `mu pretrain`")
         g.add_argument("--train-data", required=True, metavar="PATH",
@@ -116,7 +117,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, pretrain: bool) -> Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from mu.vision.cli import add_train_arguments
+
     add_common_arguments(parser, pretrain=False)
+    add_train_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace, pretrain: bool):
@@ -163,4 +167,8 @@ def run_training(args: argparse.Namespace, pretrain: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "vqa":
+        from mu.vision.cli import run_train
+
+        return run_train(args)
     return run_training(args, pretrain=False)

@@ -109,6 +109,9 @@ DISTRACTORS = [
     "In {y}, a bridge was built across the {r} {w}.",
 ]
 
+# Attributes whose values come from a fixed list (one or two words), not invented names: the easy ones.
+CLOSED_CLASS = ("job", "colour", "instrument", "pet", "food", "sport")
+
 _CHOICES = {"occupation": OCCUPATIONS, "colour": COLOURS, "instrument": INSTRUMENTS, "animal": ANIMALS,
             "food": FOODS, "sport": SPORTS}
 
@@ -160,12 +163,12 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _paragraph(rng: random.Random, entities: int, facts: int, distractors: int, paraphrase: bool):
+def _paragraph(rng: random.Random, entities: int, facts: int, distractors: int, paraphrase: bool,
+               attrs: list[str]):
     """-> (context, people, facts {(person, attribute): value}, names in use)."""
     names = _Names(rng)
     people = [names.person() for _ in range(entities)]
     per_person = [facts // entities + (i < facts % entities) for i in range(entities)]
-    attrs = list(ATTRIBUTES)
     known: dict[tuple[str, str], str] = {}
     groups: list[list[str]] = []
     for person, k in zip(people, per_person):
@@ -193,8 +196,13 @@ def _question(rng: random.Random, attr: str, person: str, paraphrase: bool) -> s
 
 def iter_synthetic(seed: int = 0, facts_per_paragraph: int = 5, entities: int = 2, distractors: int = 1,
                    unanswerable: float = 1 / 3, questions_per_paragraph: int = 3, paraphrase: bool = True,
-                   id_prefix: str = "syn") -> Iterator[list[dict]]:
+                   attributes: Optional[list[str]] = None, id_prefix: str = "syn") -> Iterator[list[dict]]:
     """Endless paragraphs, each as the list of its questions (SQuAD schema dicts)."""
+    attrs = list(ATTRIBUTES) if attributes is None else list(attributes)
+    unknown = sorted(set(attrs) - set(ATTRIBUTES))
+    if unknown or len(attrs) < 2:
+        raise MuError(f"attributes {unknown or attrs} invalid: choose at least two of {sorted(ATTRIBUTES)} "
+                      f"(closed-class ones, with answers from a fixed list: {sorted(CLOSED_CLASS)})")
     if entities < 1 or facts_per_paragraph < entities:
         raise MuError(f"need entities >= 1 and facts_per_paragraph >= entities, got entities={entities}, "
                       f"facts_per_paragraph={facts_per_paragraph}")
@@ -205,7 +213,8 @@ def iter_synthetic(seed: int = 0, facts_per_paragraph: int = 5, entities: int = 
     rng = random.Random(seed)
     p = 0
     while True:
-        context, people, known, names = _paragraph(rng, entities, facts_per_paragraph, distractors, paraphrase)
+        context, people, known, names = _paragraph(rng, entities, facts_per_paragraph, distractors, paraphrase,
+                                                   attrs)
         present_attrs = sorted({a for _, a in known})
         answerable = list(known)
         rng.shuffle(answerable)
@@ -215,7 +224,7 @@ def iter_synthetic(seed: int = 0, facts_per_paragraph: int = 5, entities: int = 
             if rng.random() < unanswerable:
                 if rng.random() < 0.5:  # absent attribute of a present person, preferably one someone else has
                     person = rng.choice(people)
-                    missing = [a for a in ATTRIBUTES if (person, a) not in known]
+                    missing = [a for a in attrs if (person, a) not in known]
                     elsewhere = [a for a in missing if a in present_attrs]
                     attr = rng.choice(elsewhere if elsewhere and rng.random() < 0.75 else missing)
                 else:  # a present attribute, asked about a person who is not in the paragraph
@@ -243,7 +252,8 @@ def synthetic_reading_comprehension(n: int, seed: int = 0, **knobs) -> list[dict
     Knobs (difficulty): facts_per_paragraph=5 (facts about people, spread over `entities`), entities=2
     (people per paragraph), distractors=1 (sentences about places/companies with years and names),
     unanswerable=1/3 (fraction of questions with no answer), questions_per_paragraph=3, paraphrase=True
-    (vary the wording of facts and questions). Deterministic for the same seed and knobs.
+    (vary the wording of facts and questions), attributes=None (all of ATTRIBUTES; e.g. CLOSED_CLASS for
+    answers from fixed word lists only). Deterministic for the same seed and knobs.
     """
     out: list[dict] = []
     for questions in iter_synthetic(seed, **knobs):

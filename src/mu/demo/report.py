@@ -19,7 +19,7 @@ from mu.demo.manifest import atomic_write_text
 if TYPE_CHECKING:
     from mu.demo.pipeline import Demo
 
-REPORT_VERSION = 1
+REPORT_VERSION = 3
 PLOT_FILES = {"training_curves": "training_curves.png", "quality": "quality.png", "latency": "latency.png"}
 ARCH_TARGET_F1 = 3.0  # the encoder-decoder student beats the decoder-only student by >= 3 F1
 KD_TARGET_F1 = 3.0  # the KD student beats the CE-only encoder-decoder student by >= 3 F1
@@ -173,9 +173,16 @@ def _claim_verdict(diff: float, se: float, target: float) -> str:
     if diff > 0:
         return (f"the difference points the paper's way but falls short of the +{target:.0f} F1 target"
                 + (" and is within the noise of the test set" if noise else ""))
+    if diff == 0 and se == 0:
+        return "the claim does not hold on this run: the two models gave the same answer to every question"
     if noise:
         return f"the claim does not hold on this run: no difference beyond the noise of the test set"
     return "the claim does not hold on this run: the difference goes the other way"
+
+
+def always_abstains(metrics: dict[str, float]) -> bool:
+    """True when a model said "unanswerable" to every test question (HasAns F1 0, NoAns F1 100)."""
+    return metrics.get("HasAns_f1") == 0.0 and metrics.get("NoAns_f1") == 100.0
 
 
 def reading(rep: dict[str, Any]) -> list[str]:
@@ -254,10 +261,31 @@ def reading(rep: dict[str, Any]) -> list[str]:
                      "length (see latency.png).")
         paras.append(text)
 
+    abstainers = [LABELS[name] for name, x in m.items() if always_abstains(x["metrics"])]
+    if abstainers:
+        everyone = len(abstainers) == len(m)
+        text = ("**No extraction learned.** " + ("None of the four models" if everyone else ", ".join(abstainers))
+                + (" learned" if everyone else " did not learn")
+                + " to extract answers on this budget: "
+                + ("each answers" if everyone else "it answers") + " every question with the no-answer phrase, the "
+                "best a model can do without reading the context (its F1 is the share of unanswerable questions). "
+                "Small transformers trained from scratch learn to find and copy a span only after a phase of "
+                "slow progress; this run ends before it, so the F1 comparisons above carry no signal.")
+        losses = [(LABELS[name], x.get("val_loss")) for name, x in m.items()
+                  if x.get("val_loss") is not None and name != "encdec_kd"]  # KD's is its own objective
+        if losses:
+            text += (" Cross-entropy on the validation answers still ranks the models trained with it: "
+                     + ", ".join(f"{label} {loss:.3f}" for label, loss in losses)
+                     + ". Larger budgets (`--preset large`, a GPU, or more `--student-examples`) are needed for the "
+                     "F1 claims to be tested.")
+        paras.append(text)
+
     load = rep["machine"].get("load_average")
     cpus = rep["machine"].get("cpu_count")
-    text = (f"**How much to trust this.** One seed, {e['metrics'].get('total', 0):.0f} test questions: a difference "
-            f"smaller than about {1.96 * max(a['se'], k['se']):.1f} F1 could be chance.")
+    se = max(a["se"], k["se"])
+    text = (f"**How much to trust this.** One seed, {e['metrics'].get('total', 0):.0f} test questions"
+            + (f": a difference smaller than about {1.96 * se:.1f} F1 could be chance." if se > 0 else
+               ": the compared models made identical predictions, so there is no variance to estimate."))
     if load and cpus and load[0] > 1.2 * cpus:
         text += (f" The machine was busy (load average {load[0]:.1f} on {cpus} cores) while this report was written, "
                  f"so wall-clock times and latencies are inflated and noisy; the ratios are more robust than the "
