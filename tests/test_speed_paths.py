@@ -3,6 +3,7 @@ bf16, int8 (`model.quantize_`), within each path's tolerance."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mu
 from mu.export import quantize as q8
@@ -317,3 +318,25 @@ def test_compiled_generation_equals_eager(model):
     compiled = model.generate(prompt, max_new_tokens=6, compile=True)
     assert compiled.tolist() == eager.tolist()
     assert model.generate(prompt, max_new_tokens=6, compile=True, num_beams=2).shape == eager.shape
+
+
+def test_split_linear_equals_linear_and_falls_back():
+    from mu.model.layers import split_linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 40), torch.randn(96)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            for shape in ((1, 1, 40), (3, 1, 40), (5, 40), (2, 12, 40)):  # the last is too many rows: plain linear
+                x = torch.randn(shape)
+                torch.testing.assert_close(split_linear(x, weight, bias), F.linear(x, weight, bias))
+                torch.testing.assert_close(split_linear(x, weight, None), F.linear(x, weight))
+            odd = torch.randn(7, 40)  # 7 output rows cannot be split: plain linear
+            assert split_linear(torch.randn(1, 40), odd, None).shape == (1, 7)
+        x = torch.randn(1, 1, 40, requires_grad=True)  # autograd on: the training path, gradients flow
+        split_linear(x, weight, bias).sum().backward()
+        assert x.grad is not None
+    finally:
+        torch.set_num_threads(threads)

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.errors import MuError
 from mu.model.cache import KVCache
-from mu.model.layers import causal_padding_mask, init_linear_and_embedding, rope_cos_sin, rope_scaled, rope_table
+from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, linear, rope_cos_sin, rope_scaled,
+                             rope_table)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -103,7 +104,7 @@ class MuModel(nn.Module):
         x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
         cache.advance(T)
         cache.positions += T
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
@@ -132,7 +133,7 @@ class MuModel(nn.Module):
     def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
         """The layers, final norm and lm_head of one static step: what `generate(compile=True)` compiles."""
         x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
 
     def _step_rope(self, cache: KVCache, positions: Tensor, end: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B, T, 1, hd) at `positions` (B, T): indexed from the cache's table unless NTK scaling is on."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.model.base import ModelOutput, MuModel, lm_loss
 from mu.model.cache import KVCache
-from mu.model.layers import RMSNorm, SelfAttentionBlock, causal_padding_mask, rope_cos_sin
+from mu.model.layers import RMSNorm, SelfAttentionBlock, causal_padding_mask, linear, rope_cos_sin
 
 
 class MuDecoderOnly(MuModel):
@@ -68,7 +68,7 @@ class MuDecoderOnly(MuModel):
         x = self._run_decoder(x, rope, mask, all_valid, cache)
         cache.advance(T)
         cache.positions = valid.sum(-1)
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
 
     def _run_decoder(self, x, rope, self_mask, is_causal, cache):
         for block in self.transformer.h:

@@ -97,6 +97,41 @@ def rope_scaled(config: MuConfig, seq_len: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Few-row linear layers (decode steps) on CPU
+
+SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
+
+
+def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU.
+
+    A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
+    not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
+    product over row blocks of the weight runs one block per thread: the output rows are cut into 4 (or
+    2) equal blocks, a view of the weight, no copy. Falls back to `F.linear` whenever that does not apply
+    (autograd, torch.compile, accelerators, other dtypes, many rows, one thread).
+    """
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    out = weight.shape[0]
+    chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
+    if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or torch.get_num_threads() < 2):
+        return F.linear(x, weight, bias)
+    blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)
+    y = torch.bmm(x.reshape(1, rows, -1).expand(chunks, rows, -1), blocks)  # (chunks, rows, out/chunks)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
+    return y if bias is None else y + bias
+
+
+def linear(module: nn.Module, x: Tensor) -> Tensor:
+    """`module(x)`, through `split_linear` when the module is a plain `nn.Linear` (not an adapter/int8)."""
+    if type(module) is nn.Linear:
+        return split_linear(x, module.weight, module.bias)
+    return module(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -150,7 +185,7 @@ class Attention(nn.Module):
         if entry is None or entry[0] != key:
             weight = torch.cat([p.weight for p in parts])
             bias = torch.cat([p.bias for p in parts])
-            entry = (key, partial(F.linear, weight=weight, bias=bias))
+            entry = (key, partial(split_linear, weight=weight, bias=bias))
             self._fused[name] = entry
         return entry[1]
 
@@ -173,7 +208,7 @@ class Attention(nn.Module):
 
     def project_q(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        return self.q_linear(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        return linear(self.q_linear, x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
 
     def project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = src.shape
@@ -216,7 +251,7 @@ class Attention(nn.Module):
                 qf = q.view(B, G, KV, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
             o = o if self.interleaved else o.transpose(1, 2)
-            return self.out_linear(o.reshape(B, 1, self.n_head * hd))
+            return linear(self.out_linear, o.reshape(B, 1, self.n_head * hd))
         qh = self._grouped(q).reshape(B, self.n_head, T, hd)  # (B, n_kv_head * groups, T, hd)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=dropout,
                                            is_causal=is_causal, enable_gqa=G > 1)
@@ -231,7 +266,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        x = linear(self.fc2, F.gelu(linear(self.fc1, x), approximate="tanh"))
         return self.dropout(x) if self.training else x
 
 
