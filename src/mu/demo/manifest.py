@@ -16,16 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mu.errors import MuError
+from mu.train.checkpoint import atomic_write_text
 
 MANIFEST_FILE = "demo_manifest.json"
 FORMAT = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from mu.train.checkpoint import atomic_write_text as write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path, text)
 
 
 class Manifest:

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mu.demo.config import DemoConfig, settings_hash
-from mu.demo.manifest import Manifest, atomic_write_text
+from mu.demo.manifest import Manifest
+from mu.train.checkpoint import atomic_write_text
 from mu.demo.progress import Plan, fmt_time
 from mu.errors import MuError
 

@@ -170,29 +170,40 @@ class MuModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `config.json` + `model.safetensors` (+ tokenizer files) atomically into `directory`."""
-        from safetensors.torch import save_file
-
         if self.quantization:
             raise MuError(f"cannot save a {self.quantization}-quantized model (quantization is an inference-time "
                           "transform): save the float model and call quantize_ after loading it")
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "lm_head.weight"}
-            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
-            config = {"model_type": "mu", "mu_format": FORMAT_VERSION, **self.config.to_dict()}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        config = {"model_type": "mu", "mu_format": FORMAT_VERSION, **self.config.to_dict()}
+        return write_model_dir(directory, self.state_dict(), config, self.tokenizer, skip=("lm_head.weight",))
+
+
+def write_model_dir(directory: str | os.PathLike, state: dict[str, Tensor], config: dict[str, Any], tokenizer: Any,
+                    skip: tuple[str, ...] = ()) -> Path:
+    """Write `config.json` + `model.safetensors` (+ tokenizer files) into `directory` atomically.
+
+    Everything goes to a temporary sibling first, which then replaces `directory` (an old one is moved
+    aside and removed only after the rename), so a crash never leaves a half-written model. Keys in
+    `skip` (tied weights) are left out of the weights file.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in skip}
+        save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

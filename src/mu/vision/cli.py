@@ -57,18 +57,13 @@ def _refuse(args: argparse.Namespace) -> None:
 
 
 def _tokenizer(spec: str | None, examples):
-    from mu.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
+    """The text trainer's --tokenizer rules (byte, bpe:N, a directory); bpe:N learns from questions and answers."""
+    from mu.train.config import _check_tokenizer_spec
+    from mu.train.trainer import make_tokenizer
 
-    if spec is None or spec == "byte":
-        return byte_tokenizer()
-    if spec.startswith("bpe:"):
-        n = spec[4:]
-        if not n.isdigit() or int(n) < 300:
-            raise MuError(f"--tokenizer {spec!r}: bpe:N needs a whole number N >= 300 (the vocabulary size)")
-        return train_tokenizer([t for e in examples for t in (e.question, *e.answers)], int(n))
-    if Path(spec).is_dir():
-        return load_tokenizer(spec)
-    raise MuError(f"--tokenizer {spec!r}: expected 'byte', 'bpe:N' or a Hugging Face tokenizer directory")
+    spec = spec or "byte"
+    _check_tokenizer_spec(spec)
+    return make_tokenizer(spec, lambda: [t for e in examples for t in (e.question, *e.answers)])
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -75,11 +75,9 @@ def evaluate_vqa(model, data: Sequence[VQAExample] | str | os.PathLike, batch_si
     for e, r in zip(data, rows):
         by_answer.setdefault(normalize_answer(e.target), []).append(r["score"])
     if predictions_file is not None:
-        path = Path(predictions_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        from mu.train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(predictions_file), "".join(json.dumps(r) + "\n" for r in rows))
     return {"accuracy": sum(r["score"] for r in rows) / len(rows), "n": len(rows), "seconds": seconds,
             "ms_per_answer": 1000 * seconds / len(rows),
             "by_answer": {k: sum(v) / len(v) for k, v in sorted(by_answer.items())}, "predictions": rows}

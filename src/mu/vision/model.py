@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,13 +27,11 @@ from torch import Tensor, nn
 
 from mu.config import MuConfig
 from mu.errors import MuError
-from mu.model.base import ModelOutput, lm_loss
+from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, ModelOutput, lm_loss, write_model_dir
 from mu.vision.config import PreprocessConfig, VisionTowerConfig, VLMConfig
 from mu.vision.preprocess import ImageProcessor
 from mu.vision.towers import build_projector, build_tower
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "mu-vlm"
 FORMAT_VERSION = 1
 
@@ -207,31 +203,10 @@ class MuVLM(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json (text + vision config) + model.safetensors (+ tokenizer files) atomically."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
-                     if k != "lm.lm_head.weight"}  # tied to lm.transformer.wte.weight
-            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
-            config = {"model_type": MODEL_TYPE, "mu_format": FORMAT_VERSION, "text": self.config.to_dict(),
-                      "vision": self.vision_config.to_dict()}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        config = {"model_type": MODEL_TYPE, "mu_format": FORMAT_VERSION, "text": self.config.to_dict(),
+                  "vision": self.vision_config.to_dict()}
+        return write_model_dir(directory, self.state_dict(), config, self.tokenizer,
+                               skip=("lm.lm_head.weight",))  # tied to lm.transformer.wte.weight
 
 
 # ---------------------------------------------------------------------------------------------
