@@ -1,6 +1,7 @@
 """Does distillation help? A decoder-only teacher -> an encoder-decoder student on the synthetic reading task.
 
-    .venv/bin/python benchmarks/kd_synthetic.py --work runs/kd_bench      # ~20 min on a 2-core CPU
+    .venv/bin/python benchmarks/kd_synthetic.py --work runs/kd_bench --closed-class --no-paraphrase \
+        --teacher-steps 2000 --student-steps 800 --threads 2      # 16 min on a 2-core CPU; docs/distillation.md
 
 1. Synthetic SQuAD-2.0-style splits (mu.data.synthetic; paragraph-disjoint train / val / test).
 2. A decoder-only mu teacher (several times the student's parameters) is trained with `mu.train.train`
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--entities", type=int, default=1, help="synthetic knob entities")
     p.add_argument("--distractors", type=int, default=0, help="synthetic knob distractors")
     p.add_argument("--no-paraphrase", action="store_true", help="synthetic knob paraphrase=False (one wording)")
+    p.add_argument("--closed-class", action="store_true",
+                   help="synthetic knob attributes=CLOSED_CLASS (answers from fixed lists: job, colour, pet, ...)")
+    p.add_argument("--unanswerable", type=float, default=1 / 3, help="synthetic knob: fraction with no answer")
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary trained on the training text")
@@ -137,8 +141,11 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     data = work / "data"
+    from mu.data.synthetic import CLOSED_CLASS
+
     knobs = dict(facts_per_paragraph=args.facts, entities=args.entities, distractors=args.distractors,
-                 paraphrase=not args.no_paraphrase)
+                 paraphrase=not args.no_paraphrase, unanswerable=args.unanswerable,
+                 attributes=list(CLOSED_CLASS) if args.closed_class else None)
     write_synthetic_splits(data, args.n_train, args.n_val, args.n_test, seed=args.seed, **knobs)
     ex = _examples(args, data)
     tokenizer_dir = work / "tokenizer"
@@ -206,7 +213,7 @@ def main(argv=None) -> int:
               "divergence": args.divergence, "on_policy": args.on_policy, "topk": args.topk, "prompt": args.prompt,
               "knobs": knobs, "n_train": args.n_train, "student_train": len(student_train), "n_test": args.n_test, "threads": torch.get_num_threads(),
               "wall_s": {k: round(v, 1) for k, v in times.items()},
-              "note": "wall times on a shared 2-core CPU (other jobs running): inflated and noisy"}
+              "note": "wall times of this run: other jobs on the machine inflate them"}
     print(json.dumps(result))
     return 0
 

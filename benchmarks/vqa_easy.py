@@ -5,16 +5,21 @@
 Split: a seeded 15% of the easy-VQA *images* is held out with every question about them (so no
 held-out picture is seen in training); everything else in the file (easy-VQA and the few photos)
 is training data. The tokenizer (a small byte-level BPE) is trained on the training questions and
-answers only. Model: a native ViT (64x64, patch 8) + mlp2x_gelu projector + a small Mu
-encoder-decoder, all trained from scratch in two stages:
+answers only. Model: a native ViT (64x64, conv stem to an 8x8 grid, CLS + patch tokens) + mlp2x_gelu
+projector + a small Mu encoder-decoder, all trained from scratch in three stages:
+  0. CLIP-style contrastive pretraining of the tower alone on the same captions as stage 1 (image vs a
+     bag-of-words embedding of "teal triangle"): through the language loss alone the tower learns
+     colours at once but shapes only after thousands of steps; this stage stands in for the
+     pretrained CLIP tower the paper starts from.
   1. alignment on captions ("what is in the image?" -> "teal triangle"), LLaVA's stage-1 recipe; the
      captions are read off each *training* image's own question/answer pairs (no new labels, nothing
      from held-out images). Without it the model learns the language priors first and takes far
      longer to start reading the image.
-  2. VQA on every training question plus templated ones: each easy-VQA question template found in the
-     training questions, asked about each training image whose colour and shape its own answers give,
-     yes/no slots filled so that yes and no are balanced (again nothing from held-out images).
-     Answer-balanced sampling (yes/no are 74% of the file's questions).
+  2. VQA (the tower at 0.1x the learning rate, the paper's recipe) on every training question plus
+     templated ones: each easy-VQA question template found in the training questions, asked about
+     each training image whose colour and shape its own answers give, yes/no slots filled so that
+     yes and no are balanced (again nothing from held-out images). Answer-balanced sampling (yes/no
+     are 74% of the file's questions).
 Reports held-out VQA accuracy, training wall time and steps, and per-answer latency (batch 1, greedy,
 median after warm-up; and batched).
 The last output line is one JSON object.
@@ -112,7 +117,11 @@ def main() -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--holdout", type=float, default=0.15, help="fraction of easy-VQA images held out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--contrastive-steps", type=int, default=300,
+                    help="stage 0: CLIP-style pretraining of the tower on the captions; 0 = skip")
     ap.add_argument("--align-steps", type=int, default=300, help="stage 1 (captions) steps; 0 = skip")
+    ap.add_argument("--tower-lr-scale", type=float, default=0.1,
+                    help="stage 2: tower lr / lr (0.1, the paper's recipe for a pretrained tower; 0 freezes it)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -124,8 +133,9 @@ def main() -> int:
     ap.add_argument("--vit-width", type=int, default=128)
     ap.add_argument("--vit-depth", type=int, default=4)
     ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--stem", default="conv", choices=["patch", "conv"], help="native ViT patch embedding")
     ap.add_argument("--pool", type=int, default=1, help="average-pool the 8x8 patch grid by this stride")
-    ap.add_argument("--select", default="patch", choices=["patch", "cls_patch", "cls"])
+    ap.add_argument("--select", default="cls_patch", choices=["patch", "cls_patch", "cls"])
     ap.add_argument("--no-templated", dest="templated", action="store_false",
                     help="train on the file's questions only (no templated questions from training images)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
@@ -167,7 +177,8 @@ def main() -> int:
     texts = [t for e in train + caps for t in (e.question, *e.answers)]
     tok = train_tokenizer(texts, args.vocab) if args.vocab else byte_tokenizer()
     tower = VisionTowerConfig(image_size=64, patch_size=args.patch, width=args.vit_width, depth=args.vit_depth,
-                              n_head=4, feature_layer=-1, pool_stride=args.pool, feature_select=args.select)
+                              n_head=4, stem=args.stem, feature_layer=-1, pool_stride=args.pool,
+                              feature_select=args.select)
     heads = max(2, args.width // 32)
     vlm = build_vlm("tiny", tower=tower, tokenizer=tok, n_embd=args.width, qkv_embd=args.width, n_head=heads,
                     n_kv_head=heads // 2, hidden_dim=4 * args.width, n_encoder_layer=args.enc_layers,
@@ -180,11 +191,15 @@ def main() -> int:
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vqa_easy-"))
     try:
-        summary = train_vqa(vlm, train + extra, out, align_data=caps, align_steps=args.align_steps, align_lr=args.lr,
+        summary = train_vqa(vlm, train + extra, out, align_data=caps, contrastive_steps=args.contrastive_steps,
+                            align_steps=args.align_steps, align_lr=args.lr,
                             align_trainable=("tower", "projector", "lm"), steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size,
                             augment=not args.no_augment, answer_balance=args.balance, seed=args.seed,
-                            max_time_s=args.max_time, tower_lr_scale=1.0, log_every=50, progress=sys.stderr.isatty(),
+                            max_time_s=args.max_time,
+                            tower_lr_scale=args.tower_lr_scale or 1.0,
+                            trainable=("tower", "projector", "lm") if args.tower_lr_scale else ("projector", "lm"),
+                            log_every=50, progress=sys.stderr.isatty(),
                             eval_data=held if args.eval_every else None, eval_every=args.eval_every)
     except MuError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,6 +81,19 @@ def test_forward_trains_every_part_with_clip_tower():
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
+def test_conv_stem_keeps_the_patch_grid_and_checks_its_patch_size():
+    from mu.vision.towers import NativeViT
+
+    tower = NativeViT(VisionTowerConfig(image_size=32, patch_size=8, width=32, depth=1, n_head=2, stem="conv",
+                                        feature_select="cls_patch"))
+    assert tower(pixels(3)).shape == (3, 1 + 16, 32)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in tower.patch_embed.modules()) == 4  # 3 halvings + 1x1
+    with pytest.raises(MuError, match="power of 2"):
+        VisionTowerConfig(image_size=36, patch_size=6, stem="conv")
+    with pytest.raises(MuError, match="stem"):
+        VisionTowerConfig(stem="resnet")
+
+
 def test_splice_puts_image_features_at_the_placeholder_with_padding():
     vlm = tiny_vlm()
     img, pad, D = vlm.image_token_id, vlm.config.pad_token_id, vlm.config.n_embd

@@ -15,6 +15,7 @@ from mu.vision import (ImageProcessor, PreprocessConfig, VisionTowerConfig, buil
                        load_vlm, load_vqa_jsonl, normalize_answer, split_by_image, synthetic_shapes_vqa, train_vqa,
                        vqa_accuracy, vqa_score, write_vqa_jsonl)
 from mu.vision.preprocess import select_best_resolution
+from mu.vision.train import contrastive_pretrain
 
 VQA_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vqa" / "vqa.jsonl"
 TOWER = VisionTowerConfig(image_size=32, patch_size=8, width=32, depth=2, n_head=2, image_mean=(0.5, 0.25, 0.75),
@@ -226,6 +227,37 @@ def test_align_stage_trains_only_the_projector():
     assert changed == {"projector"}
 
 
+def test_contrastive_stage_trains_only_the_tower_and_separates_shapes():
+    # two shapes in random colours and places: after the stage, mean-pooled tower features of the
+    # same shape are closer than those of different shapes (a fresh tower has no such preference)
+    pool = [e for e in synthetic_shapes_vqa(40, seed=0, image_size=32, max_shapes=1)
+            if e.question == "what shape is in the image?" and e.answers[0] in ("circle", "rectangle")]
+    assert len(pool) >= 16
+    torch.manual_seed(0)
+    tower = VisionTowerConfig(image_size=32, patch_size=8, width=32, depth=1, n_head=2, stem="conv")
+    vlm = build_vlm("tiny", tower=tower, n_encoder_layer=1, n_decoder_layer=1, dropout=0.0)
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+
+    def margin():
+        with torch.no_grad():
+            vlm.tower.eval()
+            x = torch.stack([vlm.processor(e.image)[0] for e in pool])
+            f = torch.nn.functional.normalize(vlm.tower(x).mean(1), dim=-1)
+            sim = f @ f.T
+            same = torch.tensor([[a.target == b.target for b in pool] for a in pool])
+            off = ~torch.eye(len(pool), dtype=torch.bool)
+            return float(sim[same & off].mean() - sim[~same].mean())
+
+    m0 = margin()
+    done = contrastive_pretrain(vlm, pool, 60, lr=3e-3, batch_size=16, augment=False)
+    assert done["steps"] == 60
+    changed = {k.split(".")[0] for k, v in vlm.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"tower"}
+    assert margin() > m0 + 0.2
+    with pytest.raises(MuError, match="2 different target texts"):
+        contrastive_pretrain(vlm, pool[:1], 1)
+
+
 def test_train_vqa_argument_errors():
     vlm = build_vlm("tiny", tower=TOWER, n_encoder_layer=1, n_decoder_layer=1)
     data = synthetic_shapes_vqa(1, seed=0, image_size=32)
@@ -243,10 +275,10 @@ def test_cli_train_eval_and_score_vqa(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--task", "vqa", "--preset", "tiny", "--train-data", str(tmp_path / "train.jsonl"),
             "--val-data", str(tmp_path / "val.jsonl"), "--out", str(run), "--image-size", "32", "--vit-width", "32",
-            "--vit-depth", "1", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
+            "--vit-depth", "1", "--contrastive-steps", "2", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 3 and summary["final_dir"] == str(run / "final")
+    assert summary["steps"] == 5 and summary["contrastive_steps"] == 2 and summary["final_dir"] == str(run / "final")
     assert main(argv) == 2  # a finished run is not silently overwritten
     assert "already finished" in capsys.readouterr().err
 

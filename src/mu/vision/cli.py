@@ -29,8 +29,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=8, help="native tower: patch side (default 8)")
     g.add_argument("--vit-width", type=int, default=128, help="native tower: width (default 128)")
     g.add_argument("--vit-depth", type=int, default=4, help="native tower: blocks (default 4)")
+    g.add_argument("--stem", choices=["patch", "conv"], default="conv",
+                   help="native tower: patch embedding, one patchify convolution or a stride-2 conv stem "
+                        "(default conv: learns shapes from few images faster)")
+    g.add_argument("--feature-select", choices=["patch", "cls_patch", "cls"],
+                   help="tokens fed to the projector (default: cls_patch native, patch CLIP/SigLIP)")
     g.add_argument("--feature-layer", type=int, help="tower hidden state fed to the projector "
                    "(default: -1 native, -2 CLIP/SigLIP as in the paper)")
+    g.add_argument("--contrastive-steps", type=int, default=0,
+                   help="stage 0 steps: CLIP-style pretraining of a from-scratch tower on the training (image, "
+                        "answer) pairs; helps when answers name what is seen (colours, shapes); default 0 = skip")
     g.add_argument("--align-steps", type=int, default=0,
                    help="stage 1 steps (projector-only alignment with a pretrained tower; default 0 = skip)")
     g.add_argument("--trainable", default="tower,projector,lm",
@@ -83,12 +91,14 @@ def run_train(args: argparse.Namespace) -> int:
     native = args.tower == "native"
     if native:
         tower = VisionTowerConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                                  depth=args.vit_depth, n_head=max(1, args.vit_width // 32),
+                                  depth=args.vit_depth, n_head=max(1, args.vit_width // 32), stem=args.stem,
+                                  feature_select=args.feature_select or "cls_patch",
                                   feature_layer=-1 if args.feature_layer is None else args.feature_layer)
     elif Path(args.tower).is_dir():
         from mu.vision.towers import load_hf_tower
 
-        tower = load_hf_tower(args.tower, feature_layer=-2 if args.feature_layer is None else args.feature_layer)
+        tower = load_hf_tower(args.tower, feature_layer=-2 if args.feature_layer is None else args.feature_layer,
+                              feature_select=args.feature_select or "patch")
     else:
         raise MuError(f"--tower {args.tower!r}: expected 'native' or a CLIP/SigLIP model directory")
     text = args.init or args.preset
@@ -99,9 +109,11 @@ def run_train(args: argparse.Namespace) -> int:
     if steps is None:
         steps = math.ceil((args.epochs or 1.0) * len(train) / args.batch_size)
     print(f"vqa: {len(train)} training questions, {sum(vlm.num_parameters().values()):,} parameters, {steps} steps "
-          f"(+{args.align_steps} alignment) -> {out}", file=sys.stderr, flush=True)
+          f"(+{args.contrastive_steps} contrastive, +{args.align_steps} alignment) -> {out}", file=sys.stderr,
+          flush=True)
     summary = train_vqa(
-        vlm, train, out, eval_data=val, align_steps=args.align_steps, align_lr=args.lr or 1e-3,
+        vlm, train, out, eval_data=val, contrastive_steps=args.contrastive_steps, align_steps=args.align_steps,
+        align_lr=args.lr or 1e-3,
         align_trainable=("projector",) if not native else ("tower", "projector", "lm"),
         steps=steps, lr=args.lr or (1e-3 if native else 3e-4), trainable=parts,
         tower_lr_scale=args.tower_lr_scale if args.tower_lr_scale is not None else (1.0 if native else 0.1),

@@ -17,6 +17,7 @@ from mu.errors import MuError
 TOWER_KINDS = ("native", "clip", "siglip")
 FEATURE_SELECTS = ("patch", "cls_patch", "cls")
 RESIZE_MODES = ("crop", "pad", "squash")
+STEMS = ("patch", "conv")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel statistics
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,6 +33,9 @@ class VisionTowerConfig:
     depth: int = 4  # native: transformer blocks
     n_head: int = 4  # native: attention heads
     mlp_ratio: float = 4.0  # native: MLP inner width / width
+    stem: str = "patch"  # native: "patch" (one patch_size x patch_size convolution, as ViT) or "conv" (3x3
+    #                      stride-2 convolutions, one per halving, as "Early convolutions help transformers
+    #                      see better": learns shapes from few images ~2x faster); patch_size must be 2^k
     dropout: float = 0.0  # native: dropout on attention weights and after the MLP
     feature_layer: int = -1  # hidden state for the projector: 0 = embeddings, i = after block i, <0 from the end
     #                          (the paper: -2, CLIP's second-to-last layer)
@@ -52,6 +56,10 @@ class VisionTowerConfig:
             raise MuError(f"vision tower image_mean/image_std need 3 values (std > 0), got "
                           f"{self.image_mean} / {self.image_std}")
         if self.kind == "native":
+            if self.stem not in STEMS:
+                raise MuError(f"vision tower 'stem' is {self.stem!r}; expected one of {STEMS}")
+            if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+                raise MuError(f"vision tower: a conv stem needs patch_size a power of 2 (>= 2), got {self.patch_size}")
             if self.image_size % self.patch_size:
                 raise MuError(f"vision tower: image_size {self.image_size} is not a multiple of patch_size "
                               f"{self.patch_size}")

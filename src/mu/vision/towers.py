@@ -65,8 +65,32 @@ class ViTBlock(nn.Module):
         return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
 
 
+class ConvStem(nn.Module):
+    """Patch embedding by log2(patch_size) 3x3 stride-2 convolutions (GroupNorm, GELU), channels doubling
+    up to `width`, then a 1x1 projection: same token grid as a patch_size patchify, with a local
+    inductive bias for edges and corners (Xiao et al. 2021, "Early convolutions help transformers see better").
+    """
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        n = patch_size.bit_length() - 1  # patch_size == 2 ** n
+        layers: list[nn.Module] = []
+        channels = 3
+        for i in range(1, n + 1):
+            out = max(8, width >> (n - i))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(min(8, out), out), nn.GELU()]
+            channels = out
+        layers.append(nn.Conv2d(channels, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 class NativeViT(nn.Module):
-    """A small ViT: conv patch embedding, CLS token, learned positions, pre-norm blocks, final LayerNorm.
+    """A small ViT: patch embedding (one patchify convolution or a conv stem), CLS token, learned
+    positions, pre-norm blocks, final LayerNorm.
 
     The final LayerNorm is applied to whichever hidden state is selected.
     """
@@ -75,7 +99,8 @@ class NativeViT(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, stride=c.patch_size)
+        self.patch_embed = (nn.Conv2d(3, c.width, c.patch_size, stride=c.patch_size) if c.stem == "patch"
+                            else ConvStem(c.width, c.patch_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (c.image_size // c.patch_size) ** 2, c.width))
         self.blocks = nn.ModuleList([ViTBlock(c.width, c.n_head, c.mlp_ratio, c.dropout) for _ in range(c.depth)])
@@ -89,9 +114,13 @@ class NativeViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if isinstance(self.patch_embed, ConvStem):  # ResNet-style init for the normalised 3x3 convolutions
+            for m in self.patch_embed.net[:-1]:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 

@@ -1,4 +1,5 @@
-"""VQA training for a `MuVLM`: projector-only alignment, then fine-tuning of the chosen parts.
+"""VQA training for a `MuVLM`: optional contrastive pretraining of a from-scratch tower, projector-only
+alignment, then fine-tuning of the chosen parts.
 
     summary = train_vqa(vlm, "vqa.jsonl", "runs/vqa", align_steps=200, steps=2000, lr=1e-3)
 
@@ -86,6 +87,7 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
               eval_data: Sequence[VQAExample] | str | os.PathLike | None = None,
               align_data: Sequence[VQAExample] | str | os.PathLike | None = None,
               align_steps: int = 0, align_lr: float = 1e-3, align_trainable: Sequence[str] = ("projector",),
+              contrastive_steps: int = 0,
               steps: int = 1000, lr: float = 3e-4,
               trainable: Sequence[str] = PARTS, tower_lr_scale: float = 0.1, batch_size: int = 32,
               weight_decay: float = 0.01, warmup_ratio: float = 0.05, grad_clip: float = 1.0,
@@ -94,6 +96,8 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
               progress: bool = True, eval_max_new_tokens: int = 8) -> dict[str, Any]:
     """Train `model` (a `MuVLM`, on its current device) on VQA examples or a jsonl file.
 
+    Stage "contrastive" (`contrastive_steps` > 0, for a tower trained from scratch): the tower alone is
+    pretrained CLIP-style on the alignment data's (image, answer) pairs (`contrastive_pretrain`).
     Stage "align" (`align_steps` > 0): the `align_trainable` parts (default: the projector alone, as the
     paper's stage 1 with a pretrained tower and text model; a tower or text model trained from scratch
     needs all three) learn at `align_lr` on `align_data` (default: the training data; LLaVA uses
@@ -121,8 +125,9 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
     for name, parts in (("trainable", trainable), ("align_trainable", align_trainable)):
         if not parts or set(parts) - set(PARTS):
             raise MuError(f"{name} parts {list(parts)} invalid; choose from {list(PARTS)}")
-    if batch_size < 1 or steps < 0 or align_steps < 0 or steps + align_steps == 0:
-        raise MuError(f"need batch_size >= 1 and some steps (align_steps={align_steps}, steps={steps})")
+    if batch_size < 1 or min(steps, align_steps, contrastive_steps) < 0 or steps + align_steps == 0:
+        raise MuError(f"need batch_size >= 1 and some steps (contrastive_steps={contrastive_steps}, "
+                      f"align_steps={align_steps}, steps={steps})")
     if model.tokenizer is None:
         raise MuError("train_vqa: the model needs a tokenizer (build it with `build_vlm(..., tokenizer=...)`)")
     stages = [s for s in (Stage("align", align_steps, tuple(align_trainable), align_lr, align_data),
@@ -140,6 +145,11 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
 
     from tqdm.auto import tqdm
 
+    if contrastive_steps:
+        deadline = None if max_time_s is None else t_start + max_time_s
+        done = contrastive_pretrain(model, align_data, contrastive_steps, lr=align_lr, augment=augment, seed=seed,
+                                    weight_decay=weight_decay, deadline=deadline, log=log, t_start=t_start)
+        step = done["steps"]
     bar = tqdm(total=total, desc="train vqa", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for stage in stages:
@@ -209,10 +219,11 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
     model.eval()
     if eval_data:
         last_eval = _evaluate(model, eval_data, eval_max_new_tokens, step, stages[-1], log, t_start)
-    summary = {"steps": step, "planned_steps": total, "stopped_early": stopped_early, "train_seconds": seconds,
-               "final_loss": final_loss, "examples": len(train_data), "batch_size": batch_size,
+    summary = {"steps": step, "planned_steps": total + contrastive_steps, "stopped_early": stopped_early,
+               "train_seconds": seconds, "final_loss": final_loss, "examples": len(train_data), "batch_size": batch_size,
                "stages": [{"name": s.name, "steps": s.steps, "trainable": list(s.trainable), "lr": s.lr,
                            "examples": len(s.data)} for s in stages],
+               "contrastive_steps": contrastive_steps,
                "eval": last_eval, "out_dir": str(out) if out is not None else None}
     if out is not None:
         model.save_pretrained(out / "final")
@@ -231,3 +242,99 @@ def _evaluate(model, data, max_new_tokens: int, step: int, stage: Stage, log: _M
               "elapsed_s": round(time.perf_counter() - t_start, 2)}
     log.write(record)
     return {k: v for k, v in result.items() if k != "predictions"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 0: CLIP-style contrastive pretraining of a tower trained from scratch
+
+
+class _BagOfWords(nn.Module):
+    """The contrastive stage's throwaway text side: mean of learned token embeddings, then a projection."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab_size, dim, mode="mean")
+
+    def forward(self, ids: list[list[int]]) -> torch.Tensor:
+        device = self.embed.weight.device
+        flat = torch.tensor([i for row in ids for i in row], device=device)
+        offsets = torch.tensor([0] + [len(r) for r in ids[:-1]], device=device).cumsum(0)
+        return self.embed(flat, offsets)
+
+
+def contrastive_pretrain(model, data: Sequence[VQAExample], steps: int, *, lr: float = 1e-3, batch_size: int = 64,
+                         dim: int = 128, augment: bool = True, seed: int = 0, weight_decay: float = 0.01,
+                         deadline: Optional[float] = None, log: Optional["_MetricsLog"] = None,
+                         t_start: Optional[float] = None) -> dict[str, Any]:
+    """Pretrain `model.tower` CLIP-style on (image, target text) pairs, e.g. the alignment captions.
+
+    A tower trained from scratch learns what the text model needs only slowly through the language
+    loss (on easy-VQA: colours at once, shapes after thousands of steps). Here its mean-pooled
+    features (projected to `dim`) are matched against a bag-of-words embedding of each example's
+    target with the symmetric InfoNCE loss of CLIP; examples with the same target text count as
+    positives of each other (a caption set repeats). The text side and both projections are thrown
+    away afterwards; only the tower keeps what it learnt (the parts' requires_grad flags are restored).
+    `deadline` (a `time.perf_counter()` value) ends it early. Returns {"steps" done, "loss" (mean of the
+    last up-to-50 steps), "seconds"}.
+    """
+    import torch.nn.functional as F
+
+    texts = sorted({e.target for e in data})
+    if len(texts) < 2:
+        raise MuError(f"contrastive pretraining needs at least 2 different target texts, got {texts}")
+    device = model.device
+    text_ids = {t: model.tokenizer(t, add_special_tokens=False)["input_ids"] or [model.config.pad_token_id]
+                for t in texts}
+    width = model.tower.hidden_size
+    text_side = _BagOfWords(len(model.tokenizer), dim).to(device)
+    image_proj = nn.Linear(width, dim).to(device)
+    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    tower_params = list(model.tower.parameters())
+    was_trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in tower_params:
+        p.requires_grad_(True)
+    heads = [*text_side.parameters(), *image_proj.parameters()]
+    optimizer = torch.optim.AdamW(
+        [dict(params=[p for p in tower_params + heads if p.dim() >= 2], weight_decay=weight_decay),
+         dict(params=[p for p in tower_params + heads if p.dim() < 2] + [log_scale], weight_decay=0.0)],
+        lr=lr, betas=(0.9, 0.95))
+    cache = ImageCache(model.processor)
+    background = (torch.from_numpy(model.processor.mean), torch.from_numpy(model.processor.std))
+    gen = torch.Generator().manual_seed(seed)
+    model.tower.train()
+    warmup = max(1, steps // 20)
+    t0 = time.perf_counter()
+    loss_sum, n, done, last = 0.0, 0, 0, float("nan")
+    for step in range(steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, warmup, (step - warmup) / max(1, steps - warmup), lr)
+        batch = [data[i] for i in torch.randint(len(data), (batch_size,), generator=gen).tolist()]
+        views = [cache(e) for e in batch]
+        if augment:
+            views = [augment_views(v, gen, background=background) for v in views]
+        pixels = torch.stack([v[0] for v in views]).to(device=device, dtype=model.dtype)  # the base view
+        img = F.normalize(image_proj(model.tower(pixels).mean(1)), dim=-1)  # (B, dim)
+        txt = F.normalize(text_side([text_ids[e.target] for e in batch]), dim=-1)  # (B, dim)
+        logits = log_scale.clamp(max=math.log(100)).exp() * img @ txt.T  # (B, B)
+        same = torch.tensor([[a.target == b.target for b in batch] for a in batch], device=device)
+        targets = same.float() / same.sum(-1, keepdim=True)  # symmetric: same is symmetric
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tower_params + heads, 1.0)
+        optimizer.step()
+        done += 1
+        loss_sum, n = loss_sum + loss.item(), n + 1
+        if (step + 1) % 50 == 0:
+            last = loss_sum / n
+            if log is not None:
+                log.write({"step": step + 1, "stage": "contrastive", "loss": last,
+                           "elapsed_s": round(time.perf_counter() - (t_start or t0), 2)})
+            loss_sum, n = 0.0, 0
+    for p, on in was_trainable.items():
+        p.requires_grad_(on)
+    return {"steps": done, "loss": loss_sum / n if n else last, "seconds": time.perf_counter() - t0}
