@@ -113,6 +113,8 @@ def templated_questions(train, facts, seed: int):
 
 
 def main() -> int:
+    from mu.vision.config import FEATURE_SELECTS, STEMS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--holdout", type=float, default=0.15, help="fraction of easy-VQA images held out")
@@ -133,9 +135,9 @@ def main() -> int:
     ap.add_argument("--vit-width", type=int, default=128)
     ap.add_argument("--vit-depth", type=int, default=4)
     ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--stem", default="conv", choices=["patch", "conv"], help="native ViT patch embedding")
+    ap.add_argument("--stem", default="conv", choices=STEMS, help="native ViT patch embedding")
     ap.add_argument("--pool", type=int, default=1, help="average-pool the 8x8 patch grid by this stride")
-    ap.add_argument("--select", default="cls_patch", choices=["patch", "cls_patch", "cls"])
+    ap.add_argument("--select", default="cls_patch", choices=FEATURE_SELECTS)
     ap.add_argument("--no-templated", dest="templated", action="store_false",
                     help="train on the file's questions only (no templated questions from training images)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mu.errors import MuError
+from mu.vision.config import FEATURE_SELECTS, STEMS
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +30,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--patch-size", type=int, default=8, help="native tower: patch side (default 8)")
     g.add_argument("--vit-width", type=int, default=128, help="native tower: width (default 128)")
     g.add_argument("--vit-depth", type=int, default=4, help="native tower: blocks (default 4)")
-    g.add_argument("--stem", choices=["patch", "conv"], default="conv",
+    g.add_argument("--stem", choices=STEMS, default="conv",
                    help="native tower: patch embedding, one patchify convolution or a stride-2 conv stem "
                         "(default conv: learns shapes from few images faster)")
-    g.add_argument("--feature-select", choices=["patch", "cls_patch", "cls"],
+    g.add_argument("--feature-select", choices=FEATURE_SELECTS,
                    help="tokens fed to the projector (default: cls_patch native, patch CLIP/SigLIP)")
     g.add_argument("--feature-layer", type=int, help="tower hidden state fed to the projector "
                    "(default: -1 native, -2 CLIP/SigLIP as in the paper)")

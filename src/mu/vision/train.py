@@ -148,7 +148,8 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
     if contrastive_steps:
         deadline = None if max_time_s is None else t_start + max_time_s
         done = contrastive_pretrain(model, align_data, contrastive_steps, lr=align_lr, augment=augment, seed=seed,
-                                    weight_decay=weight_decay, deadline=deadline, log=log, t_start=t_start)
+                                    weight_decay=weight_decay, deadline=deadline, log=log, t_start=t_start,
+                                    cache=cache)
         step = done["steps"]
     bar = tqdm(total=total, desc="train vqa", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -220,7 +221,8 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
     if eval_data:
         last_eval = _evaluate(model, eval_data, eval_max_new_tokens, step, stages[-1], log, t_start)
     summary = {"steps": step, "planned_steps": total + contrastive_steps, "stopped_early": stopped_early,
-               "train_seconds": seconds, "final_loss": final_loss, "examples": len(train_data), "batch_size": batch_size,
+               "train_seconds": seconds, "final_loss": final_loss, "examples": len(train_data),
+               "batch_size": batch_size,
                "stages": [{"name": s.name, "steps": s.steps, "trainable": list(s.trainable), "lr": s.lr,
                            "examples": len(s.data)} for s in stages],
                "contrastive_steps": contrastive_steps,
@@ -249,7 +251,7 @@ def _evaluate(model, data, max_new_tokens: int, step: int, stage: Stage, log: _M
 
 
 class _BagOfWords(nn.Module):
-    """The contrastive stage's throwaway text side: mean of learned token embeddings, then a projection."""
+    """The contrastive stage's throwaway text side: the mean of learned token embeddings."""
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
@@ -265,7 +267,7 @@ class _BagOfWords(nn.Module):
 def contrastive_pretrain(model, data: Sequence[VQAExample], steps: int, *, lr: float = 1e-3, batch_size: int = 64,
                          dim: int = 128, augment: bool = True, seed: int = 0, weight_decay: float = 0.01,
                          deadline: Optional[float] = None, log: Optional["_MetricsLog"] = None,
-                         t_start: Optional[float] = None) -> dict[str, Any]:
+                         t_start: Optional[float] = None, cache: Optional[ImageCache] = None) -> dict[str, Any]:
     """Pretrain `model.tower` CLIP-style on (image, target text) pairs, e.g. the alignment captions.
 
     A tower trained from scratch learns what the text model needs only slowly through the language
@@ -274,7 +276,8 @@ def contrastive_pretrain(model, data: Sequence[VQAExample], steps: int, *, lr: f
     target with the symmetric InfoNCE loss of CLIP; examples with the same target text count as
     positives of each other (a caption set repeats). The text side and both projections are thrown
     away afterwards; only the tower keeps what it learnt (the parts' requires_grad flags are restored).
-    `deadline` (a `time.perf_counter()` value) ends it early. Returns {"steps" done, "loss" (mean of the
+    `deadline` (a `time.perf_counter()` value) ends it early; `cache` lets a caller share its
+    preprocessed views (`train_vqa` does, so no picture is preprocessed twice). Returns {"steps" done, "loss" (mean of the
     last up-to-50 steps), "seconds"}.
     """
     import torch.nn.functional as F
@@ -300,7 +303,7 @@ def contrastive_pretrain(model, data: Sequence[VQAExample], steps: int, *, lr: f
         [dict(params=[p for p in tower_params + heads if p.dim() >= 2], weight_decay=weight_decay),
          dict(params=[p for p in tower_params + heads if p.dim() < 2] + [log_scale], weight_decay=0.0)],
         lr=lr, betas=(0.9, 0.95))
-    cache = ImageCache(model.processor)
+    cache = cache or ImageCache(model.processor)
     background = (torch.from_numpy(model.processor.mean), torch.from_numpy(model.processor.std))
     gen = torch.Generator().manual_seed(seed)
     model.tower.train()
