@@ -190,6 +190,7 @@ def test_cli_trains_then_resumes_with_the_same_command(tmp_path, data_file, caps
     (["--preset", "huge"], "--preset 'huge'"),
     (["--train-data", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
     (["--init", "/nonexistent/model"], "--init '/nonexistent/model'"),
+    (["--init", ".", "--weight-init", "fan_in"], "--weight-init applies to a fresh --preset model"),
 ])
 def test_cli_bad_arguments_exit_2_with_a_clear_message(tmp_path, data_file, capsys, extra, message):
     args = ["train", "--preset", "tiny", "--train-data", str(data_file), "--out", str(tmp_path / "r"),

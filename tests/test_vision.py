@@ -192,6 +192,14 @@ def test_image_token_must_fit_the_text_vocabulary():
                   vocab_size=260)
 
 
+def test_weight_init_reaches_a_fresh_text_model_only():
+    tower = VisionTowerConfig(image_size=32, patch_size=8, width=32, depth=1, n_head=2)
+    vlm = build_vlm("tiny", tower=tower, weight_init="fan_in")  # tiny: width 64
+    assert abs(vlm.lm.transformer.e[0].attn.q_linear.weight.std().item() - 64 ** -0.5) < 0.01
+    with pytest.raises(MuError, match="not to a given or loaded one"):
+        build_vlm(vlm.lm, tower=tower, weight_init="fan_in")
+
+
 # -- command line -------------------------------------------------------------------------------
 
 

@@ -272,13 +272,23 @@ def test_cli_train_eval_and_score_vqa(tmp_path, capsys):
 
     write_vqa_jsonl(synthetic_shapes_vqa(12, seed=0, image_size=32), tmp_path / "train.jsonl")
     write_vqa_jsonl(synthetic_shapes_vqa(4, seed=1, image_size=32), tmp_path / "val.jsonl")
+    captions = [e for e in synthetic_shapes_vqa(12, seed=0, image_size=32) if "color" in e.question]
+    write_vqa_jsonl(captions, tmp_path / "captions.jsonl")
     run = tmp_path / "run"
     argv = ["train", "--task", "vqa", "--preset", "tiny", "--train-data", str(tmp_path / "train.jsonl"),
             "--val-data", str(tmp_path / "val.jsonl"), "--out", str(run), "--image-size", "32", "--vit-width", "32",
-            "--vit-depth", "1", "--contrastive-steps", "2", "--max-steps", "3", "--batch-size", "4", "--no-progress"]
+            "--vit-depth", "1", "--contrastive-steps", "2", "--align-steps", "1", "--max-steps", "3",
+            "--batch-size", "4", "--no-progress", "--align-data", str(tmp_path / "captions.jsonl"),
+            "--weight-init", "fan_in", "--pool", "2"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["steps"] == 5 and summary["contrastive_steps"] == 2 and summary["final_dir"] == str(run / "final")
+    assert json.loads((run / "final" / "config.json").read_text())["vision"]["tower"]["pool_stride"] == 2
+    assert summary["steps"] == 6 and summary["contrastive_steps"] == 2 and summary["final_dir"] == str(run / "final")
+    assert summary["stages"][0] == {"name": "align", "steps": 1, "trainable": ["tower", "projector", "lm"],
+                                    "lr": 1e-3, "examples": len(captions)}
+    assert main(argv[:-4] + ["--out", str(tmp_path / "r1"), "--init", str(run / "final"), "--weight-init",
+                             "fan_in"]) == 2
+    assert "--weight-init applies to a fresh --preset text model" in capsys.readouterr().err
     assert main(argv) == 2  # a finished run is not silently overwritten
     assert "already finished" in capsys.readouterr().err
 

@@ -39,10 +39,15 @@ def model_class(config: MuConfig) -> type[MuModel]:
     return MuEncoderDecoder if config.arch == "encdec" else MuDecoderOnly
 
 
-def build_model(preset: str | MuConfig = "tiny", arch: str = "encdec", **overrides: Any) -> MuModel:
-    """A randomly initialised model from a preset name (or a config) with field overrides."""
+def build_model(preset: str | MuConfig = "tiny", arch: str = "encdec", weight_init: str = "paper",
+                **overrides: Any) -> MuModel:
+    """A randomly initialised model from a preset name (or a config) with field overrides;
+    `weight_init` "paper" (N(0, 0.02)) or "fan_in" (N(0, 1/sqrt(fan_in)), better for tiny widths)."""
     config = preset.replace(**overrides) if isinstance(preset, MuConfig) else MuConfig.from_name(preset, arch, **overrides)
-    return model_class(config)(config)
+    model = model_class(config)(config)
+    if weight_init != "paper":
+        model.init_weights(weight_init)
+    return model
 
 
 def _from_state_dict(config: MuConfig, state: dict[str, torch.Tensor], source: str) -> MuModel:

@@ -35,6 +35,7 @@ def _number(kind):
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, pretrain: bool) -> None:
+    from mu.model.layers import WEIGHT_INITS
     from mu.train.config import PRECISIONS, SCHEDULES, STRATEGIES
 
     g = parser.add_argument_group("model")
@@ -45,6 +46,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, pretrain: bool) -> Non
                    help="byte, bpe:N (byte-level BPE trained on the training text) or a Hugging Face tokenizer "
                         "directory (e.g. ../shared/data/phi3_tokenizer); default: the --init model's, else byte")
     g.add_argument("--dropout", type=float, help="override the preset's dropout (0.1)")
+    g.add_argument("--weight-init", choices=WEIGHT_INITS, default="paper",
+                   help="a fresh preset's initialisation: paper (N(0, 0.02), default) or fan_in "
+                        "(N(0, 1/sqrt(fan_in)); much faster start for tiny widths)")
 
     g = parser.add_argument_group("data")
     if pretrain:
@@ -131,6 +135,7 @@ def config_from_args(args: argparse.Namespace, pretrain: bool):
     overrides = {} if args.dropout is None else {"dropout": args.dropout}
     return TrainConfig(
         out=args.out, arch=args.arch, preset=args.preset, model_overrides=overrides, init=args.init,
+        weight_init=args.weight_init,
         tokenizer=args.tokenizer, objective=objective, task=getattr(args, "task", "seq2seq"),
         train_data=args.train_data, val_data=args.val_data, train_limit=args.train_limit, val_limit=args.val_limit,
         max_source_len=getattr(args, "max_source_len", 512), max_target_len=getattr(args, "max_target_len", 128),

@@ -51,9 +51,10 @@ class MuModel(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """All initialisation in one place (works after building on the meta device + `to_empty`)."""
-        init_linear_and_embedding(self)
+    def init_weights(self, scheme: str = "paper") -> None:
+        """All initialisation in one place (works after building on the meta device + `to_empty`);
+        `scheme` "paper" (N(0, 0.02)) or "fan_in" (see `init_linear_and_embedding`)."""
+        init_linear_and_embedding(self, scheme)
         self.tie_weights()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -32,6 +32,7 @@ class TrainConfig:
     preset: str = "tiny"  # MuConfig preset name (tiny, small, 330m, 1b)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # MuConfig fields, e.g. {"dropout": 0.0}
     init: Optional[str] = None  # start from this model directory (fine-tuning) instead of a fresh preset
+    weight_init: str = "paper"  # a fresh preset's init: paper (N(0, 0.02)) | fan_in (N(0, 1/sqrt(fan_in)))
     tokenizer: Optional[str] = None  # "byte", "bpe:N" (trained on the training text) or a HF tokenizer
     #                                  directory; None: the --init model's tokenizer, else "byte"
     # -- data and objective -------------------------------------------------------------------
@@ -106,6 +107,12 @@ class TrainConfig:
             raise MuError("--train-data is required (a task file, or a text corpus for pretraining)")
         if self.init and not Path(self.init).exists():
             raise MuError(f"--init {self.init!r}: no such model directory")
+        from mu.model.layers import WEIGHT_INITS
+
+        if self.weight_init not in WEIGHT_INITS:
+            raise MuError(f"--weight-init {self.weight_init!r}: expected one of {WEIGHT_INITS}")
+        if self.init and self.weight_init != "paper":
+            raise MuError("--weight-init applies to a fresh --preset model, not to an --init model")
         if self.tokenizer is not None:
             _check_tokenizer_spec(self.tokenizer)
         positive = {"batch_size": self.batch_size, "max_source_len": self.max_source_len,

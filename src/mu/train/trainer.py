@@ -359,7 +359,7 @@ class Trainer:
             else:
                 overrides = dict(cfg.model_overrides)
                 overrides.setdefault("vocab_size", model_vocab_size(self.tokenizer))
-                model = build_model(cfg.preset, arch=cfg.arch, **overrides)
+                model = build_model(cfg.preset, arch=cfg.arch, weight_init=cfg.weight_init, **overrides)
         model.tokenizer = self.tokenizer
         if self.resume_from is not None:
             model.load_state_dict(ckpt.load_model_state(self.resume_from))

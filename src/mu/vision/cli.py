@@ -35,13 +35,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default conv: learns shapes from few images faster)")
     g.add_argument("--feature-select", choices=FEATURE_SELECTS,
                    help="tokens fed to the projector (default: cls_patch native, patch CLIP/SigLIP)")
+    g.add_argument("--pool", type=int, default=1, metavar="S",
+                   help="average-pool the patch grid by stride S (fewer image tokens; default 1 = every patch)")
     g.add_argument("--feature-layer", type=int, help="tower hidden state fed to the projector "
                    "(default: -1 native, -2 CLIP/SigLIP as in the paper)")
     g.add_argument("--contrastive-steps", type=int, default=0,
-                   help="stage 0 steps: CLIP-style pretraining of a from-scratch tower on the training (image, "
+                   help="stage 0 steps: CLIP-style pretraining of a from-scratch tower on the --align-data (image, "
                         "answer) pairs; helps when answers name what is seen (colours, shapes); default 0 = skip")
     g.add_argument("--align-steps", type=int, default=0,
                    help="stage 1 steps (projector-only alignment with a pretrained tower; default 0 = skip)")
+    g.add_argument("--align-data", metavar="PATH",
+                   help="VQA jsonl for stages 0 and 1, e.g. captions ('what is in the image?' -> 'red circle'); "
+                        "default: the training data (whose yes/no answers say nothing to stage 0)")
     g.add_argument("--trainable", default="tower,projector,lm",
                    help="parts trained in stage 2, from tower, projector, lm (default all)")
     g.add_argument("--tower-lr-scale", type=float,
@@ -88,23 +93,27 @@ def run_train(args: argparse.Namespace) -> int:
     parts = tuple(p.strip() for p in args.trainable.split(",") if p.strip())
     train = load_vqa_jsonl(args.train_data)[:args.train_limit]  # bad data fails before anything is built
     val = load_vqa_jsonl(args.val_data)[:args.val_limit] if args.val_data else None
+    align = load_vqa_jsonl(args.align_data) if args.align_data else None
     seed_everything(args.seed)
     native = args.tower == "native"
     if native:
         tower = VisionTowerConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
                                   depth=args.vit_depth, n_head=max(1, args.vit_width // 32), stem=args.stem,
-                                  feature_select=args.feature_select or "cls_patch",
+                                  feature_select=args.feature_select or "cls_patch", pool_stride=args.pool,
                                   feature_layer=-1 if args.feature_layer is None else args.feature_layer)
     elif Path(args.tower).is_dir():
         from mu.vision.towers import load_hf_tower
 
         tower = load_hf_tower(args.tower, feature_layer=-2 if args.feature_layer is None else args.feature_layer,
-                              feature_select=args.feature_select or "patch")
+                              feature_select=args.feature_select or "patch", pool_stride=args.pool)
     else:
         raise MuError(f"--tower {args.tower!r}: expected 'native' or a CLIP/SigLIP model directory")
     text = args.init or args.preset
     tokenizer = None if args.init and args.tokenizer is None else _tokenizer(args.tokenizer, train)
-    overrides = {} if args.init else {"dropout": 0.0 if args.dropout is None else args.dropout}
+    if args.init and args.weight_init != "paper":
+        raise MuError("--weight-init applies to a fresh --preset text model, not to an --init model")
+    overrides = {} if args.init else {"dropout": 0.0 if args.dropout is None else args.dropout,
+                                      "weight_init": args.weight_init}
     vlm = build_vlm(text, tower=tower, tokenizer=tokenizer, **overrides).to(pick_device(args.device))
     steps = args.max_steps
     if steps is None:
@@ -113,7 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"(+{args.contrastive_steps} contrastive, +{args.align_steps} alignment) -> {out}", file=sys.stderr,
           flush=True)
     summary = train_vqa(
-        vlm, train, out, eval_data=val, contrastive_steps=args.contrastive_steps, align_steps=args.align_steps,
+        vlm, train, out, eval_data=val, align_data=align, contrastive_steps=args.contrastive_steps, align_steps=args.align_steps,
         align_lr=args.lr or 1e-3,
         align_trainable=("projector",) if not native else ("tower", "projector", "lm"),
         steps=steps, lr=args.lr or (1e-3 if native else 3e-4), trainable=parts,

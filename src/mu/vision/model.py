@@ -223,14 +223,15 @@ def add_image_token(tokenizer, image_token: str = "<image>") -> int:
 
 def build_vlm(text: str | MuConfig | nn.Module = "tiny", tower: VisionTowerConfig | nn.Module | str | None = None,
               tokenizer: Any = None, projector: str = "mlp2x_gelu", preprocess: Optional[PreprocessConfig] = None,
-              image_token: str = "<image>", **text_overrides: Any) -> MuVLM:
+              image_token: str = "<image>", weight_init: str = "paper", **text_overrides: Any) -> MuVLM:
     """A VLM from parts, each given as an object or by name (so a CLI can pass strings straight through).
 
     text: a preset name, a `MuConfig`, a text model directory (`mu.load_model`) or a built model.
     tower: a `VisionTowerConfig`, a built tower, "native" (the default small ViT) or a local CLIP / SigLIP
     directory (`load_hf_tower`, feature layer -2, patch tokens). tokenizer: a tokenizer, "byte" (default)
     or a tokenizer directory. The tokenizer gets `image_token`; a text model built here from a preset or
-    config gets `vocab_size = len(tokenizer)` unless `vocab_size` is overridden.
+    config gets `vocab_size = len(tokenizer)` unless `vocab_size` is overridden, and `weight_init`
+    ("paper" or "fan_in", see `mu.model.layers.init_linear_and_embedding`).
     """
     from mu.checkpoint import build_model, load_model
     from mu.config import PRESETS
@@ -253,10 +254,13 @@ def build_vlm(text: str | MuConfig | nn.Module = "tiny", tower: VisionTowerConfi
             tower = load_hf_tower(tower)
     image_token_id = add_image_token(tokenizer, image_token)
     if isinstance(text, nn.Module):
+        if weight_init != "paper" or text_overrides:
+            raise MuError("build_vlm: weight_init and text overrides apply to a text model built here, "
+                          "not to a given or loaded one")
         lm = text
     else:
         text_overrides.setdefault("vocab_size", len(tokenizer))
-        lm = build_model(text, arch="encdec", **text_overrides)
+        lm = build_model(text, arch="encdec", weight_init=weight_init, **text_overrides)
     lm.tokenizer = tokenizer
     tower_module = tower if isinstance(tower, nn.Module) else None
     tower_config = tower_module.config if tower_module is not None else (tower or VisionTowerConfig())

@@ -190,7 +190,8 @@ def hf_tower_config(source, kind: Optional[str] = None, feature_layer: int = -2,
                              pool_stride=pool_stride)
 
 
-def load_hf_tower(path: str | os.PathLike, feature_layer: int = -2, feature_select: str = "patch") -> HFVisionTower:
+def load_hf_tower(path: str | os.PathLike, feature_layer: int = -2, feature_select: str = "patch",
+                  pool_stride: int = 1) -> HFVisionTower:
     """A pretrained CLIP / SigLIP vision tower from a local directory (no download).
 
     The directory may hold a full CLIP/SigLIP model or a vision-only one; pixel statistics come from
@@ -216,7 +217,7 @@ def load_hf_tower(path: str | os.PathLike, feature_layer: int = -2, feature_sele
     if pre.is_file():
         p = json.loads(pre.read_text())
         mean, std = p.get("image_mean"), p.get("image_std")
-    config = hf_tower_config(model.config, kind, feature_layer, feature_select, mean, std)
+    config = hf_tower_config(model.config, kind, feature_layer, feature_select, mean, std, pool_stride=pool_stride)
     return HFVisionTower(config, model)
 
 
