@@ -122,8 +122,8 @@ def run_train(args: argparse.Namespace) -> int:
           f"(+{args.contrastive_steps} contrastive, +{args.align_steps} alignment) -> {out}", file=sys.stderr,
           flush=True)
     summary = train_vqa(
-        vlm, train, out, eval_data=val, align_data=align, contrastive_steps=args.contrastive_steps, align_steps=args.align_steps,
-        align_lr=args.lr or 1e-3,
+        vlm, train, out, eval_data=val, align_data=align, contrastive_steps=args.contrastive_steps,
+        align_steps=args.align_steps, align_lr=args.lr or 1e-3,
         align_trainable=("projector",) if not native else ("tower", "projector", "lm"),
         steps=steps, lr=args.lr or (1e-3 if native else 3e-4), trainable=parts,
         tower_lr_scale=args.tower_lr_scale if args.tower_lr_scale is not None else (1.0 if native else 0.1),
