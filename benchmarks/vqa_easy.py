@@ -129,6 +129,7 @@ def yes_no_by_presence(examples, predictions) -> dict[str, float]:
 
 
 def main() -> int:
+    from mu.model.layers import WEIGHT_INITS
     from mu.vision.config import FEATURE_SELECTS, STEMS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,7 +149,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=128, help="text model width")
     ap.add_argument("--enc-layers", type=int, default=3)
     ap.add_argument("--dec-layers", type=int, default=2)
-    ap.add_argument("--weight-init", default="fan_in", choices=("paper", "fan_in"),
+    ap.add_argument("--weight-init", default="fan_in", choices=WEIGHT_INITS,
                     help="text model init (paper: N(0, 0.02), which leaves yes/no at the language prior here)")
     ap.add_argument("--vit-width", type=int, default=128)
     ap.add_argument("--vit-depth", type=int, default=4)

@@ -83,6 +83,8 @@ def _tokenizer(spec: str | None, examples):
 def run_train(args: argparse.Namespace) -> int:
     """`mu train --task vqa`: build a VLM (tower + projector + Mu encoder-decoder) and run `train_vqa`."""
     _refuse(args)
+    if args.init and args.weight_init != "paper":
+        raise MuError("--weight-init applies to a fresh --preset text model, not to an --init model")
     from mu.utils import pick_device, seed_everything
     from mu.vision import VisionTowerConfig, build_vlm, load_vqa_jsonl, train_vqa
 
@@ -110,8 +112,6 @@ def run_train(args: argparse.Namespace) -> int:
         raise MuError(f"--tower {args.tower!r}: expected 'native' or a CLIP/SigLIP model directory")
     text = args.init or args.preset
     tokenizer = None if args.init and args.tokenizer is None else _tokenizer(args.tokenizer, train)
-    if args.init and args.weight_init != "paper":
-        raise MuError("--weight-init applies to a fresh --preset text model, not to an --init model")
     overrides = {} if args.init else {"dropout": 0.0 if args.dropout is None else args.dropout,
                                       "weight_init": args.weight_init}
     vlm = build_vlm(text, tower=tower, tokenizer=tokenizer, **overrides).to(pick_device(args.device))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mu.errors import MuError
+from mu.train.optim import param_groups
 from mu.vision.data import ImageCache, VQAExample, augment_views, collate, load_vqa_jsonl
 
 PARTS = ("tower", "projector", "lm")
@@ -58,10 +59,7 @@ def _param_groups(model, trainable: Sequence[str], lr: float, tower_lr_scale: fl
         if not on:
             continue
         part_lr = lr * (tower_lr_scale if part == "tower" else 1.0)
-        decay = [p for p in module.parameters() if p.dim() >= 2]  # parameters() yields tied weights once
-        no_decay = [p for p in module.parameters() if p.dim() < 2]
-        groups += [dict(params=decay, weight_decay=weight_decay, lr=part_lr, peak_lr=part_lr, part=part),
-                   dict(params=no_decay, weight_decay=0.0, lr=part_lr, peak_lr=part_lr, part=part)]
+        groups += [dict(g, lr=part_lr, peak_lr=part_lr, part=part) for g in param_groups(module, weight_decay)]
     return [g for g in groups if g["params"]]
 
 
@@ -299,10 +297,9 @@ def contrastive_pretrain(model, data: Sequence[VQAExample], steps: int, *, lr: f
     for p in tower_params:
         p.requires_grad_(True)
     heads = [*text_side.parameters(), *image_proj.parameters()]
-    optimizer = torch.optim.AdamW(
-        [dict(params=[p for p in tower_params + heads if p.dim() >= 2], weight_decay=weight_decay),
-         dict(params=[p for p in tower_params + heads if p.dim() < 2] + [log_scale], weight_decay=0.0)],
-        lr=lr, betas=(0.9, 0.95))
+    decay, no_decay = param_groups(nn.ModuleList([model.tower, text_side, image_proj]), weight_decay)
+    no_decay["params"].append(log_scale)
+    optimizer = torch.optim.AdamW([decay, no_decay], lr=lr, betas=(0.9, 0.95))
     cache = cache or ImageCache(model.processor)
     background = (torch.from_numpy(model.processor.mean), torch.from_numpy(model.processor.std))
     gen = torch.Generator().manual_seed(seed)
