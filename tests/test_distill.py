@@ -195,7 +195,7 @@ def test_mu_teacher_batched_logits_match_each_sequence_alone():
 
 
 def test_hf_teacher_gathered_hidden_states_equal_full_logits(phi3_teacher_dirs):
-    teacher = load_teacher(phi3_teacher_dirs["base"])
+    teacher = load_teacher(phi3_teacher_dirs["base"], dtype="fp32")  # exact comparison: fp32 on every CPU
     ids = torch.randint(3, 30000, (2, 9))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, 6:] = False
@@ -221,14 +221,14 @@ def test_hf_teacher_with_lora_adapter_is_merged_and_frozen(phi3_teacher_dirs):
     ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d["base"]), d["adapter"]).eval()
     with torch.no_grad():
         ref = ref_model(input_ids=ids).logits
-    base_only = load_teacher(d["base"]).target_logits(ids, mask, pos)
+    base_only = load_teacher(d["base"], dtype="fp32").target_logits(ids, mask, pos)
     assert not torch.allclose(base_only, ref, atol=1e-4)  # the adapter changes the outputs
-    for teacher in (load_teacher(d["base"], adapter=d["adapter"]),  # base + adapter
-                    load_teacher(d["adapter"])):  # an adapter directory whose base model is local
+    for teacher in (load_teacher(d["base"], adapter=d["adapter"], dtype="fp32"),  # base + adapter
+                    load_teacher(d["adapter"], dtype="fp32")):  # an adapter directory whose base model is local
         assert teacher.kind == "hf" and not teacher.model.training
         assert not any(p.requires_grad for p in teacher.model.parameters())
         assert not any("lora" in n for n, _ in teacher.model.named_parameters())  # merged, not wrapped
-        assert teacher.dtype == torch.float32  # no native bf16 on this CPU
+        assert teacher.dtype == torch.float32 and teacher.precision == "fp32 (asked for)"
         assert torch.allclose(teacher.target_logits(ids, mask, pos), ref, atol=1e-4)
 
 
@@ -243,7 +243,7 @@ def test_paper_style_teacher_pt_needs_config_and_loads(phi3_teacher_dirs, tmp_pa
     torch.save({"model_state_dict": peft_model.state_dict()}, tmp_path / "teacher.pt")
     with pytest.raises(MuError, match="--teacher-config"):
         load_teacher(tmp_path / "teacher.pt")
-    teacher = load_teacher(tmp_path / "teacher.pt", config_dir=d["base"])
+    teacher = load_teacher(tmp_path / "teacher.pt", config_dir=d["base"], dtype="fp32")
     ids = torch.randint(3, 30000, (1, 6))
     with torch.no_grad():
         ref = peft_model.eval()(input_ids=ids).logits

@@ -161,13 +161,15 @@ def test_finetune_teacher_lora_phi3_and_mu(tmp_path, phi3_teacher_dirs):  # noqa
     out = tmp_path / "lora"
     rc = cli_main(["finetune-teacher", "--model", str(phi3_teacher_dirs["base"]), "--train-data", str(data),
                    "--out", str(out), "--max-steps", "12", "--batch-size", "4", "--lr", "3e-2", "--merge",
-                   "--no-progress", "--device", "cpu", "--max-source-len", "64", "--max-target-len", "8"])
+                   "--no-progress", "--device", "cpu", "--max-source-len", "64", "--max-target-len", "8",
+                   "--precision", "fp32"])
     assert rc == 0
     result = json.loads((out / "result.json").read_text())
     assert result["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert result["precision"] == "fp32 (--precision fp32)"
     assert result["config"]["lora_r"] == 16 and result["config"]["lora_alpha"] == 32
     assert result["train_loss"] < result["first_loss"] - 0.1  # the adapter learns
-    via_adapter, merged = load_teacher(out / "adapter"), load_teacher(out / "merged")
+    via_adapter, merged = load_teacher(out / "adapter", dtype="fp32"), load_teacher(out / "merged", dtype="fp32")
     ids = torch.randint(3, 30000, (1, 6))
     mask, pos = torch.ones_like(ids, dtype=torch.bool), torch.arange(6)[None]
     assert torch.allclose(via_adapter.target_logits(ids, mask, pos), merged.target_logits(ids, mask, pos), atol=1e-4)

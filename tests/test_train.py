@@ -30,7 +30,7 @@ def one_thread():
 def _cfg(tmp_path, arch="encdec", **kw):
     base = dict(out=str(tmp_path / f"run-{arch}"), arch=arch, preset="tiny", model_overrides={"dropout": 0.0},
                 tokenizer="byte", batch_size=4, lr=3e-3, warmup=5, max_steps=10, log_every=1, eval_every=0,
-                save_every=0, num_samples=0, progress=False)
+                save_every=0, num_samples=0, progress=False, precision="fp32")  # bf16 paths: test_precision.py
     base.update(kw)
     return TrainConfig(**base)
 

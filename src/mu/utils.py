@@ -36,13 +36,63 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CPU_BF16_ENV = "MU_CPU_BF16"  # 1: treat this CPU as bf16-native (torch emulates where it is not); 0: as not
+
+
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether automatic precision treats this CPU as running bf16 natively, and why.
+
+    Native means oneDNN reports bf16 support (AVX-512-BF16 or AMX). `MU_CPU_BF16=1` forces the bf16 choice on
+    any CPU (torch then computes bf16 in software: slower, same numerics), `MU_CPU_BF16=0` forces fp32; tests
+    use the switch so an AVX2 machine exercises what AVX-512 users get.
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("1", "0"):
+        return forced == "1", f"{CPU_BF16_ENV}={forced}"
+    if forced:
+        raise MuError(f"{CPU_BF16_ENV}={forced!r}: expected 1 (force bf16), 0 (force fp32) or unset (detect)")
+    try:
+        native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return native, "CPU has native bf16 (AVX-512-BF16/AMX)" if native else "CPU lacks native bf16"
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """bf16 where the device supports it (CUDA with bf16, or a CPU with AVX-512 bf16), else None (fp32)."""
+    """bf16 where the device supports it (CUDA with bf16, or a bf16-native CPU), else None (fp32)."""
+    return auto_precision(device)[0]
+
+
+def auto_precision(device: torch.device) -> tuple[Optional[torch.dtype], str]:
+    """The automatic precision for `device` (None = fp32) and the reason, for logs and saved reports."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        native = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16 if native else None), f"CUDA device {'has' if native else 'lacks'} bf16"
     if device.type == "cpu":
-        try:
-            return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        except (AttributeError, RuntimeError):
-            return None
-    return None
+        native, why = cpu_bf16_native()
+        return (torch.bfloat16 if native else None), why
+    return None, f"{device.type} device: fp32"
+
+
+def precision_note(dtype: Optional[torch.dtype], why: str) -> str:
+    """'bf16 (CPU has native bf16 ...)': what a run logs and records about the precision it chose."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return f"{name} ({why})"
+
+
+def cpu_isa() -> str:
+    """The CPU's vector ISA as it matters to torch's kernels, e.g. 'AVX512 (bf16, vnni, amx)' or 'AVX2'.
+
+    The first word is the kernel level torch dispatches to (`torch.backends.cpu.get_cpu_capability()`); the
+    flags in brackets are the ones that change which precision or int8 kernel is fastest. Printed beside
+    every speed figure.
+    """
+    level = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    extras = [name for name, flag in (("bf16", "avx512_bf16"), ("vnni", "avx512_vnni"), ("amx", "amx_bf16"))
+              if flag in flags]
+    return f"{level} ({', '.join(extras)})" if extras else level

@@ -70,7 +70,8 @@ def markdown(result: dict) -> str:
     out = ["# mu bench: encoder-decoder vs decoder-only\n"]
     load = meta.get("load_average")
     out.append(
-        f"{meta['date']} · device `{meta['device']}` ({meta['processor']}, {meta['threads']} threads) · "
+        f"{meta['date']} · device `{meta['device']}` ({meta['processor']}, {meta.get('isa', 'ISA not recorded')}, "
+        f"{meta['threads']} threads) · "
         f"torch {meta['torch']} · preset `{cfg['preset']}` · {N} new tokens · greedy · {cfg['repeats']} repeats "
         f"after {cfg['warmup']} warm-up · batch>1 prefill: {meta['prefill_batch']} · measured read bandwidth "
         f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"

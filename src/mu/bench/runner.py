@@ -35,6 +35,7 @@ from mu.bench.measure import (count_generation_flops, measure_bandwidth, percent
 from mu.bench.models import MU_ARCHS, ModelSpec, build_runner, mu_config_for
 from mu.config import MuConfig
 from mu.errors import MuError
+from mu.utils import cpu_isa
 
 PRIMARY_PAIR = ("encdec", "deconly")
 HF_PAIRS = [("hf-t5", "hf-llama"), ("encdec", "hf-t5"), ("deconly", "hf-llama")]
@@ -458,7 +459,7 @@ def _assemble(cfg, specs, raw, models, counted, memory, bandwidth, device, repli
     meta = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "prefill_batch": "replicate" if replicate else "full",
+            "isa": cpu_isa(), "cpu_count": os.cpu_count(), "prefill_batch": "replicate" if replicate else "full",
             "bandwidth": bandwidth, "specs": {a: s.to_dict() for a, s in specs.items()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg()}
     return {"meta": meta, "models": models, "rows": rows, "ratios": ratios, "flop_check": flop_check,

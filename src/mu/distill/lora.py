@@ -152,7 +152,7 @@ def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
     from mu.distill.teacher import lora_target_modules, quiet_peft
     from mu.train.checkpoint import atomic_write_text
     from mu.train.optim import LRSchedule, build_optimizer, set_lr, warmup_steps
-    from mu.train.trainer import resolve_precision
+    from mu.train.trainer import choose_precision
     from mu.utils import pick_device, seed_everything
 
     cfg.validate()
@@ -190,7 +190,7 @@ def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.999), 1e-8, device)
     schedule = LRSchedule(cfg.lr, total, warmup_steps(cfg.warmup, total), "cosine", 0.0)
-    amp = resolve_precision(cfg.precision, device)
+    amp, precision = choose_precision(cfg.precision, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False)
@@ -213,9 +213,9 @@ def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
     metrics = open(out / "metrics.jsonl", "w", encoding="utf-8")
     metrics.write(json.dumps({"event": "start", "model": cfg.model, "kind": kind, "target_modules": targets,
                               "trainable_params": n_trainable, "params": n_total, "steps": total,
-                              "train_examples": len(train_feats)}) + "\n")
+                              "train_examples": len(train_feats), "precision": precision}) + "\n")
     print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {targets}: {n_trainable:,} trainable of {n_total:,} "
-          f"parameters; {len(train_feats)} examples, {total} steps", file=sys.stderr)
+          f"parameters; {len(train_feats)} examples, {total} steps, {precision}", file=sys.stderr)
     bar = tqdm(total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     epoch, queue, step, t0, last = 0, [], 0, time.perf_counter(), None
     first_loss = None
@@ -275,7 +275,8 @@ def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
         merged_dir = str(out / "merged")
     result = {"adapter_dir": str(out / "adapter"), "merged_dir": merged_dir, "steps": step, "first_loss": first_loss,
               "train_loss": last, "val_loss": final_val, "trainable_params": n_trainable, "params": n_total,
-              "target_modules": targets, "elapsed_s": time.perf_counter() - t0, "config": asdict(cfg)}
+              "target_modules": targets, "precision": precision, "elapsed_s": time.perf_counter() - t0,
+              "config": asdict(cfg)}
     metrics.write(json.dumps({"event": "end", **{k: v for k, v in result.items() if k != "config"}}) + "\n")
     metrics.close()
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")

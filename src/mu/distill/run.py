@@ -24,6 +24,7 @@ cache in `DIR/teacher_topk.safetensors` is reused).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -215,8 +216,10 @@ def distill(cfg: DistillConfig, *, train_examples=None, val_examples=None, on_st
             out.mkdir(parents=True, exist_ok=True)
             info = {**cfg.kd_dict(), "teacher_kind": teacher.kind, "teacher_params": teacher.num_parameters(),
                     "teacher_vocab": teacher.vocab_size, "student_vocab": student.config.vocab_size,
-                    "common_vocab": vocab}
+                    "common_vocab": vocab, "teacher_precision": teacher.precision}
             atomic_write_text(out / DISTILL_CONFIG_FILE, json.dumps(info, indent=2) + "\n")
+            print(f"teacher {cfg.teacher}: {teacher.kind}, {teacher.num_parameters() / 1e6:.2f}M parameters, "
+                  f"{teacher.precision}", file=sys.stderr)
         if tc.init is None and cfg.student is not None:
             tc.init = cfg.student  # recorded in train_config.json; the trainer uses the model given here
         return train(tc, model=student, tokenizer=tokenizer, train_dataset=train_ds, val_dataset=val_ds,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mu.errors import MuError
+from mu.utils import precision_note
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -63,13 +64,6 @@ def lora_target_modules(model: nn.Module) -> list[str]:
                       f"are named {sorted(leaf_names)[:12]}); pass the target module names explicitly "
                       f"(--lora-target-modules a,b,c)")
     return found
-
-
-def default_teacher_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device runs bf16 matmuls natively, fp32 otherwise (this AVX2 CPU emulates bf16 GEMMs)."""
-    from mu.utils import autocast_dtype
-
-    return autocast_dtype(device) or torch.float32
 
 
 def _read_json(path: Path) -> dict:
@@ -125,6 +119,7 @@ class Teacher:
         self.kind = kind
         self.tokenizer = tokenizer
         self.name = name
+        self.precision = precision_note(self.dtype, "as given")  # load_teacher records how it chose
         if kind == "mu":
             if model.config.arch != "deconly":
                 raise MuError(f"{name}: the teacher must be a decoder-only model; this mu checkpoint is "
@@ -268,15 +263,22 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
 
     adapter: a PEFT LoRA adapter directory applied and merged. config_dir: the architecture for a bare state
     dict (`teacher.pt`), or the base model of an adapter directory whose recorded base is not local.
-    dtype=None picks bf16/fp32 by device (`default_teacher_dtype`). lora_alpha: the scale of a LoRA state dict
+    dtype=None picks bf16/fp32 by device (`mu.utils.auto_precision`;
+    the choice is kept in `teacher.precision`). lora_alpha: the scale of a LoRA state dict
     in a `.pt` file (not stored there; the paper used 32).
     """
     from mu.checkpoint import parse_dtype
-    from mu.utils import pick_device
+    from mu.utils import auto_precision, pick_device
 
-    path = Path(path)
+    path, asked = Path(path), dtype
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
-    dtype = parse_dtype(dtype) or default_teacher_dtype(device)
+    if parse_dtype(dtype) is not None:
+        dtype = parse_dtype(dtype)
+        note = precision_note(dtype, "asked for")
+    else:
+        auto, why = auto_precision(device)
+        dtype = auto or torch.float32
+        note = precision_note(auto, f"auto: {why}")
     tokenizer = None
     if path.is_dir() and _is_mu_dir(path):
         from mu.checkpoint import load_model
@@ -287,7 +289,7 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
             model = _merge_adapter(model, Path(adapter))
     elif path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
         base = _base_of_adapter(path, config_dir)
-        teacher = load_teacher(base, adapter=path, device=device, dtype=dtype)
+        teacher = load_teacher(base, adapter=path, device=device, dtype=asked)
         teacher.tokenizer = _tokenizer_in(path) or teacher.tokenizer
         teacher.name = str(path)
         return teacher
@@ -318,7 +320,9 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
         raise MuError(f"no teacher at {str(path)!r}: expected a Hugging Face causal LM directory, a PEFT adapter "
                       f"directory, a mu decoder-only checkpoint, or a .pt state dict with --teacher-config")
     model.to(device=device, dtype=dtype)
-    return Teacher(model, kind, tokenizer=tokenizer, name=str(path))
+    teacher = Teacher(model, kind, tokenizer=tokenizer, name=str(path))
+    teacher.precision = note
+    return teacher
 
 
 def _is_mu_pt(path: Path) -> bool:

@@ -105,6 +105,7 @@ class TrainResult:
     resumed_from: Optional[int] = None
     elapsed_s: float = 0.0
     tokens_per_s: float = 0.0
+    precision: str = ""  # what ran and why, e.g. "bf16 (auto: CPU has native bf16 (AVX-512-BF16/AMX))"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,18 +117,24 @@ class TrainResult:
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype (None = fp32). bf16 on a CPU without native bf16 works but is emulated (slow)."""
-    from mu.utils import autocast_dtype
+    return choose_precision(precision, device)[0]
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[Optional[torch.dtype], str]:
+    """The autocast dtype (None = fp32) and a note saying which was chosen and why (logged and saved)."""
+    from mu.utils import auto_precision, precision_note
 
     if precision == "fp32":
-        return None
+        return None, precision_note(None, "--precision fp32")
     if precision == "auto":
-        return autocast_dtype(device)
+        dtype, why = auto_precision(device)
+        return dtype, precision_note(dtype, f"auto: {why}")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise MuError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp32")
-    if device.type == "cpu" and autocast_dtype(device) is None:
+    if device.type == "cpu" and auto_precision(device)[0] is None:
         warnings.warn("bf16 on this CPU is emulated (no native bf16 matmul): expect it to be several times slower "
                       "than fp32", stacklevel=2)
-    return torch.bfloat16
+    return torch.bfloat16, precision_note(torch.bfloat16, "--precision bf16")
 
 
 def make_tokenizer(spec: str, texts: Callable[[], Sequence[str]]):
@@ -624,7 +631,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         device = env.device
         self.raw.to(device)
-        self.amp_dtype = resolve_precision(cfg.precision, device)
+        self.amp_dtype, self.precision_note = choose_precision(cfg.precision, device)
         fsdp_dtype = self.amp_dtype if env.strategy == "fsdp" else None
         if cfg.compile:
             self.raw.compile()
@@ -646,7 +653,7 @@ class Trainer:
                 "batch_size": cfg.batch_size, "grad_accum": self.accum, "global_batch_size": self.global_batch,
                 "train_examples": len(self.train_data), "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "est_flops_per_step": self.est_flops_per_step,
-                "precision": str(self.amp_dtype or torch.float32).replace("torch.", ""), "resumed_from": resumed_from}
+                "precision": self.precision_note, "resumed_from": resumed_from}
         metrics.write(info)
         _log(env, f"{self.config.arch} {cfg.preset if not cfg.init else cfg.init}: {p.total / 1e6:.2f}M parameters, "
                   f"vocab {self.config.vocab_size}; {len(self.train_data)} training examples, global batch "
@@ -782,6 +789,7 @@ class Trainer:
             flops=s.flops, train_loss=s.last_loss, val_loss=val.get("val_loss"),
             val_metrics={k: v for k, v in val.items() if isinstance(v, (int, float))},
             best_metric=s.best_metric, best_step=s.best_step, stop_reason=stop, resumed_from=resumed_from,
+            precision=self.precision_note,
             elapsed_s=s.elapsed_s, tokens_per_s=s.tokens / s.elapsed_s if s.elapsed_s else 0.0)
         metrics.write({"event": "end", "step": s.step, **result.to_dict()})
         if env.is_main:
