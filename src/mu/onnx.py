@@ -22,7 +22,6 @@ positions starting at its first real token.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from mu.config import MuConfig
 from mu.errors import MuError
-from mu.export.onnx_export import FORMAT, MANIFEST, cache_names
+from mu.export.onnx_export import MANIFEST, cache_names, read_manifest
 from mu.vision.config import VLMConfig
 from mu.vision.model import MuVLM
 
@@ -222,22 +221,6 @@ class OnnxVLM(OnnxModel):
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
-
-
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        hint = (" (that is a PyTorch model directory: export it first with `mu export onnx --model DIR --out OUT`)"
-                if (directory / "config.json").is_file() else "")
-        raise MuError(f"{directory}: no {MANIFEST}; expected a directory written by `mu export onnx`{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MuError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise MuError(f"{path}: not a mu ONNX export (expected \"format\": {FORMAT!r})")
-    return manifest
 
 
 def load(directory: str | os.PathLike, tokenizer: Any = None, threads: Optional[int] = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mu.errors import MuError
 
@@ -185,7 +186,11 @@ def quantize_graph(src: Path, dst: Path) -> None:
 
 def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = None, opset: int = DEFAULT_OPSET
                 ) -> Path:
-    """Export a model (directory, paper .pt or object) to `out` (written atomically); returns `out`."""
+    """Export a model (directory, paper .pt or object) to `out` (written atomically); returns `out`.
+
+    With `quantize="int8"` the fp32 graphs go to a temporary directory first and `out` gets their
+    int8 versions (`quantize_export`).
+    """
     import onnx
 
     from mu.model.base import atomic_directory
@@ -203,26 +208,61 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": text.config.arch,
         "config": text.config.to_dict(),
         "vision": model.vision_config.to_dict() if hasattr(model, "vision_config") else None,
-        "graphs": {s.name: s.to_dict() for s in specs}, "quantization": quantize, "opset": opset,
+        "graphs": {s.name: s.to_dict() for s in specs}, "quantization": None, "opset": opset,
         "exported_with": {"torch": torch.__version__, "onnx": onnx.__version__, **_ort_version()},
         "source": str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__,
     }
-    with atomic_directory(out) as tmp:
-        for spec in specs:
-            path = tmp / f"{spec.name}.onnx"
-            if quantize is None:
-                export_graph(spec, path, opset)
-                continue
-            fp32 = tmp / f"{spec.name}.fp32.onnx"  # its weights file is named after it: export under this name
-            export_graph(spec, fp32, opset)
-            quantize_graph(fp32, path)
-            for f in tmp.glob(f"{spec.name}.fp32.onnx*"):
-                f.unlink()
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    fp32_out = Path(out) if quantize is None else Path(out).with_name(f".{Path(out).name}.fp32-{os.getpid()}")
+    try:
+        with atomic_directory(fp32_out) as tmp:
+            for spec in specs:
+                export_graph(spec, tmp / f"{spec.name}.onnx", opset)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            tokenizer = getattr(model, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        if quantize is not None:
+            quantize_export(fp32_out, out)
+    finally:
+        if quantize is not None:
+            shutil.rmtree(fp32_out, ignore_errors=True)
     return Path(out)
+
+
+def quantize_export(src: str | os.PathLike, out: str | os.PathLike, mode: str = "int8") -> Path:
+    """Quantize every graph of the fp32 export `src` into `out` (atomically), tokenizer and manifest along."""
+    from mu.model.base import atomic_directory
+
+    src = Path(src)
+    manifest = read_manifest(src)
+    if mode not in QUANTIZATIONS:
+        raise MuError(f"quantization {mode!r} is not supported; expected one of {QUANTIZATIONS}")
+    if manifest.get("quantization"):
+        raise MuError(f"{src}: already quantized ({manifest['quantization']}); quantize the fp32 export")
+    with atomic_directory(out) as tmp:
+        for graph in manifest["graphs"].values():
+            quantize_graph(src / graph["file"], tmp / graph["file"])
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith(tuple(g["file"] for g in manifest["graphs"].values())):
+                shutil.copy2(f, tmp / f.name)  # tokenizer files
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "quantization": mode}, indent=2) + "\n")
+    return Path(out)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        hint = (" (that is a PyTorch model directory: export it first with `mu export onnx --model DIR --out OUT`)"
+                if (directory / "config.json").is_file() else "")
+        raise MuError(f"{directory}: no {MANIFEST}; expected a directory written by `mu export onnx`{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MuError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MuError(f"{path}: not a mu ONNX export (expected \"format\": {FORMAT!r})")
+    return manifest
 
 
 def _ort_version() -> dict[str, str]:
