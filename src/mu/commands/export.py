@@ -1,11 +1,12 @@
 """`mu export`: deployment formats of a trained model.
 
     mu export onnx --model DIR --out DIR [--quantize int8] [--opset N]   # onnxruntime graphs (mu.onnx runs them)
-    mu export hf --model DIR --out DIR                                  # a transformers trust_remote_code directory
+    mu export hf --model DIR --out DIR [--eval FILE]                    # a transformers trust_remote_code directory
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mu.errors import MuError
@@ -23,6 +24,8 @@ def add_arguments(p) -> None:
                                   "(no mu needed), with a model card")
     h.add_argument("--model", required=True, help="model directory written by mu (encoder-decoder or decoder-only)")
     h.add_argument("--out", required=True, help="output directory (replaced atomically if it holds an export)")
+    h.add_argument("--eval", action="append", default=[], metavar="FILE",
+                   help="a `mu eval --out` result to state in the model card (repeatable)")
 
 
 def check_out(model: str, out: str, marker: str) -> None:
@@ -46,10 +49,12 @@ def run(args) -> int:
                 print(f"{f}  {f.stat().st_size / 1e6:.1f} MB")
         print(f"run it with: mu generate --backend onnx --model {out} --prompt ...")
         return 0
-    from mu.hf.export import README, export_hf
+    from mu.hf.export import MARKER, export_hf
 
-    check_out(args.model, args.out, README)
-    out = export_hf(args.model, args.out)
-    print(f"wrote {out}: loads with AutoModelFor{'Seq2Seq' if True else ''}LM.from_pretrained({str(out)!r}, "
-          "trust_remote_code=True)")
+    check_out(args.model, args.out, MARKER)
+    out = export_hf(args.model, args.out, eval_results=args.eval)
+    auto = json.loads((out / "config.json").read_text())["auto_map"]
+    model_class = next(k for k in auto if k != "AutoConfig")
+    print(f"wrote {out}: {model_class}.from_pretrained({str(out)!r}, trust_remote_code=True) loads it "
+          f"(no mu needed); model card in {out / 'README.md'}")
     return 0
