@@ -130,7 +130,7 @@ def test_wrong_auto_class_says_which_to_use(saved):
         AutoModelForCausalLM.from_pretrained(saved["encdec"][1])
 
 
-def test_text2text_pipeline(saved):
+def test_pipelines(saved):
     model, path = saved["encdec"]
     pipe = pipeline("text2text-generation", model=str(path))
     text = "the cat sat"
@@ -138,6 +138,10 @@ def test_text2text_pipeline(saved):
     want = model.tokenizer.decode(model.generate(ids, max_new_tokens=12)[0], skip_special_tokens=True)
     assert pipe(text, max_new_tokens=12) == [{"generated_text": want}]
     assert pipe([text, text], max_new_tokens=12) == [{"generated_text": want}] * 2
+    model, path = saved["deconly"]  # decoder-only: transformers' own text-generation pipeline
+    gen = pipeline("text-generation", model=str(path))
+    want = model.tokenizer.decode(model.generate(ids, max_new_tokens=8)[0], skip_special_tokens=True)
+    assert gen(text, max_new_tokens=8, do_sample=False)[0]["generated_text"] == want
 
 
 REMOTE = r"""

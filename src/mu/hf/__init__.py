@@ -12,12 +12,14 @@ The classes live in standalone files (`configuration_mu.py`, `modeling_mu.py`, `
 import only torch and transformers) so that `mu export hf` (`mu.hf.export`) can copy them next to the
 weights for `trust_remote_code=True` loading where mu is not installed.
 
-Registering needs transformers' model classes, which take seconds to import; `import mu` itself must
-stay instant (the CLI imports it). So `install()` (called by `mu/__init__.py`) registers at once only if
-transformers' Auto modules are already imported, and otherwise adds an import hook that registers
-right after they are: the config when `transformers.models.auto.configuration_auto` loads, the models
-when `transformers.models.auto.modeling_auto` loads, the pipeline when `transformers.pipelines` loads.
-`register()` does everything at once, explicitly.
+Registering the model classes means importing transformers' `PreTrainedModel`, which takes seconds;
+`import mu` must stay instant (the CLI imports it), and so must loading a tokenizer (which imports
+transformers' Auto modules). So registration is staged: `install()` (called by `mu/__init__.py`) adds an
+import hook that registers the config class right after `transformers.models.auto.configuration_auto`
+loads, and the pipeline right after `transformers.pipelines` loads (at once for what is already
+imported); the model classes are registered when the first `MuHFConfig` is created (its `on_create`),
+which `AutoModel*.from_pretrained` does before it looks up the model class. `register()` does
+everything at once, explicitly.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def register_config() -> None:
     from mu.hf.configuration_mu import MuHFConfig
 
     AutoConfig.register(MODEL_TYPE, MuHFConfig, exist_ok=True)
+    if register_models not in MuHFConfig.on_create:
+        MuHFConfig.on_create.append(register_models)
 
 
 def register_models() -> None:
@@ -44,7 +48,8 @@ def register_models() -> None:
     from mu.hf.configuration_mu import MuHFConfig
     from mu.hf.modeling_mu import MuForCausalLM, MuForConditionalGeneration
 
-    register_config()
+    if register_models in MuHFConfig.on_create:  # once is enough
+        MuHFConfig.on_create.remove(register_models)
     AutoModelForSeq2SeqLM.register(MuHFConfig, MuForConditionalGeneration, exist_ok=True)
     AutoModelForCausalLM.register(MuHFConfig, MuForCausalLM, exist_ok=True)
 
@@ -66,13 +71,13 @@ def register_pipeline() -> None:
 
 def register() -> None:
     """Register mu's config, models and pipeline with transformers now."""
+    register_config()
     register_models()
     register_pipeline()
 
 
 HOOKS: dict[str, Callable[[], None]] = {
     "transformers.models.auto.configuration_auto": register_config,
-    "transformers.models.auto.modeling_auto": register_models,
     "transformers.pipelines": register_pipeline,
 }
 

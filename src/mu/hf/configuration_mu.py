@@ -21,6 +21,9 @@ class MuHFConfig(PretrainedConfig):
     model_type = "mu"
     attribute_map = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_key_value_heads": "n_kv_head",
                      "intermediate_size": "hidden_dim", "max_position_embeddings": "block_size"}
+    # Functions called (no arguments) whenever a config is created. `import mu` puts the registration of
+    # its model classes with transformers' Auto classes here: they are imported once a Mu config is used.
+    on_create = []
 
     def __init__(self, n_encoder_layer=20, n_decoder_layer=10, n_embd=1024, qkv_embd=384, is_interleaved=False,
                  hidden_dim=4096, n_head=6, n_kv_head=3, block_size=1024, dropout=0.1, rope_theta=10000,
@@ -55,6 +58,8 @@ class MuHFConfig(PretrainedConfig):
         self.eos_token_id = tokens["eos_token_id"]
         self.is_encoder_decoder = arch == "encdec"
         self.tie_word_embeddings = True
+        for fn in MuHFConfig.on_create:
+            fn()
 
     @property
     def head_dim(self) -> int:
