@@ -129,7 +129,8 @@ def test_generate_batched_greedy_sampling_beams_match(arch, encdec, deconly):
     eos = int(greedy[0, -5])  # a token the first row emits: generation stops there and pads after
     assert torch.equal(om.generate(ids, max_new_tokens=STEPS, eos_token_id=eos),
                        model.generate(ids, max_new_tokens=STEPS, eos_token_id=eos))
-    assert torch.equal(om.generate(ids, max_new_tokens=6, num_beams=3), model.generate(ids, max_new_tokens=6, num_beams=3))
+    assert torch.equal(om.generate(ids, max_new_tokens=6, num_beams=3),
+                       model.generate(ids, max_new_tokens=6, num_beams=3))
 
 
 def test_cli_generate_with_onnx_backend(encdec, capsys):

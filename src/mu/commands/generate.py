@@ -40,7 +40,8 @@ def run(args) -> int:
         import mu.onnx
 
         if args.dtype:
-            raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 (mu export onnx --quantize)")
+            raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
+                          "(mu export onnx --quantize)")
         model = mu.onnx.load(args.model, tokenizer=tokenizer)
         device = model.device
     else:

@@ -189,8 +189,8 @@ def model_card(model: Any, model_dir: Path, evals: Sequence[dict[str, Any]], eos
         "print(tok.decode(out[0], skip_special_tokens=True))",
         "```",
         "",
-        (f"`pipeline(\"text2text-generation\", model=DIR, trust_remote_code=True)` works too. " if encdec else
-         f"`pipeline(\"text-generation\", model=DIR, trust_remote_code=True)` works too. ") +
+        ("`pipeline(\"text2text-generation\", model=DIR, trust_remote_code=True)` works too. " if encdec else
+         "`pipeline(\"text-generation\", model=DIR, trust_remote_code=True)` works too. ") +
         f"Greedy decoding gives mu's tokens (mu's tests check it). The generation config holds {eos_note}.",
         "",
     ]

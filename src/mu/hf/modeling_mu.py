@@ -20,8 +20,6 @@ Tested with transformers 5.24 (`cache=` keyword; the older `past_key_values=` is
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -297,7 +295,8 @@ class MuForConditionalGeneration(MuPreTrainedModel, GenerationMixin):
         if encoder_outputs is None:
             enc_out = self.encode(input_ids, attention_mask, inputs_embeds)
         else:
-            enc_out = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+            enc_out = (encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list))
+                       else encoder_outputs.last_hidden_state)
         cross_mask = key_padding_mask(self._encoder_valid(input_ids, attention_mask, enc_out))
         if decoder_input_ids is None:
             if labels is None:
