@@ -174,6 +174,19 @@ def export_graph(spec: GraphSpec, path: Path, opset: int) -> None:
         raise MuError(f"could not export the {spec.name} graph to ONNX (opset {opset}): {first}") from e
 
 
+def check_loads(path: Path, opset: int) -> None:
+    """onnxruntime must be able to open the graph (onnx writes newer opsets than onnxruntime runs: with
+    onnxruntime 1.32, opsets 18-25 run and 28 does not)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise MuError(f"--opset {opset}: onnxruntime {ort.__version__} cannot run the exported {path.name} "
+                      f"({first[:200]}); choose a lower --opset (default {DEFAULT_OPSET})") from None
+
+
 def quantize_graph(src: Path, dst: Path) -> None:
     """onnxruntime dynamic int8 quantisation: per-channel int8 weights of constant-weight MatMuls."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -217,6 +230,8 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
         with atomic_directory(fp32_out) as tmp:
             for spec in specs:
                 export_graph(spec, tmp / f"{spec.name}.onnx", opset)
+                if opset != DEFAULT_OPSET:
+                    check_loads(tmp / f"{spec.name}.onnx", opset)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             tokenizer = getattr(model, "tokenizer", None)
             if tokenizer is not None:
