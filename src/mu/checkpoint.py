@@ -22,6 +22,7 @@ from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, MuModel
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 REFERENCE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_KEYS = ("auto_map", "custom_pipelines")  # what `mu export hf` adds to config.json for transformers
 
 
 def parse_dtype(dtype: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
@@ -125,7 +126,7 @@ def _load_directory(path: Path) -> MuModel:
         raise MuError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise MuError(f"{cfg_file}: expected a JSON object of MuConfig fields")
-    raw = {k: v for k, v in raw.items() if k not in ("model_type", "mu_format")}
+    raw = {k: v for k, v in raw.items() if k not in ("model_type", "mu_format", *HF_KEYS)}
     config = MuConfig.from_dict(raw, source=str(cfg_file))
     try:
         state = load_file(weights)

@@ -9,7 +9,10 @@ from mu.errors import MuError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="model directory or the paper's model.pt")
+    p.add_argument("--model", required=True, help="model directory or the paper's model.pt (with --backend onnx: "
+                                                  "a directory written by `mu export onnx`)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch (default) or onnx: the exported graphs run by onnxruntime on the CPU")
     p.add_argument("--prompt", help="input text (default: read stdin)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved with the model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -33,7 +36,16 @@ def run(args) -> int:
 
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
+    if args.backend == "onnx":
+        import mu.onnx
+
+        if args.dtype:
+            raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
+                          "(mu export onnx --quantize)")
+        model = mu.onnx.load(args.model, tokenizer=tokenizer)
+        device = model.device
+    else:
+        model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
     if model.tokenizer is None:
         raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
     tok = model.tokenizer

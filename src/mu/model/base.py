@@ -6,9 +6,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -180,23 +181,32 @@ class MuModel(nn.Module):
 
 def write_model_dir(directory: str | os.PathLike, state: dict[str, Tensor], config: dict[str, Any], tokenizer: Any,
                     skip: tuple[str, ...] = ()) -> Path:
-    """Write `config.json` + `model.safetensors` (+ tokenizer files) into `directory` atomically.
-
-    Everything goes to a temporary sibling first, which then replaces `directory` (an old one is moved
-    aside and removed only after the rename), so a crash never leaves a half-written model. Keys in
-    `skip` (tied weights) are left out of the weights file.
+    """Write `config.json` + `model.safetensors` (+ tokenizer files) into `directory` atomically
+    (see `atomic_directory`). Keys in `skip` (tied weights) are left out of the weights file.
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in skip}
         save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `directory` to fill; on success it replaces `directory`.
+
+    An old `directory` is moved aside and removed only after the rename, and a failure removes the
+    temporary one, so a crash never leaves a half-written directory.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             directory.rename(old)
@@ -207,4 +217,3 @@ def write_model_dir(directory: str | os.PathLike, state: dict[str, Tensor], conf
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
