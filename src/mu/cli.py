@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "inference efficiency benchmark: encoder-decoder vs decoder-only"),
     "vqa": ("vqa", "answer a question about an image with a vision-language model"),
     "demo": ("demo", "the paper's comparison at small scale, end to end, with no downloads"),
+    "serve": ("serve", "HTTP server with continuous batching: OpenAI-compatible API and a web page"),
 }
 
 

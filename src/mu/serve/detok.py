@@ -40,7 +40,17 @@ class TextStream:
         return self._take(final=self.stopped)
 
     def finish(self) -> str:
-        """The text still held back (the generation ended without completing a stop string)."""
+        """The text still held back (the generation ended without completing a stop string), including a
+        trailing incomplete character, which decodes as the tokenizer decodes it (U+FFFD)."""
+        if not self.stopped and self._read < len(self.ids):
+            decode = self.tokenizer.decode
+            before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+            after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+            start = len(self.text)
+            self.text += after[len(before):]
+            self._read = len(self.ids)
+            if self.stop:
+                self._find_stop(start)
         return self._take(final=True)
 
     def _find_stop(self, start: int) -> None:

@@ -84,7 +84,7 @@ class EngineStats:
 
     def first_token(self, seconds: float) -> None: ...
 
-    def finished(self, seconds: float, completion_tokens: int) -> None: ...
+    def tokens(self, count: int) -> None: ...
 
 
 class Handle:
@@ -392,8 +392,7 @@ class Engine:
                 handle.open -= 1
                 if not handle.cancelled:
                     handle.emit(Event("done", row.index, finish_reason=reason, completion_tokens=n_tokens))
-                if handle.open == 0:
-                    self.stats.finished(now - handle.submitted, n_tokens)
+        self.stats.tokens(len(slots))
         for slot in sorted(finished, reverse=True):
             self._release(slot)
 
