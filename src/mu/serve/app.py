@@ -118,9 +118,11 @@ class _Generation:
             remaining -= event.kind == "done"
 
     def cancel(self) -> None:
+        """Free the rows; a reader still waiting in `events` gets an error (499, the client closed the request)."""
         for handle in self.handles:
             if not handle.done:
                 handle.cancel()
+        self.queue.put_nowait((0, Event("error", error="the client closed the request", status=499)))
 
 
 class _EventStream(StreamingResponse):
@@ -637,7 +639,8 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str
     """Run `app` with uvicorn in a background thread; yields its base URL (port 0 picks a free port)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, name="mu-serve-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -177,6 +177,9 @@ def describe(error: ValidationError) -> tuple[str, str]:
     errors = error.errors(include_url=False)
     best = max(errors, key=lambda e: len([p for p in e["loc"] if isinstance(p, int) or p in _FIELDS]))
     field = error_field(best["loc"])
+    if best["type"] == "extra_forbidden":  # the unknown name itself is the field
+        parent = error_field(best["loc"][:-1])
+        field = str(best["loc"][-1]) if parent == "body" else f"{parent}.{best['loc'][-1]}"
     leaf = field.rsplit(".", 1)[-1].split("[")[0]
     union_mismatch = len(errors) > 1 and all(error_field(e["loc"]) == field for e in errors)
     if best["type"] == "extra_forbidden":
