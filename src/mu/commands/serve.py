@@ -30,6 +30,7 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $MU_API_KEY, if set)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, the physical cores)")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="what runs the model")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -68,6 +69,12 @@ def run(args) -> int:
         raise MuError(f"--port must be in 0..65535, got {args.port}")
     if args.api_key is not None and not args.api_key.strip():
         raise MuError("--api-key is empty")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MuError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_served_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
