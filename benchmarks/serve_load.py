@@ -62,11 +62,13 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model_dir: str, port: int, threads: int, max_batch: int, prompt_tokens: int,
-                 new_tokens: int):
+                 new_tokens: int, dtype: str | None = None):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         cmd = [sys.executable, "-m", "mu", "serve", "--model", model_dir, "--port", str(port), "--model-name", "m",
                "--max-batch", str(max_batch), "--max-queue", "256", "--max-input-tokens", str(prompt_tokens),
                "--max-new-tokens", str(new_tokens), "--threads", str(threads), "--log-level", "warning"]
+        if dtype:
+            cmd += ["--dtype", dtype]
         self.port = port
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
@@ -186,6 +188,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    p.add_argument("--dtype", help="the server's --dtype (default: fp32, as the models are built)")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds per level before clients stop")
     p.add_argument("--quick", action="store_true", help="tiny preset, 64-token prompts, 16 new tokens")
     p.add_argument("--out", help="also write the JSON result here")
@@ -194,10 +197,11 @@ def main() -> None:
         args.preset, args.prompt_tokens, args.new_tokens = "tiny", 64, 16
     levels = [int(c) for c in args.clients.split(",")]
     info = {**isa(), "server_threads": args.threads, "torch": torch.__version__, "preset": args.preset,
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "max_batch": args.max_batch}
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "max_batch": args.max_batch,
+            "dtype": args.dtype or "fp32"}
     print(f"# {info['cpu']}; torch {info['torch']} CPU capability {info['torch_capability']}, "
           f"avx512_bf16={info['avx512_bf16']}, amx={info['amx']}; {info['cores']} cores; server threads "
-          f"{args.threads}", flush=True)
+          f"{args.threads}; {info['dtype']}", flush=True)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mu-serve-load-") as tmp:
         for arch in args.archs.split(","):
@@ -208,7 +212,7 @@ def main() -> None:
             n_params = model.num_parameters()
             del model
             server = ServerProcess(str(model_dir), free_port(), args.threads, args.max_batch, args.prompt_tokens,
-                                   args.new_tokens)
+                                   args.new_tokens, args.dtype)
             try:
                 run_level(server.port, 4, 1, args.prompt_tokens, args.new_tokens, args.time_limit, seed0=10 ** 6)
                 results[arch] = []

@@ -381,4 +381,3 @@ def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "m"), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "m"), "--port", "70000"]) == 2
-    torch.manual_seed(0)

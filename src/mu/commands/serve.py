@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per choice at most, and the default")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2 ** 20, help="request body size at most (more: 413)")
     p.add_argument("--max-image-bytes", type=int, default=8 * 2 ** 20, help="decoded image size at most (more: 413)")
-    p.add_argument("--api-key", default=os.environ.get("MU_API_KEY"),
+    p.add_argument("--api-key", default=os.environ.get("MU_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $MU_API_KEY, if set)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
@@ -67,8 +67,10 @@ def run(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise MuError(f"--port must be in 0..65535, got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise MuError("--api-key is empty")
+    config = ServeConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_concurrent=args.max_concurrent,
+                         max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
+                         max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                         api_key=args.api_key)  # checked before the model loads
     if args.threads is not None:
         if args.threads < 1:
             raise MuError(f"--threads must be >= 1, got {args.threads}")
@@ -78,11 +80,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_served_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
-    name = args.model_name or Path(args.model).resolve().name
-    config = ServeConfig(model_name=name, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_concurrent=args.max_concurrent, max_input_tokens=args.max_input_tokens,
-                         max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
-                         max_image_bytes=args.max_image_bytes, api_key=args.api_key)
+    name = config.model_name = args.model_name or Path(args.model).resolve().name
     server = Server(model, getattr(model, "tokenizer", None), config)
     if args.api_key is None and not _is_loopback(args.host):
         print(f"mu serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",

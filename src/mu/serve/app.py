@@ -67,6 +67,18 @@ class ServeConfig:
     prefill_tokens: int = 4096  # prompt tokens admitted into the batch per engine turn (see Engine)
     api_key: Optional[str] = None  # when set, /v1/* and /metrics need "Authorization: Bearer <key>"
 
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_new_tokens", "max_body_bytes", "max_image_bytes", "max_image_pixels",
+                     "max_concurrent", "prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise MuError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_tokens is not None and self.max_input_tokens < 1:
+            raise MuError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
+        if self.max_queue < 0:
+            raise MuError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise MuError("--api-key is empty")
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
@@ -152,12 +164,6 @@ class Server:
         c = self.config
         if c.max_input_tokens is None:
             c.max_input_tokens = model.config.block_size
-        for name in ("max_batch", "max_input_tokens", "max_new_tokens", "max_body_bytes", "max_image_bytes",
-                     "max_image_pixels", "max_concurrent", "prefill_tokens"):
-            if getattr(c, name) < 1:
-                raise MuError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-        if c.max_queue < 0:
-            raise MuError(f"--max-queue must be >= 0, got {c.max_queue}")
         self.vision = hasattr(model, "vision_config")
         self.vocab_size = model.config.vocab_size
         self.engine: Optional[Engine] = None

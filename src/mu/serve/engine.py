@@ -174,8 +174,9 @@ class TorchBackend:
         ids = torch.full((B, W), pad, dtype=torch.long)
         mask = torch.zeros((B, W), dtype=torch.bool)
         for i, p in enumerate(prompts):
-            ids[i, :len(p.input_ids)] = torch.tensor(p.input_ids, dtype=torch.long)
-            mask[i, :len(p.input_ids)] = True
+            row = torch.tensor(p.input_ids, dtype=torch.long)
+            ids[i, :len(row)] = row
+            mask[i, :len(row)] = row != pad  # a pad id inside a prompt is masked, as `generate` masks it
         ids, mask = ids.to(self.device), mask.to(self.device)
         if self.encdec:
             cache = self.model.new_cache(B, 1)
@@ -326,17 +327,22 @@ class Engine:
             except Exception as e:
                 self._fail(group, e)
                 continue
-            rows: list[tuple[_Row, int]] = []
-            for i, handle in enumerate(group):
-                for index in range(handle.params.n):
-                    row = _Row(handle, index, self.tokenizer, logits.device)
-                    slot = self.backend.admit(cache, i)
-                    assert slot == len(self._rows), "slots are filled in order"
-                    self._rows.append(row)
-                    rows.append((row, i))
-            if rows:
-                slots = list(range(len(self._rows) - len(rows), len(self._rows)))
-                self._pick(logits[[i for _, i in rows]], slots)
+            first = len(self._rows)
+            sources: list[int] = []  # the prefill row of each new slot
+            try:
+                for i, handle in enumerate(group):
+                    for index in range(handle.params.n):
+                        row = _Row(handle, index, self.tokenizer, logits.device)
+                        slot = self.backend.admit(cache, i)
+                        assert slot == len(self._rows), "slots are filled in order"
+                        self._rows.append(row)
+                        sources.append(i)
+            except Exception as e:
+                while len(self._rows) > first:
+                    self._release(len(self._rows) - 1)
+                self._fail(group, e)
+                continue
+            self._pick(logits[sources], list(range(first, len(self._rows))))
 
     def _step(self) -> None:
         t0 = time.perf_counter()
