@@ -113,7 +113,7 @@ def test_two_concurrent_requests_of_different_lengths_share_one_batch(tok):
     model = printable_model("encdec", tok, seed=1)
     backend = SlowBackend(model, max_batch=4, delay=0.02)
     server = Server(model, tok, ServeConfig(model_name="tiny"), backend=backend)
-    jobs = {"long": ("a longer prompt with more tokens in it", 24), "short": ("short", 6)}
+    jobs = {"long": ("a longer prompt with more tokens in it", 40), "short": ("short", 6)}
     results = {}
     with serve_in_thread(server.app) as base:
         def call(name):
@@ -122,7 +122,7 @@ def test_two_concurrent_requests_of_different_lengths_share_one_batch(tok):
                                                            "ignore_eos": True})
         threads = [threading.Thread(target=call, args=(name,)) for name in jobs]
         threads[0].start()
-        time.sleep(0.1)  # the long one is decoding when the short one arrives
+        assert _wait_until(lambda: server.engine.running == 1)  # the long one is decoding when the short one comes
         threads[1].start()
         for t in threads:
             t.join(60)
@@ -270,6 +270,7 @@ def test_queue_and_concurrency_limits_give_429(strict):
     def call():
         results.append(post(base, "/v1/completions", slow, headers=AUTH)[0])
 
+    server.backend.delay = 0.1  # 16 steps of 0.1 s: the first request holds its row long enough
     first = threading.Thread(target=call)
     first.start()
     assert _wait_until(lambda: server.engine.running == 1)
@@ -286,6 +287,7 @@ def test_queue_and_concurrency_limits_give_429(strict):
         server.inflight -= 10
     first.join(30)
     second.join(30)
+    server.backend.delay = 0.02
     assert results == [200, 200]
 
 
