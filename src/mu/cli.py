@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "vqa": ("vqa", "answer a question about an image with a vision-language model"),
     "demo": ("demo", "the paper's comparison at small scale, end to end, with no downloads"),
     "export": ("export", "export a model to ONNX (onnxruntime, int8) or a Hugging Face transformers directory"),
+    "serve": ("serve", "HTTP server with continuous batching: OpenAI-compatible API and a web page"),
 }
 
 
