@@ -24,13 +24,29 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
 
 
+def check_prompt_length(tok, prompt: str, block_size: int) -> list[int]:
+    """The prompt's ids, cut to the model's context (`block_size`) with a warning that says how."""
+    from mu.data.tasks import fit_prompt
+
+    ids, n = fit_prompt(tok, prompt, block_size)
+    if n > block_size:
+        print(f"warning: the prompt has {n} tokens, more than the model's context (block_size {block_size}): "
+              f"truncated to {len(ids)} tokens (the end of the text was cut, keeping a final ###marker line)",
+              file=sys.stderr)
+    return ids
+
+
 def run(args) -> int:
     import torch
 
-    from mu.checkpoint import load_model
+    from mu.checkpoint import load_model, parse_dtype
+    from mu.generation import CLI_NAMES, check_generation_args
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
+    check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
+                          args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
+    parse_dtype(args.dtype)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
@@ -40,7 +56,7 @@ def run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise MuError("empty prompt: pass --prompt TEXT or text on stdin")
-    ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    ids = torch.tensor([check_prompt_length(tok, prompt, model.config.block_size)], device=device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer

@@ -232,11 +232,10 @@ def _load_lora_state_dict(file: Path, config_dir: Path, dtype: torch.dtype, lora
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mu.checkpoint import safe_torch_load
+
     _quiet_transformers()
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types on bad files
-        raise MuError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    obj = safe_torch_load(file)
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise MuError(f"{file}: expected a state dict (optionally under 'model_state_dict')")
@@ -323,11 +322,10 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
 
 def _is_mu_pt(path: Path) -> bool:
     """Is this .pt file the paper's *Mu* format ({"model_state_dict", "model_config"})?"""
+    from mu.checkpoint import safe_torch_load
+
     try:
-        obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception:  # not loadable as a zip checkpoint with mmap: let the real loader report it
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch.load raises many types on bad files
-            raise MuError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        obj = safe_torch_load(path, map_location="meta", mmap=True)
+    except MuError:  # not loadable as a zip checkpoint with mmap: the plain read says why
+        obj = safe_torch_load(path)
     return isinstance(obj, dict) and "model_config" in obj and "model_state_dict" in obj
