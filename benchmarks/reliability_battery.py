@@ -178,6 +178,16 @@ def build_fixtures(t: Path) -> dict[str, Path]:
     (evil_tok / "tokenization_evil.py").write_text(f"import pathlib\npathlib.Path({str(f['marker_remote'])!r}).touch()\n"
                                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
     f["tok_remote_code"] = evil_tok
+    # a Hugging Face causal LM directory (a distillation teacher) whose pytorch_model.bin carries a payload
+    from transformers import LlamaConfig
+
+    hf = t / "hf_teacher"
+    LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(hf)
+    tok.save_pretrained(hf)
+    f["marker_hf"] = t / "PAYLOAD_RAN_hf_bin"
+    torch.save({"model.embed_tokens.weight": Payload(f["marker_hf"])}, hf / "pytorch_model.bin")
+    f["hf_teacher"] = hf
     (t / "empty_tok").mkdir()
     f["empty_tok"] = t / "empty_tok"
 
@@ -337,6 +347,9 @@ def cases(f: dict[str, Path], t: Path) -> list[Case]:
         for verb, cmd in verbs.items():
             add(1, f"{kind} pickle payload: {verb}", cmd, mention=(n, "refused"), marker=m,
                 leftovers=leftover.get(verb, ()))
+    add(1, "HF teacher with a payload in pytorch_model.bin: distill --teacher",
+        [*distill_base, "--teacher", f["hf_teacher"], "--student-preset", "tiny", "--out", o / "kd_hf"],
+        mention=("hf_teacher", "refused"), marker=f["marker_hf"], leftovers=(o / "kd_hf/final",))
     add(1, "tokenizer with remote code: generate", gen(enc, "--tokenizer", f["tok_remote_code"]),
         mention=("tok_remote_code",), marker=f["marker_remote"])
     model_cases = [

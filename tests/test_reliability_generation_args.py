@@ -98,7 +98,7 @@ def test_prompts_and_tokenizers(model_dir, tmp_path, capsys):
     assert_refused(rc, err, "vocab_size 128")
 
 
-def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(model_dir, capsys):
+def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(model_dir, tmp_path, capsys):
     prompt = "word " * 100 + "\n###Answer\n"  # ~510 byte tokens > block_size 64
     rc, err = run_cli(capsys, "generate", "--model", model_dir, "--prompt", prompt, "--max-new-tokens", "2")
     assert rc == 0 and "warning: the prompt has 511 tokens" in err and "truncated to 64 tokens" in err
@@ -107,6 +107,9 @@ def test_a_prompt_longer_than_the_context_is_truncated_with_a_warning(model_dir,
     text = tok.decode(ids)
     assert n == 511 and len(ids) == 64 and text.startswith("word word") and text.endswith("wor\n###Answer\n")
     assert fit_prompt(tok, "short", 64) == (tok("short")["input_ids"], 5)
+    dec = save_tiny(tmp_path / "dec", arch="deconly")  # decoder-only: the prompt leaves room for the new tokens
+    rc, err = run_cli(capsys, "generate", "--model", dec, "--prompt", prompt, "--max-new-tokens", "4")
+    assert rc == 0 and "block_size 64 minus 4 new tokens): truncated to 60 tokens" in err
 
 
 def test_seed_entry_point_and_vqa_check_the_same_way(model_dir, tmp_path, capsys):

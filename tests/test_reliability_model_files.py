@@ -14,8 +14,8 @@ import torch
 
 import mu
 from mu.checkpoint import load_model, safe_torch_load
-from tests.reliability_util import (MU_BIN, PAYLOAD_KINDS, assert_refused, run_cli, run_subprocess, save_tiny,
-                                    write_payload)
+from tests.reliability_util import (MU_BIN, PAYLOAD_KINDS, Payload, assert_refused, run_cli, run_subprocess,
+                                    save_tiny, write_payload)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,18 @@ def test_a_tokenizer_asking_for_remote_code_is_refused_and_not_run(tmp_path, tin
     rc, err = run_cli(capsys, "generate", "--model", tiny["enc"], "--tokenizer", tok_dir, "--prompt", "hi")
     assert_refused(rc, err, str(tok_dir), "run code")
     assert not marker.exists()
+
+
+def test_a_hugging_face_teacher_with_a_payload_in_its_bin_file(tmp_path, tiny, capsys):
+    """distill --teacher DIR: transformers reads pytorch_model.bin weights-only; mu reports the refusal in one line."""
+    from transformers import LlamaConfig
+
+    teacher, marker = tmp_path / "teacher", tmp_path / "ran"
+    LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(teacher)
+    mu.byte_tokenizer().save_pretrained(teacher)
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, teacher / "pytorch_model.bin")
+    rc, err = run_cli(capsys, "distill", "--teacher", teacher, "--student-preset", "tiny", "--train-data",
+                      tiny["data"], "--out", tmp_path / "kd", "--max-steps", "1", "--device", "cpu", "--no-progress")
+    assert_refused(rc, err, str(teacher), "refused to unpickle", "posix.system")
+    assert not marker.exists() and not (tmp_path / "kd" / "final").exists()

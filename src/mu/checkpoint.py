@@ -71,7 +71,6 @@ def safe_torch_load(path: str | os.PathLike, **kwargs: Any) -> Any:
     the file and what it tried to import; an unreadable file gets one naming the file and the problem.
     """
     import pickle
-    import re
     import warnings
 
     try:
@@ -79,16 +78,7 @@ def safe_torch_load(path: str | os.PathLike, **kwargs: Any) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        found = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
-        if found:
-            what = f"it would import {found.group(1)}, which could run code"
-        else:
-            detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
-            what = (f"it holds more than tensors and plain containers "
-                    f"({detail.group(1).strip() if detail else 'unsupported pickle content'})")
-        raise MuError(f"{path}: refused to unpickle: {what}; mu reads .pt files with torch.load(weights_only=True) "
-                      f"and never runs code from a checkpoint") from None
+        raise pickle_refusal(path, e) from None
     except IsADirectoryError:
         raise MuError(f"{path}: is a directory, expected a .pt file") from None
     except FileNotFoundError:
@@ -96,6 +86,23 @@ def safe_torch_load(path: str | os.PathLike, **kwargs: Any) -> Any:
     except Exception as e:  # torch.load raises many types (RuntimeError, EOFError, IndexError...) on bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MuError(f"{path}: not a readable PyTorch checkpoint ({first.split('. ')[0].rstrip('.')})") from None
+
+
+def pickle_refusal(path: str | os.PathLike, error: Exception) -> MuError:
+    """The one-line MuError for a pickle that `torch.load(weights_only=True)` (ours, or a library's such as
+    transformers' or peft's) refused to unpickle: it names the file and what the pickle tried to import."""
+    import re
+
+    text = str(error)
+    found = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
+    if found:
+        what = f"it would import {found.group(1)}, which could run code"
+    else:
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        what = (f"it holds more than tensors and plain containers "
+                f"({detail.group(1).strip() if detail else 'unsupported pickle content'})")
+    return MuError(f"{path}: refused to unpickle: {what}; checkpoints are read with torch.load(weights_only=True), "
+                   f"which never runs code")
 
 
 def _state_dict_problem(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:

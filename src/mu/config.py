@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Sequence
 
@@ -66,10 +67,10 @@ class MuConfig:
             return MuError(f"config field {name!r} is {getattr(self, name)!r}; expected {expected}")
 
         def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
         def is_number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("n_embd", "hidden_dim", "n_head", "n_kv_head", "block_size", "vocab_size", "n_decoder_layer"):
             if not (is_int(getattr(self, name)) and getattr(self, name) > 0):

@@ -104,7 +104,7 @@ def answer(args) -> str:
     tok = model.tokenizer
     text = PROMPT.format(q=args.question, c=args.context)
     logger.info("Input text: %s", text)
-    ids = torch.tensor([check_prompt_length(tok, text, model.config.block_size)], device=device)
+    ids = torch.tensor([check_prompt_length(tok, text, model, args.max_new_tokens)], device=device)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -12,6 +12,7 @@ paper's code); decoder-only outputs are the (left-padded) prompt followed by the
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -45,10 +46,10 @@ def check_generation_args(max_new_tokens: int = 64, do_sample: bool = False, tem
         return MuError(f"{names.get(arg, arg)} {value!r}: expected {expected}")
 
     def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
     def is_number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
     if not (is_int(max_new_tokens) and max_new_tokens >= 1):
         raise bad("max_new_tokens", max_new_tokens, "a whole number >= 1")
@@ -112,7 +113,7 @@ def _special_id(model, name: str, given: Optional[int], default: Optional[int]) 
     return value if value is not None else default
 
 
-def _as_batch(input_ids: Any, device) -> Tensor:
+def _as_batch(input_ids: Any, device, vocab_size: int) -> Tensor:
     if not isinstance(input_ids, Tensor):
         input_ids = torch.tensor(input_ids)
     if input_ids.dim() == 1:
@@ -120,6 +121,10 @@ def _as_batch(input_ids: Any, device) -> Tensor:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MuError(f"input_ids must be a non-empty (batch, length) array of token ids, got shape "
                       f"{tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())  # before the copy to `device` (no sync for CPU input)
+    if lo < 0 or hi >= vocab_size:
+        raise MuError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary (vocab_size "
+                      f"{vocab_size}): is the tokenizer the model's own?")
     return input_ids.to(device=device, dtype=torch.long)
 
 
@@ -142,11 +147,7 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
                           streamer is not None)
     config = model.config
     pad = config.pad_token_id
-    input_ids = _as_batch(input_ids, model.device)
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise MuError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary (vocab_size "
-                      f"{config.vocab_size}): is the tokenizer the model's own?")
+    input_ids = _as_batch(input_ids, model.device, config.vocab_size)
     if attention_mask is None:
         attention_mask = input_ids != pad
     attention_mask = attention_mask.to(input_ids.device).bool()

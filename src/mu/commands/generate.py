@@ -24,15 +24,19 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
 
 
-def check_prompt_length(tok, prompt: str, block_size: int) -> list[int]:
-    """The prompt's ids, cut to the model's context (`block_size`) with a warning that says how."""
+def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[int]:
+    """The prompt's ids, cut as `mu eval` cuts sources (to `block_size`; decoder-only: minus the new tokens),
+    with a warning that says so."""
     from mu.data.tasks import fit_prompt
+    from mu.eval.runner import default_max_source_len
 
-    ids, n = fit_prompt(tok, prompt, block_size)
-    if n > block_size:
-        print(f"warning: the prompt has {n} tokens, more than the model's context (block_size {block_size}): "
-              f"truncated to {len(ids)} tokens (the end of the text was cut, keeping a final ###marker line)",
-              file=sys.stderr)
+    limit = default_max_source_len(model, max_new_tokens)
+    ids, n = fit_prompt(tok, prompt, limit)
+    if n > limit:
+        room = "" if model.config.arch == "encdec" else f" minus {max_new_tokens} new tokens"
+        print(f"warning: the prompt has {n} tokens, more than the model's context (block_size "
+              f"{model.config.block_size}{room}): truncated to {len(ids)} tokens (the end of the text was cut, "
+              f"keeping a final ###marker line)", file=sys.stderr)
     return ids
 
 
@@ -56,7 +60,7 @@ def run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise MuError("empty prompt: pass --prompt TEXT or text on stdin")
-    ids = torch.tensor([check_prompt_length(tok, prompt, model.config.block_size)], device=device)
+    ids = torch.tensor([check_prompt_length(tok, prompt, model, args.max_new_tokens)], device=device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,9 +190,14 @@ class Teacher:
 def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    from mu.checkpoint import pickle_refusal
+
     _quiet_transformers()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **{_hf_dtype_kwarg(): dtype})
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
+                                                    **{_hf_dtype_kwarg(): dtype})
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin that transformers' weights-only load refused
+        raise pickle_refusal(path, e) from None
     except (OSError, ValueError, KeyError) as e:
         raise MuError(f"{path}: could not load a Hugging Face causal LM ({str(e).splitlines()[0]})") from None
 
@@ -212,9 +218,13 @@ def _merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
 
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise MuError(f"{adapter}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    from mu.checkpoint import pickle_refusal
+
     try:
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except pickle.UnpicklingError as e:  # an adapter_model.bin that peft's weights-only load refused
+        raise pickle_refusal(adapter, e) from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MuError(f"{adapter}: could not apply the LoRA adapter to the teacher ({first})") from None
