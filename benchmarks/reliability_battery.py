@@ -441,7 +441,7 @@ def cases(f: dict[str, Path], t: Path) -> list[Case]:
                                  ("missing tokenizer", ["--tokenizer_path", t / "nope_tok"], ("nope_tok",))]:
         add(2, f"generate_text2text: {name}", [*seed, *extra], mention=mention)
     api = ("import sys, mu, torch\nm = mu.load_model(sys.argv[1])\ntry:\n    m.generate(torch.tensor([[5, 6, 7]]), "
-           "**eval(sys.argv[2]))\nexcept mu.MuError as e:\n    sys.exit(f'error: {e}')")
+           "**eval(sys.argv[2]))\nexcept mu.MuError as e:\n    print(f'error: {e}', file=sys.stderr)\n    sys.exit(2)")
     for kw, mention in [("dict(max_new_tokens=0)", "max_new_tokens"), ("dict(num_beams=0)", "num_beams"),
                         ("dict(do_sample=True, temperature=0.0)", "temperature"),
                         ("dict(do_sample=True, top_p=1.5)", "top_p"), ("dict(do_sample=True, top_k=0)", "top_k"),

@@ -58,7 +58,7 @@ def check_generation_args(max_new_tokens: int = 64, do_sample: bool = False, tem
     if do_sample and not (is_number(temperature) and temperature > 0):
         raise bad("temperature", temperature, "a number > 0 when sampling (for greedy decoding leave sampling off)")
     if top_k is not None and not (is_int(top_k) and top_k >= 1):
-        raise bad("top_k", top_k, "a whole number >= 1 (or none for no top-k filter)")
+        raise bad("top_k", top_k, "a whole number >= 1 (leave it unset for no top-k filter)")
     if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise bad("top_p", top_p, "a number in (0, 1] (1 = no nucleus filter)")
     if not is_number(length_penalty):
