@@ -95,7 +95,7 @@ def test_cli_missing_and_corrupt_checkpoints(tmp_path):
     assert r.returncode == 2 and "not a readable PyTorch checkpoint" in r.stderr and "Traceback" not in r.stderr
     d = tmp_path / "dir"
     d.mkdir()
-    (d / "config.json").write_text("{}")
+    (d / "config.json").write_text(json.dumps(mu.MuConfig.from_name("tiny").to_dict()))
     (d / "model.safetensors").write_bytes(b"\x00" * 10)
     r = _run_cli("info", str(d))
     assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
@@ -106,7 +106,7 @@ def test_cli_missing_and_corrupt_checkpoints(tmp_path):
 
 def test_cli_mismatched_weights(tmp_path):
     model = mu.build_model("tiny")
-    torch.save({"model_state_dict": model.state_dict(), "model_config": {"n_embd": 128}}, tmp_path / "m.pt")
+    torch.save({"model_state_dict": model.state_dict(), "model_config": {**model.config.to_dict(), "n_embd": 128}}, tmp_path / "m.pt")
     r = _run_cli("info", str(tmp_path / "m.pt"))
     assert r.returncode == 2 and "do not match the config" in r.stderr and "Traceback" not in r.stderr
 

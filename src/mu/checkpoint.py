@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from mu.config import MuConfig
+from mu.config import SHAPE_FIELDS, MuConfig
 from mu.errors import MuError
 from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, MuModel
 
@@ -57,29 +57,84 @@ def _from_state_dict(config: MuConfig, state: dict[str, torch.Tensor], source: s
     state = dict(state)
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise MuError(f"{source}: weights do not match the config: {e}") from None
+    problem = _state_dict_problem(model.state_dict(), state)
+    if problem:
+        raise MuError(f"{source}: weights do not match the config: {problem}")
+    model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     return model
+
+
+def safe_torch_load(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never code.
+
+    A pickle that would import anything else (a code payload) is refused with a one-line MuError naming
+    the file and what it tried to import; an unreadable file gets one naming the file and the problem.
+    """
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the weights-only unpickler warns about protocols it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=kwargs.pop("map_location", "cpu"), weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise pickle_refusal(path, e) from None
+    except IsADirectoryError:
+        raise MuError(f"{path}: is a directory, expected a .pt file") from None
+    except FileNotFoundError:
+        raise MuError(f"no such file: {str(path)!r}") from None
+    except Exception as e:  # torch.load raises many types (RuntimeError, EOFError, IndexError...) on bad files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MuError(f"{path}: not a readable PyTorch checkpoint ({first.split('. ')[0].rstrip('.')})") from None
+
+
+def pickle_refusal(path: str | os.PathLike, error: Exception) -> MuError:
+    """The one-line MuError for a pickle that `torch.load(weights_only=True)` (ours, or a library's such as
+    transformers' or peft's) refused to unpickle: it names the file and what the pickle tried to import."""
+    import re
+
+    text = str(error)
+    found = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
+    if found:
+        what = f"it would import {found.group(1)}, which could run code"
+    else:
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        what = (f"it holds more than tensors and plain containers "
+                f"({detail.group(1).strip() if detail else 'unsupported pickle content'})")
+    return MuError(f"{path}: refused to unpickle: {what}; checkpoints are read with torch.load(weights_only=True), "
+                   f"which never runs code")
+
+
+def _state_dict_problem(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str:
+    """'' when `found` has exactly the tensors (names and shapes) of `expected`, else the first difference
+    and how many there are, on one line."""
+    problems = [f"{k} is missing" for k in expected if k not in found]
+    problems += [f"{k} is not in this architecture" for k in found if k not in expected]
+    problems += [f"{k} has shape {tuple(found[k].shape)} in the file but {tuple(v.shape)} by the config"
+                 for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    if not problems:
+        return ""
+    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
 
 
 def load_reference_checkpoint(path: str | os.PathLike) -> tuple[MuConfig, dict[str, torch.Tensor]]:
     """Read the paper's `.pt` file safely -> (config, state_dict)."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types (UnpicklingError, RuntimeError, IndexError...) on bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MuError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    obj = safe_torch_load(path)
     if not isinstance(obj, dict) or "model_state_dict" not in obj:
         keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise MuError(f"{path}: expected the paper's format {{'model_state_dict', 'model_config'}}, found {keys}")
-    cfg = obj.get("model_config") or {}
+    if "model_config" not in obj:
+        raise MuError(f"{path}: no 'model_config' (the paper's format holds 'model_state_dict' and 'model_config', "
+                      f"a dict of MuConfig fields)")
+    cfg = obj["model_config"]
     if not isinstance(cfg, dict):
         raise MuError(f"{path}: 'model_config' should be a dict of MuConfig fields, found {type(cfg).__name__}")
-    return MuConfig.from_dict(cfg, source=f"{path}: model_config"), obj["model_state_dict"]
+    state = obj["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MuError(f"{path}: 'model_state_dict' should map parameter names to tensors")
+    return MuConfig.from_dict(cfg, source=f"{path}: model_config", required=SHAPE_FIELDS), state
 
 
 def load_model(path: str | os.PathLike, device: Optional[str | torch.device] = None,
@@ -127,7 +182,7 @@ def _load_directory(path: Path) -> MuModel:
     if not isinstance(raw, dict):
         raise MuError(f"{cfg_file}: expected a JSON object of MuConfig fields")
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "mu_format", *HF_KEYS)}
-    config = MuConfig.from_dict(raw, source=str(cfg_file))
+    config = MuConfig.from_dict(raw, source=str(cfg_file), required=SHAPE_FIELDS)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
@@ -139,6 +194,9 @@ def convert_reference(src: str | os.PathLike, out_dir: str | os.PathLike, tokeni
                       dtype: Optional[str | torch.dtype] = None) -> Path:
     """Convert the paper's `.pt` checkpoint to our directory format (optionally with a tokenizer)."""
     src = Path(src)
+    if src.is_dir():
+        raise MuError(f"{src}: is a directory; convert-reference reads the paper's .pt file (a mu model directory "
+                      f"needs no conversion)")
     if not src.is_file():
         raise MuError(f"no checkpoint file at {str(src)!r}")
     model = load_model(src, dtype=dtype, tokenizer=tokenizer)

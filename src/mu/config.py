@@ -11,12 +11,17 @@ cross-attention) and `n_encoder_layer` is 0.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from mu.errors import MuError
 
 ARCHS = ("encdec", "deconly")
+# The fields that fix a model's tensor shapes: a saved config (config.json, a .pt's model_config) must list them.
+SHAPE_FIELDS = ("n_encoder_layer", "n_decoder_layer", "n_embd", "qkv_embd", "hidden_dim", "n_head", "n_kv_head",
+                "vocab_size")
 
 
 @dataclass
@@ -38,18 +43,54 @@ class MuConfig:
     arch: str = "encdec"  # "encdec" (Mu) or "deconly" (the matched decoder-only twin)
 
     def __post_init__(self) -> None:
+        self._check_values()
         if self.qkv_embd is None:
             self.qkv_embd = self.n_embd
         if self.arch not in ARCHS:
             raise MuError(f"config field 'arch' is {self.arch!r}; expected one of {ARCHS}")
         if self.qkv_embd % self.n_head:
-            raise MuError(f"config: qkv_embd={self.qkv_embd} is not divisible by n_head={self.n_head}")
+            raise MuError(f"config field 'n_head' is {self.n_head}: it must divide qkv_embd={self.qkv_embd}")
         if self.n_head % self.n_kv_head:
-            raise MuError(f"config: n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+            raise MuError(f"config field 'n_kv_head' is {self.n_kv_head}: it must divide n_head={self.n_head}")
         if (self.qkv_embd // self.n_head) % 2:
-            raise MuError(f"config: head_dim={self.qkv_embd // self.n_head} must be even for RoPE")
+            raise MuError(f"config fields 'qkv_embd'/'n_head' give head_dim={self.qkv_embd // self.n_head}; "
+                          f"it must be even for RoPE")
         if self.arch == "deconly" and self.n_encoder_layer:
-            raise MuError("config: a decoder-only model has n_encoder_layer=0")
+            raise MuError(f"config field 'n_encoder_layer' is {self.n_encoder_layer}; a decoder-only model has 0")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise MuError(f"config field 'pad_token_id' is {self.pad_token_id}; expected an id in "
+                          f"[0, vocab_size={self.vocab_size})")
+
+    def _check_values(self) -> None:
+        """Types and ranges of every field, each error naming the field, its value and what was expected."""
+        def bad(name: str, expected: str) -> MuError:
+            return MuError(f"config field {name!r} is {getattr(self, name)!r}; expected {expected}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_number(v: Any) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("n_embd", "hidden_dim", "n_head", "n_kv_head", "block_size", "vocab_size", "n_decoder_layer"):
+            if not (is_int(getattr(self, name)) and getattr(self, name) > 0):
+                raise bad(name, "a positive integer")
+        if not (is_int(self.n_encoder_layer) and self.n_encoder_layer >= 0):
+            raise bad("n_encoder_layer", "an integer >= 0")
+        if self.qkv_embd is not None and not (is_int(self.qkv_embd) and self.qkv_embd > 0):
+            raise bad("qkv_embd", "a positive integer (or null for n_embd)")
+        if not is_int(self.pad_token_id):
+            raise bad("pad_token_id", "an integer token id")
+        if not isinstance(self.is_interleaved, bool):
+            raise bad("is_interleaved", "true or false")
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise bad("dropout", "a number in [0, 1)")
+        if not (is_number(self.rope_theta) and self.rope_theta > 0):
+            raise bad("rope_theta", "a positive number")
+        if not (is_number(self.rope_factor) and self.rope_factor > 0):
+            raise bad("rope_factor", "a positive number (> 1 enables NTK scaling)")
+        if not isinstance(self.arch, str):
+            raise bad("arch", f"one of {ARCHS}")
 
     @property
     def head_dim(self) -> int:
@@ -63,14 +104,20 @@ class MuConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "MuConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config", required: Sequence[str] = ()) -> "MuConfig":
+        """A config from a dict of fields; errors name `source` (a file). `required`: fields that must be
+        present (a saved model's shapes must not silently fall back to the 330M defaults)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise MuError(f"{source}: unknown config field(s) {unknown}; expected a subset of {sorted(known)}")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise MuError(f"{source}: missing config field(s) {missing} (a saved model lists all of "
+                          f"{list(SHAPE_FIELDS)})")
         try:
             return cls(**d)
-        except TypeError as e:
+        except MuError as e:
             raise MuError(f"{source}: {e}") from None
 
     @classmethod
@@ -88,6 +135,9 @@ class MuConfig:
         return cls.from_dict(base, source=f"preset {name!r}")
 
     def replace(self, **changes: Any) -> "MuConfig":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise MuError(f"unknown config field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
 

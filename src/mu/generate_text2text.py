@@ -57,12 +57,14 @@ CONTEXT = (
 )
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "phi3_tokenizer"
 HOW_TO_GET_A_MODEL = (
-    "The paper's weights are not downloadable from this project. Either pass the paper's checkpoint "
-    "(artifacts/models/model.pt of microsoft/encoder-decoder-slm, via git-lfs) or train one, e.g.\n"
-    "  mu train --arch encdec --preset small --task squad_v2 --train-data squad_v2_train.jsonl "
-    "--val-data squad_v2_dev.jsonl --tokenizer ../shared/data/phi3_tokenizer --out runs/squad\n"
-    "and pass --model_path runs/squad/final"
+    "the paper's weights are not downloadable from this project: pass its checkpoint (artifacts/models/model.pt of "
+    "microsoft/encoder-decoder-slm, via git-lfs) or a model you trained (e.g. `mu train --task squad_v2 ... --out "
+    "runs/squad`, then --model_path runs/squad/final)"
 )
+
+
+SEED_NAMES = {"max_new_tokens": "--max_new_tokens", "do_sample": "--sample", "temperature": "--temperature",
+              "top_k": "--top_k"}
 
 
 def parse_args(argv=None):
@@ -83,12 +85,15 @@ def answer(args) -> str:
     import torch
 
     from mu.checkpoint import load_model
+    from mu.commands.generate import check_prompt_length
+    from mu.generation import check_generation_args
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
     path = Path(args.model_path)
     if not path.exists():
-        raise MuError(f"no model at {str(path)!r}.\n{HOW_TO_GET_A_MODEL}")
+        raise MuError(f"no model at {str(path)!r}: {HOW_TO_GET_A_MODEL}")
+    check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, names=SEED_NAMES)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer_path) if args.tokenizer_path else None
     model = load_model(path, device=device, tokenizer=tokenizer)
@@ -99,7 +104,7 @@ def answer(args) -> str:
     tok = model.tokenizer
     text = PROMPT.format(q=args.question, c=args.context)
     logger.info("Input text: %s", text)
-    ids = tok(text, return_tensors="pt")["input_ids"].to(device)
+    ids = torch.tensor([check_prompt_length(tok, text, model, args.max_new_tokens)], device=device)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,

@@ -11,6 +11,8 @@ paper's code); decoder-only outputs are the (left-padded) prompt followed by the
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -20,6 +22,53 @@ from torch import Tensor
 from mu.errors import MuError
 
 DEFAULT_BOS_ID = 1  # the paper's decoder start token (Phi-3.5's BOS)
+
+# How `mu generate` spells each argument of `check_generation_args` in its messages.
+CLI_NAMES = {"max_new_tokens": "--max-new-tokens", "do_sample": "--sample", "temperature": "--temperature",
+             "top_k": "--top-k", "top_p": "--top-p", "num_beams": "--num-beams", "length_penalty": "--length-penalty",
+             "streaming": "--stream"}
+
+
+def check_generation_args(max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                          top_k: Optional[int] = None, top_p: Optional[float] = None, num_beams: int = 1,
+                          length_penalty: float = 1.0, streaming: bool = False,
+                          names: Optional[dict[str, str]] = None) -> None:
+    """Raise a one-line MuError for any generation argument `generate` cannot honour.
+
+    The one check of these values: `generate` calls it, and so do the CLI verbs (before loading a model)
+    and servers (a MuError is a 400 answer). `names` maps argument names to what the user typed
+    (e.g. `CLI_NAMES`); messages use the Python names otherwise. temperature is checked only when
+    sampling (greedy and beam search ignore it); top_k and top_p are checked whenever given.
+    """
+    names = names or {}
+
+    def bad(arg: str, value: Any, expected: str) -> MuError:
+        return MuError(f"{names.get(arg, arg)} {value!r}: expected {expected}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not (is_int(max_new_tokens) and max_new_tokens >= 1):
+        raise bad("max_new_tokens", max_new_tokens, "a whole number >= 1")
+    if not (is_int(num_beams) and num_beams >= 1):
+        raise bad("num_beams", num_beams, "a whole number >= 1 (1 = no beam search)")
+    if do_sample and not (is_number(temperature) and temperature > 0):
+        raise bad("temperature", temperature, "a number > 0 when sampling (for greedy decoding leave sampling off)")
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
+        raise bad("top_k", top_k, "a whole number >= 1 (leave it unset for no top-k filter)")
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
+        raise bad("top_p", top_p, "a number in (0, 1] (1 = no nucleus filter)")
+    if not is_number(length_penalty):
+        raise bad("length_penalty", length_penalty, "a finite number")
+    if num_beams > 1 and do_sample:
+        raise MuError(f"{names.get('do_sample', 'do_sample')} with {names.get('num_beams', 'num_beams')} "
+                      f"{num_beams}: beam search does not sample; use one or the other")
+    if num_beams > 1 and streaming:
+        raise MuError(f"{names.get('streaming', 'streaming')} with {names.get('num_beams', 'num_beams')} "
+                      f"{num_beams}: beam search cannot stream (its best sequence is known only at the end)")
 
 
 def sample_logits(logits: Tensor, do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -64,7 +113,7 @@ def _special_id(model, name: str, given: Optional[int], default: Optional[int]) 
     return value if value is not None else default
 
 
-def _as_batch(input_ids: Any, device) -> Tensor:
+def _as_batch(input_ids: Any, device, vocab_size: int) -> Tensor:
     if not isinstance(input_ids, Tensor):
         input_ids = torch.tensor(input_ids)
     if input_ids.dim() == 1:
@@ -72,6 +121,10 @@ def _as_batch(input_ids: Any, device) -> Tensor:
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MuError(f"input_ids must be a non-empty (batch, length) array of token ids, got shape "
                       f"{tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())  # before the copy to `device` (no sync for CPU input)
+    if lo < 0 or hi >= vocab_size:
+        raise MuError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the model's vocabulary (vocab_size "
+                      f"{vocab_size}): is the tokenizer the model's own?")
     return input_ids.to(device=device, dtype=torch.long)
 
 
@@ -90,14 +143,14 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     (Hugging Face's TextStreamer works for batch 1). `model_kwargs` go to `model.prefill`
     (e.g. `inputs_embeds` from a vision-language model).
     """
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
+                          streamer is not None)
     config = model.config
     pad = config.pad_token_id
-    input_ids = _as_batch(input_ids, model.device)
+    input_ids = _as_batch(input_ids, model.device, config.vocab_size)
     if attention_mask is None:
         attention_mask = input_ids != pad
     attention_mask = attention_mask.to(input_ids.device).bool()
-    if max_new_tokens < 1:
-        raise MuError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B = input_ids.shape[0]
     encdec = config.arch == "encdec"
     if encdec:
@@ -117,8 +170,6 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
         if compile:  # the prompt went through the usual path; the steps now have fixed shapes
             cache.static = cache.compiled = True
         if num_beams > 1:
-            if streamer is not None:
-                raise MuError("streaming is not supported with beam search (num_beams > 1)")
             new = beam_search(model, logits, cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
         else:
             new = _sample_loop(model, logits, cache, max_new_tokens, eos_token_id, pad, streamer,

@@ -82,14 +82,22 @@ def load_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_dir():
-        raise MuError(f"tokenizer directory {str(path)!r} does not exist")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise MuError(f"tokenizer directory {str(path)!r} {what}")
+    if not has_tokenizer_files(path) and not any(path.glob("*.model")):
+        raise MuError(f"{path}: no tokenizer files (expected tokenizer.json or tokenizer_config.json, as "
+                      f"`save_pretrained` writes them)")
     # A mu model directory's config.json (model_type "mu") is unknown to transformers, which would warn about it.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for unreadable folders
-        raise MuError(f"could not load a tokenizer from {str(path)!r}: {e}") from None
+        text = " ".join(str(e).split())
+        if "custom code" in text or "trust_remote_code" in text:
+            raise MuError(f"{path}: the tokenizer asks to run code from the directory (auto_map), which mu never "
+                          f"does; save it as a plain tokenizer.json") from None
+        raise MuError(f"could not load a tokenizer from {str(path)!r}: {text[:300]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if is_phi3_style(tok):

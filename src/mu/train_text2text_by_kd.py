@@ -115,7 +115,7 @@ def build_config(args):
         max_new_tokens=args.decoder_seq_len)
     return DistillConfig(train=train, teacher=args.teacher_path, teacher_config=args.teacher_config,
                          student=args.student_path, alpha=args.kd_alpha, on_policy=args.on_policy,
-                         sample_temperature=args.generate_temperature, sample_top_k=args.generate_top_k,
+                         sample_temperature=args.generate_temperature, sample_top_k=args.generate_top_k or None,
                          max_sample_tokens=args.decoder_seq_len)
 
 

@@ -21,6 +21,13 @@ def pick_device(name: Optional[str] = None) -> torch.device:
         raise MuError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MuError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MuError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                      f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise MuError(f"device {name!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MuError(f"device {name!r} requested but MPS is not available on this machine")
     return device
 
 

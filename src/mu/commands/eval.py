@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from mu.commands.score import TASK_CHOICES
 from mu.errors import MuError
@@ -32,6 +33,9 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MuError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
+        if path and Path(path).is_dir():  # found now, not after the whole evaluation has run
+            raise MuError(f"{flag} {path}: is a directory; expected a file name to write")
     if args.task == "vqa":
         from mu.vision.cli import run_eval
 

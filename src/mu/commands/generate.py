@@ -27,13 +27,33 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
 
 
+def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[int]:
+    """The prompt's ids, cut as `mu eval` cuts sources (to `block_size`; decoder-only: minus the new tokens),
+    with a warning that says so."""
+    from mu.data.tasks import fit_prompt
+    from mu.eval.runner import default_max_source_len
+
+    limit = default_max_source_len(model, max_new_tokens)
+    ids, n = fit_prompt(tok, prompt, limit)
+    if n > limit:
+        room = "" if model.config.arch == "encdec" else f" minus {max_new_tokens} new tokens"
+        print(f"warning: the prompt has {n} tokens, more than the model's context (block_size "
+              f"{model.config.block_size}{room}): truncated to {len(ids)} tokens (the end of the text was cut, "
+              f"keeping a final ###marker line)", file=sys.stderr)
+    return ids
+
+
 def run(args) -> int:
     import torch
 
-    from mu.checkpoint import load_model
+    from mu.checkpoint import load_model, parse_dtype
+    from mu.generation import CLI_NAMES, check_generation_args
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
+    check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
+                          args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
+    parse_dtype(args.dtype)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if args.backend == "onnx":
@@ -52,7 +72,7 @@ def run(args) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise MuError("empty prompt: pass --prompt TEXT or text on stdin")
-    ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    ids = torch.tensor([check_prompt_length(tok, prompt, model, args.max_new_tokens)], device=device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from mu.errors import MuError
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="VLM directory (written by train_vqa / save_pretrained)")
@@ -24,8 +22,11 @@ def run(args) -> int:
     from mu.vision.model import load_vlm
     from mu.vision.preprocess import load_image
 
-    if args.max_new_tokens < 1:
-        raise MuError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from mu.checkpoint import parse_dtype
+    from mu.generation import CLI_NAMES, check_generation_args
+
+    check_generation_args(args.max_new_tokens, num_beams=args.num_beams, names=CLI_NAMES)
+    parse_dtype(args.dtype)
     image = load_image(args.image)  # checked before the model loads: a bad path fails fast
     model = load_vlm(args.model, device=pick_device(args.device), dtype=args.dtype)
     for question in args.question:

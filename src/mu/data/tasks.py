@@ -166,25 +166,54 @@ def make_example(task: str | Task, record: dict, where: str = "record", default_
 # -- reading files ---------------------------------------------------------------------------------------
 
 
+MAX_LINE_CHARS = 16 * 1024 * 1024  # a JSON lines record longer than this is refused (a file without newlines?)
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) for each non-blank line of a UTF-8 JSON Lines file."""
+    """(line number, parsed value) for each non-blank line of a UTF-8 JSON Lines file.
+
+    A line longer than `MAX_LINE_CHARS` is refused before it is read whole; a file that holds one JSON
+    document spread over lines (an array or a pretty-printed object) is named as such.
+    """
     path = Path(path)
     lineno = 0
     try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+            while True:
+                line = f.readline(MAX_LINE_CHARS + 1)
+                if not line:
+                    break
+                lineno += 1
+                if len(line) > MAX_LINE_CHARS:
+                    raise MuError(f"{path}, line {lineno}: longer than {MAX_LINE_CHARS:,} characters; expected JSON "
+                                  f"lines, one record per line")
                 if not line.strip():
                     continue
                 try:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise MuError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise MuError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                                  f"{_one_document_hint(path, lineno)}") from None
     except UnicodeDecodeError:
         raise MuError(f"{path}, line {lineno + 1}: not valid UTF-8 text") from None
     except FileNotFoundError:
         raise MuError(f"no such file: {str(path)!r}") from None
     except IsADirectoryError:
         raise MuError(f"{str(path)!r} is a directory, expected a .jsonl file") from None
+
+
+def _one_document_hint(path: Path, lineno: int) -> str:
+    """"; the file is one JSON array/object ..." when a JSON lines file failed on its first line because it holds
+    a single multi-line document; "" otherwise."""
+    if lineno != 1 or path.stat().st_size > 256 * 1024 * 1024:
+        return ""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return ""
+    kind = "array" if isinstance(doc, list) else "object" if isinstance(doc, dict) else type(doc).__name__
+    return (f"; the file is one JSON {kind} over several lines, not JSON lines (write one record per line, or "
+            f"name the file .json)")
 
 
 def _records_json(path: Path) -> Iterator[tuple[str, str, Any]]:
@@ -260,6 +289,9 @@ def _records(path: str | os.PathLike) -> Iterator[tuple[str, str, Any]]:
     elif p.is_file():
         for lineno, rec in iter_jsonl(p):
             yield f"{p}, line {lineno}", str(lineno), rec
+    elif p.is_dir() and not any((p / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        raise MuError(f"{str(path)!r} is a directory, not a data file or a dataset saved with "
+                      f"`datasets.Dataset.save_to_disk`; expected a .jsonl or .json file")
     elif p.is_dir() or not str(path).endswith((".jsonl", ".json", ".txt")):
         yield from _records_hf(str(path))
     else:
@@ -373,3 +405,21 @@ def encode_source(tokenizer, source: str, max_len: Optional[int] = None, task: s
     if len(tail) >= max_len:  # no room for the head: plain right truncation
         return ids[:max_len], True
     return ids[:max_len - len(tail)] + tail, True
+
+
+def fit_prompt(tokenizer, text: str, max_len: int) -> tuple[list[int], int]:
+    """Token ids of `text` as `tokenizer(text)` gives them (special tokens included), cut to `max_len` the way
+    `encode_source` cuts a source (the end of the body goes, a closing "###Marker" line stays).
+
+    Returns (ids, the untruncated length): the caller says when it cut.
+    """
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) <= max_len:
+        return ids, len(ids)
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_special = len(ids) - len(plain)
+    start = next((i for i in range(max(n_special, 0) + 1) if ids[i:i + len(plain)] == plain), None)
+    if start is None or max_len <= n_special:  # specials we cannot locate: plain right truncation
+        return ids[:max_len], len(ids)
+    body, _ = encode_source(tokenizer, text, max_len - n_special, "seq2seq")
+    return ids[:start] + body + ids[start + len(plain):], len(ids)

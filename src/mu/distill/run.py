@@ -80,8 +80,10 @@ class DistillConfig:
         KDLossConfig(self.alpha, self.divergence, self.temperature, self.jsd_beta, self.scale_by_t2)
         if not 0.0 <= self.on_policy <= 1.0:
             raise MuError(f"--on-policy (lambda) is a probability in [0, 1], got {self.on_policy}")
-        if self.sample_temperature <= 0:
+        if not self.sample_temperature > 0:
             raise MuError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
+        if self.sample_top_k is not None and self.sample_top_k < 1:
+            raise MuError(f"--sample-top-k must be >= 1 (0 or none: no top-k filter), got {self.sample_top_k}")
         if self.topk < 0 or self.topk_batch_size < 1:
             raise MuError(f"--topk must be >= 0 and --topk-batch-size >= 1, got {self.topk}, {self.topk_batch_size}")
         if self.max_sample_tokens is not None and self.max_sample_tokens < 1:

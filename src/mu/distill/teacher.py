@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -184,9 +185,14 @@ class Teacher:
 def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    from mu.checkpoint import pickle_refusal
+
     _quiet_transformers()
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **{_hf_dtype_kwarg(): dtype})
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
+                                                    **{_hf_dtype_kwarg(): dtype})
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin that transformers' weights-only load refused
+        raise pickle_refusal(path, e) from None
     except (OSError, ValueError, KeyError) as e:
         raise MuError(f"{path}: could not load a Hugging Face causal LM ({str(e).splitlines()[0]})") from None
 
@@ -207,9 +213,13 @@ def _merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
 
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise MuError(f"{adapter}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    from mu.checkpoint import pickle_refusal
+
     try:
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except pickle.UnpicklingError as e:  # an adapter_model.bin that peft's weights-only load refused
+        raise pickle_refusal(adapter, e) from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MuError(f"{adapter}: could not apply the LoRA adapter to the teacher ({first})") from None
@@ -227,11 +237,10 @@ def _load_lora_state_dict(file: Path, config_dir: Path, dtype: torch.dtype, lora
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mu.checkpoint import safe_torch_load
+
     _quiet_transformers()
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types on bad files
-        raise MuError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    obj = safe_torch_load(file)
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise MuError(f"{file}: expected a state dict (optionally under 'model_state_dict')")
@@ -327,11 +336,10 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
 
 def _is_mu_pt(path: Path) -> bool:
     """Is this .pt file the paper's *Mu* format ({"model_state_dict", "model_config"})?"""
+    from mu.checkpoint import safe_torch_load
+
     try:
-        obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception:  # not loadable as a zip checkpoint with mmap: let the real loader report it
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch.load raises many types on bad files
-            raise MuError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+        obj = safe_torch_load(path, map_location="meta", mmap=True)
+    except MuError:  # not loadable as a zip checkpoint with mmap: the plain read says why
+        obj = safe_torch_load(path)
     return isinstance(obj, dict) and "model_config" in obj and "model_state_dict" in obj

@@ -14,7 +14,12 @@ from mu.errors import MuError
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise MuError(f"{path}: is a directory; expected a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MuError(f"{path}: cannot create the folder {path.parent} (a file of that name is in the way)") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -41,6 +46,8 @@ def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     """Read predictions: a JSON object {id: text} (the SQuAD convention), or JSON lines {"id", "prediction"}."""
     path = Path(path)
+    if path.is_dir():
+        raise MuError(f"{path}: is a directory; expected a predictions file ({{id: text}} JSON or JSON lines)")
     if not path.is_file():
         raise MuError(f"no predictions file at {str(path)!r}")
     try:
@@ -54,6 +61,9 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
         obj = json.loads(text)
     except json.JSONDecodeError:
         obj = None  # maybe JSON lines
+    if isinstance(obj, dict) and "prediction" in obj and "id" not in obj:
+        raise MuError(f"{path}, line 1: missing field 'id' (a JSON lines predictions file has {{\"id\", "
+                      f"\"prediction\"}} on every line)")
     if isinstance(obj, dict) and not ("id" in obj and "prediction" in obj):
         bad = next((k for k, v in obj.items() if not isinstance(v, str)), None)
         if bad is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -91,13 +92,20 @@ class TrainConfig:
 
     def validate(self, have_train_data: bool = False, have_val_data: bool = False) -> "TrainConfig":
         """Raise MuError naming the field for every value that cannot work."""
-        from mu.config import ARCHS, PRESETS
+        from mu.config import ARCHS, PRESETS, MuConfig
         from mu.train.objectives import check_objective
 
         if self.arch not in ARCHS:
             raise MuError(f"--arch {self.arch!r}: expected one of {ARCHS}")
         if self.init is None and self.preset not in PRESETS:
             raise MuError(f"--preset {self.preset!r}: expected one of {sorted(PRESETS)}")
+        if self.init is None:  # a bad override (e.g. --dropout 1) fails here, before anything is written
+            MuConfig.from_name(self.preset, self.arch, **self.model_overrides)
+        for name in ("lr", "min_lr_ratio", "weight_decay", "warmup", "decay_fraction", "grad_clip", "max_flops",
+                     "epochs", "noise_density", "mean_span", "adam_eps"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise MuError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
         check_objective(self.objective, self.arch)
         if self.objective == "seq2seq":
             from mu.data.tasks import get_task

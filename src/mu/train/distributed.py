@@ -8,6 +8,7 @@ no-op for one process.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,7 +58,35 @@ def init_distributed(device_name: str, strategy: str = "auto") -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30),
                                 device_id=device if device.type == "cuda" else None)
+    if world > 1 and device.type == "cpu":
+        note = cpu_thread_share(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if rank == 0:
+            print(note, file=sys.stderr, flush=True)
     return DistEnv(rank, world, local_rank, device, strategy)
+
+
+def cpu_thread_share(processes: int) -> str:
+    """Give this process at most its share of the machine's cores (cores // processes on this node) and say so.
+
+    torch sizes its thread pool from OMP_NUM_THREADS, or the whole machine when unset; with several training
+    processes on one CPU node that oversubscribes the cores (2 processes x 2 threads on 2 cores ran ~3x slower
+    than 1 process). A smaller OMP_NUM_THREADS (torchrun sets 1 when unset) is kept. Returns the log line.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, processes))
+    asked = torch.get_num_threads()
+    threads = min(asked, share)
+    if threads != asked:
+        torch.set_num_threads(threads)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    source = f"OMP_NUM_THREADS={omp}" if omp else "torch's default"
+    if asked > share:
+        why = f"{source} asked for {asked}, which would oversubscribe the cores"
+    elif asked < share:
+        why = f"{source}; set OMP_NUM_THREADS={share} to use every core"
+    else:
+        why = source
+    return f"cpu threads: {threads} per process ({processes} processes on {cores} cores; {why})"
 
 
 def shutdown(env: DistEnv) -> None:

@@ -27,7 +27,11 @@ from mu.vision.config import PreprocessConfig, VisionTowerConfig, default_pinpoi
 
 
 def load_image(path: str | os.PathLike):
-    """Open an image file as RGB (EXIF rotation applied); a clear MuError if it is missing or not an image."""
+    """Open an image file as RGB (EXIF rotation applied); a clear MuError if it is missing, empty, not an image,
+    damaged, or larger than PIL's `Image.MAX_IMAGE_PIXELS` (a decompression bomb: refused from its header,
+    before any pixel is decoded; raise that limit, or set it to None, to accept bigger images)."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -35,13 +39,26 @@ def load_image(path: str | os.PathLike):
         raise MuError(f"no image file at {str(path)!r}")
     if not path.is_file():
         raise MuError(f"{str(path)!r} is not a file (expected an image such as PNG or JPEG)")
+    if path.stat().st_size == 0:
+        raise MuError(f"{str(path)!r} is empty (0 bytes; expected an image such as PNG or JPEG)")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            image = ImageOps.exif_transpose(im).convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the sizes
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                if limit is not None and w * h > limit:
+                    raise MuError(f"{str(path)!r}: a {w}x{h} image ({w * h:,} pixels) is over the limit of "
+                                  f"{limit:,} pixels (PIL.Image.MAX_IMAGE_PIXELS); refused before decoding, "
+                                  f"as a possible decompression bomb")
+                im.load()
+                image = ImageOps.exif_transpose(im).convert("RGB")
+    except Image.DecompressionBombError as e:  # PIL refuses at open beyond twice the limit
+        raise MuError(f"{str(path)!r}: {str(e).rstrip('.')} (over PIL.Image.MAX_IMAGE_PIXELS = {limit:,} pixels); "
+                      f"refused before decoding") from None
     except UnidentifiedImageError:
         raise MuError(f"{str(path)!r} is not an image PIL can read (expected PNG, JPEG, GIF, BMP, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise MuError(f"{str(path)!r}: could not decode the image ({e})") from None
     return image
 
