@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from mu.vision.model import load_vlm
     from mu.vision.preprocess import load_image
 
-    from mu.checkpoint import parse_dtype
+    from mu.model.io import parse_dtype
     from mu.generation import check_generation_args
 
     check_generation_args(args.max_new_tokens, names={"max_new_tokens": "--max_new_tokens"})

@@ -84,7 +84,7 @@ def parse_args(argv=None):
 def answer(args) -> str:
     import torch
 
-    from mu.checkpoint import load_model
+    from mu.model.io import load_model
     from mu.commands.generate import check_prompt_length
     from mu.generation import check_generation_args
     from mu.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from mu.checkpoint import convert_reference
+    from mu.model.io import convert_reference
     from mu.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

@@ -40,7 +40,7 @@ def run(args) -> int:
         from mu.vision.cli import run_eval
 
         return run_eval(args)
-    from mu.checkpoint import load_model
+    from mu.model.io import load_model
     from mu.data.tasks import TASKS, load_examples
     from mu.eval.io import write_json_atomic, write_predictions
     from mu.eval.runner import MAX_NEW_TOKENS, default_max_source_len, evaluate_model

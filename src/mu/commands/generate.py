@@ -46,7 +46,7 @@ def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[in
 def run(args) -> int:
     import torch
 
-    from mu.checkpoint import load_model, parse_dtype
+    from mu.model.io import load_model, parse_dtype
     from mu.generation import CLI_NAMES, check_generation_args
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device

@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from mu.checkpoint import build_model, load_model
+    from mu.model.io import build_model, load_model
     from mu.config import PRESETS
 
     if args.target in PRESETS and not Path(args.target).exists():

@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
 
 def load_served_model(path: str, device=None, dtype=None, tokenizer=None):
     """A text model or a VLM directory (told apart by config.json's model_type), in eval mode."""
-    from mu.checkpoint import load_model
+    from mu.model.io import load_model
     from mu.vision.model import MODEL_TYPE, load_vlm
 
     config = Path(path) / "config.json"

@@ -93,7 +93,7 @@ class DistillConfig:
 
 def _load_student(cfg: DistillConfig, tokenizer_spec: Optional[str], teacher):
     """-> (student model, tokenizer). The tokenizer: --tokenizer, else the student's, else the teacher's."""
-    from mu.checkpoint import build_model, load_model
+    from mu.model.io import build_model, load_model
     from mu.tokenizer import load_tokenizer
     from mu.train.trainer import model_vocab_size
     from mu.utils import seed_everything
@@ -171,7 +171,7 @@ def distill(cfg: DistillConfig, *, train_examples=None, val_examples=None, on_st
     from mu.distill.objective import DistillObjective, SamplingConfig
     from mu.distill.teacher import load_teacher
     from mu.distill.vocab import check_same_tokenizer, common_vocab
-    from mu.train.checkpoint import atomic_write_text
+    from mu.atomic import atomic_write_text
     from mu.train.distributed import barrier, init_distributed, shutdown
     from mu.train.trainer import build_datasets, train
 

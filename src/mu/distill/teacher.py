@@ -185,7 +185,7 @@ class Teacher:
 def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from mu.checkpoint import pickle_refusal
+    from mu.model.io import pickle_refusal
 
     _quiet_transformers()
     try:
@@ -213,7 +213,7 @@ def _merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
 
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise MuError(f"{adapter}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    from mu.checkpoint import pickle_refusal
+    from mu.model.io import pickle_refusal
 
     try:
         with quiet_peft():
@@ -237,7 +237,7 @@ def _load_lora_state_dict(file: Path, config_dir: Path, dtype: torch.dtype, lora
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mu.checkpoint import safe_torch_load
+    from mu.model.io import safe_torch_load
 
     _quiet_transformers()
     obj = safe_torch_load(file)
@@ -276,7 +276,7 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
     the choice is kept in `teacher.precision`). lora_alpha: the scale of a LoRA state dict
     in a `.pt` file (not stored there; the paper used 32).
     """
-    from mu.checkpoint import parse_dtype
+    from mu.model.io import parse_dtype
     from mu.utils import auto_precision, pick_device
 
     path, asked = Path(path), dtype
@@ -290,7 +290,7 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
         note = precision_note(auto, f"auto: {why}")
     tokenizer = None
     if path.is_dir() and _is_mu_dir(path):
-        from mu.checkpoint import load_model
+        from mu.model.io import load_model
 
         model, kind = load_model(path, dtype=dtype), "mu"
         tokenizer = model.tokenizer
@@ -314,7 +314,7 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
     elif path.is_file():
         obj_is_mu = _is_mu_pt(path)
         if obj_is_mu:
-            from mu.checkpoint import load_model
+            from mu.model.io import load_model
 
             model, kind = load_model(path, dtype=dtype), "mu"
         elif config_dir is None:
@@ -336,7 +336,7 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
 
 def _is_mu_pt(path: Path) -> bool:
     """Is this .pt file the paper's *Mu* format ({"model_state_dict", "model_config"})?"""
-    from mu.checkpoint import safe_torch_load
+    from mu.model.io import safe_torch_load
 
     try:
         obj = safe_torch_load(path, map_location="meta", mmap=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mu.atomic import atomic_file
 from mu.errors import MuError
 
 
@@ -75,18 +75,11 @@ class TopKCache:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file({"values": self.values.contiguous(), "indices": self.indices.contiguous(),
                        "lse": self.lse.contiguous(), "starts": self.starts.contiguous(),
                        "lengths": self.lengths.contiguous()}, tmp,
                       metadata={"mu_topk": json.dumps(self.settings())})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -1,38 +1,16 @@
-"""Predictions and results files: read {id: text} predictions, write JSON atomically."""
+"""Predictions and results files: read {id: text} predictions, write them and results atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
+from mu.atomic import atomic_write_json as write_json_atomic  # noqa: F401 (the name callers know)
+from mu.atomic import atomic_write_text as write_text_atomic
+from mu.data.tasks import iter_jsonl
 from mu.errors import MuError
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
-    path = Path(path)
-    if path.is_dir():
-        raise MuError(f"{path}: is a directory; expected a file name to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise MuError(f"{path}: cannot create the folder {path.parent} (a file of that name is in the way)") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -> Path:
@@ -72,8 +50,6 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     if obj is not None and not isinstance(obj, dict):
         raise MuError(f"{path}: expected a JSON object {{id: text}} or JSON lines {{\"id\", \"prediction\"}}, "
                       f"got a JSON {type(obj).__name__}")
-    from mu.data.tasks import iter_jsonl
-
     out: dict[str, str] = {}
     for lineno, rec in iter_jsonl(path):
         where = f"{path}, line {lineno}"

@@ -62,7 +62,8 @@ def cache_names(prefix: str, n_layer: int) -> list[str]:
 def load_exportable(source: Any) -> nn.Module:
     """A text model (`MuEncoderDecoder` / `MuDecoderOnly`) or a `MuVLM`, from a directory, a paper .pt or
     an object, checked for what the exporter supports."""
-    from mu.model.base import CONFIG_FILE, MuModel
+    from mu.model.base import MuModel
+    from mu.model.io import CONFIG_FILE
     from mu.vision.model import MODEL_TYPE as VLM_TYPE
 
     if isinstance(source, (str, os.PathLike)):
@@ -79,7 +80,7 @@ def load_exportable(source: Any) -> nn.Module:
 
             model = load_vlm(path)
         elif model_type == "mu":
-            from mu.checkpoint import load_model
+            from mu.model.io import load_model
 
             model = load_model(path)
         else:
@@ -206,7 +207,7 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
     """
     import onnx
 
-    from mu.model.base import atomic_directory
+    from mu.atomic import atomic_directory
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MuError(f"--quantize {quantize!r} is not supported; expected one of {QUANTIZATIONS}")
@@ -246,7 +247,7 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
 
 def quantize_export(src: str | os.PathLike, out: str | os.PathLike, mode: str = "int8") -> Path:
     """Quantize every graph of the fp32 export `src` into `out` (atomically), tokenizer and manifest along."""
-    from mu.model.base import atomic_directory
+    from mu.atomic import atomic_directory
 
     src = Path(src)
     manifest = read_manifest(src)

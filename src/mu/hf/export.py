@@ -32,8 +32,8 @@ NOT_RECORDED = "not recorded"
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike,
               eval_results: Sequence[str | os.PathLike] = ()) -> Path:
     """Write the remote-code directory for the mu model directory `model_dir` into `out` (atomically)."""
-    from mu.checkpoint import load_model
-    from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, atomic_directory
+    from mu.atomic import atomic_directory
+    from mu.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file():
