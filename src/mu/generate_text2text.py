@@ -86,7 +86,7 @@ def answer(args) -> str:
 
     from mu.model.io import load_model
     from mu.commands.generate import check_prompt_length
-    from mu.generation import check_generation_args
+    from mu.generation import check_generation_args, new_tokens
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
@@ -109,7 +109,7 @@ def answer(args) -> str:
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                          temperature=args.temperature, top_k=args.top_k, eos_token_id=tok.eos_token_id)
-    result = tok.decode(out[0] if model.config.arch == "encdec" else out[0, ids.shape[1]:], skip_special_tokens=True)
+    result = tok.decode(new_tokens(model, out, ids)[0], skip_special_tokens=True)
     logger.info("Output text: %s (%.2fs)", result, time.perf_counter() - t0)
     return result
 

@@ -47,7 +47,7 @@ def run(args) -> int:
     import torch
 
     from mu.model.io import load_model, parse_dtype
-    from mu.generation import CLI_NAMES, check_generation_args
+    from mu.generation import CLI_NAMES, check_generation_args, new_tokens
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
@@ -84,7 +84,7 @@ def run(args) -> int:
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          num_beams=args.num_beams, eos_token_id=tok.eos_token_id, streamer=streamer)
     elapsed = time.perf_counter() - t0
-    new = out[0, 1:] if model.config.arch == "encdec" else out[0, ids.shape[1]:]
+    new = new_tokens(model, out, ids)[0]
     if not args.stream:
         print(tok.decode(new, skip_special_tokens=True))
     print(f"[{len(new)} tokens in {elapsed:.2f}s]", file=sys.stderr)
