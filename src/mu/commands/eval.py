@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from mu.commands.score import TASK_CHOICES
+from mu.commands import tasks
 from mu.errors import MuError
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model directory (or the paper's model.pt with --tokenizer)")
-    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    tasks.add_task_argument(p, "eval", required=True)
     p.add_argument("--data", required=True, help="the task's data (.jsonl, saved HF dataset, synthetic:test, ...)")
     p.add_argument("--out", help="write results (metrics + settings) to this JSON file")
     p.add_argument("--predictions", help="write predictions here (.json: {id: text}; otherwise JSON lines)")
@@ -36,10 +36,10 @@ def run(args) -> int:
     for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
         if path and Path(path).is_dir():  # found now, not after the whole evaluation has run
             raise MuError(f"{flag} {path}: is a directory; expected a file name to write")
-    if args.task == "vqa":
-        from mu.vision.cli import run_eval
+    return tasks.run("eval", args)
 
-        return run_eval(args)
+
+def run_text(args) -> int:
     from mu.model.io import load_model
     from mu.data.tasks import TASKS, load_examples
     from mu.eval.io import write_json_atomic, write_predictions

@@ -1,13 +1,13 @@
 """Task formats: read a task's records (local jsonl/json, or a Hugging Face dataset available locally)
 into `Example`s with one prompt template per task.
 
-    examples = load_examples("squad_v2", "../shared/data/squad_v2_dev.jsonl")
+    examples = load_examples("squad_v2", "data/squad_v2_dev.jsonl")
     ex = examples[0]
     ex.source      # the prompt (encoder input, or the decoder-only prompt)
     ex.target      # what the model is trained to produce
     ex.references  # what a prediction is scored against
 
-Field schemas follow ../shared/data/README.md (see docs/tasks.md). Every malformed line stops
+Field schemas are described in docs/tasks.md. Every malformed line stops
 with a `MuError` naming the file, the line number and the field.
 """
 

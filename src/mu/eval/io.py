@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 from mu.atomic import atomic_write_json as write_json_atomic  # noqa: F401 (the name callers know)
 from mu.atomic import atomic_write_text as write_text_atomic
@@ -19,6 +20,26 @@ def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -
         return write_json_atomic(path, dict(predictions))
     lines = "".join(json.dumps({"id": k, "prediction": v}, ensure_ascii=False) + "\n" for k, v in predictions.items())
     return write_text_atomic(path, lines)
+
+
+def predicted_only(examples: Sequence[Any], predictions: Mapping[str, str], predictions_file: Any, data_file: Any,
+                   allow_missing: bool = False) -> list[Any]:
+    """The examples (anything with an `.id`) that have a prediction. Missing ones are refused with a one-line
+    MuError that says how many, or with `allow_missing` left out with a warning that says so; predictions
+    for ids not in the data are ignored with a note. A file that covers no example is always refused."""
+    ids = {e.id for e in examples}
+    missing = [e.id for e in examples if e.id not in predictions]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        problem = (f"{predictions_file}: no prediction for {len(missing)} of the {len(examples)} examples in "
+                   f"{data_file} (ids {shown})")
+        if not allow_missing or len(missing) == len(examples):
+            raise MuError(problem + ("" if allow_missing else "; pass --allow-missing to score the rest"))
+        print(f"warning: {problem}; scoring the other {len(examples) - len(missing)} only", file=sys.stderr)
+    extra = sum(k not in ids for k in predictions)
+    if extra:
+        print(f"note: {extra} predictions have ids that are not in {data_file}; they were ignored", file=sys.stderr)
+    return [e for e in examples if e.id in predictions]
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:

@@ -159,7 +159,7 @@ class Server:
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
-            raise MuError("the model has no tokenizer: pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
+            raise MuError("the model has no tokenizer: pass --tokenizer DIR (e.g. the paper's phi3_tokenizer directory)")
         self.config = config or ServeConfig()
         c = self.config
         if c.max_input_tokens is None:
