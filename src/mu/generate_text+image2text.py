@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mu.errors import MuError
-from mu.utils import data_file
+from mu.generation import check_generation_args
+from mu.model.io import parse_dtype
+from mu.utils import data_file, pick_device
+from mu.vision.model import load_vlm
+from mu.vision.preprocess import load_image
 
 EXAMPLES = [
     ("kids_playing.jpg", "What sport are they playing?"),
@@ -68,13 +72,6 @@ def prompts_from(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from mu.utils import pick_device
-    from mu.vision.model import load_vlm
-    from mu.vision.preprocess import load_image
-
-    from mu.model.io import parse_dtype
-    from mu.generation import check_generation_args
 
     check_generation_args(args.max_new_tokens, names={"max_new_tokens": "--max_new_tokens"})
     parse_dtype(args.dtype)

@@ -14,7 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
+from mu.commands.generate import generate_text, load_for_generation
 from mu.errors import MuError
+from mu.generation import check_generation_args
+from mu.tokenizer import load_tokenizer
 from mu.utils import DATA_ENV, data_file
 
 logger = logging.getLogger("mu.generate_text2text")
@@ -83,10 +86,6 @@ def parse_args(argv=None):
 
 
 def answer(args) -> str:
-    from mu.commands.generate import generate_text, load_for_generation
-    from mu.generation import check_generation_args
-    from mu.tokenizer import load_tokenizer
-
     path = Path(args.model_path)
     if not path.exists():
         raise MuError(f"no model at {str(path)!r}: {HOW_TO_GET_A_MODEL}")

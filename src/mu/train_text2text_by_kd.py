@@ -31,7 +31,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from mu.distill.run import DistillConfig, distill
 from mu.errors import MuError
+from mu.tokenizer import has_tokenizer_files
+from mu.train.config import TrainConfig
 from mu.utils import data_file
 
 logger = logging.getLogger("mu.train_text2text_by_kd")
@@ -76,7 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _tokenizer_path(args) -> str | None:
     if args.tokenizer_path:
         return args.tokenizer_path
-    from mu.tokenizer import has_tokenizer_files
 
     for candidate in (args.student_path, args.teacher_path, args.teacher_config):
         if candidate and Path(candidate).is_dir() and has_tokenizer_files(candidate):
@@ -93,9 +95,6 @@ def global_batch(batch_size: int, global_batch_size: int, world_size: int) -> in
 
 
 def build_config(args):
-    from mu.distill.run import DistillConfig
-    from mu.train.config import TrainConfig
-
     for name in ("student_path", "teacher_path", "train_data_path", "val_data_path"):
         if not Path(getattr(args, name)).exists():
             raise MuError(f"--{name} {getattr(args, name)!r}: no such file or directory")
@@ -126,8 +125,6 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")
     args = parse_args(argv)
     try:
-        from mu.distill.run import distill
-
         result = distill(build_config(args))
     except MuError as e:
         print(f"error: {e}", file=sys.stderr)

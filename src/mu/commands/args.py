@@ -102,8 +102,9 @@ def add_config_arguments(group, cls: type, names: Iterable[str], *, defaults: Op
         kw: dict[str, Any] = {"dest": name}
         if kind is bool:  # a switch; a field that is on by default is turned off by --no-NAME (dest no_NAME)
             flag = flags.get(name, f"--{'no-' if default else ''}{name.replace('_', '-')}")
-            group.add_argument(flag, action="store_true", help=(f"turn off: {text}" if default and text and name not in helps else text) or None,
-                               dest=f"no_{name}" if default else name)
+            if default and text and name not in helps:
+                text = f"turn off: {text}"
+            group.add_argument(flag, action="store_true", help=text or None, dest=f"no_{name}" if default else name)
             continue
         if kind in (int, float):
             kw["type"] = number(kind)

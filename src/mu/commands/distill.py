@@ -17,10 +17,9 @@ import warnings
 
 from mu.commands import tasks
 from mu.commands.args import add_config_arguments, config_kwargs
-from mu.commands.train import add_dropout_argument, add_training_groups
-from mu.commands.train import config_from_args as train_config
+from mu.commands.train import add_dropout_argument, add_training_groups, config_from_args as train_config
 from mu.distill.losses import DIVERGENCES
-from mu.distill.run import DistillConfig
+from mu.distill.run import DistillConfig, distill
 from mu.errors import MuError
 
 # mu train's options that a distillation run sets itself: the student is a fresh preset or a model, not --init
@@ -70,7 +69,6 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
 def run_text(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         warnings.simplefilter("ignore")  # rank 0 reports data warnings once
-    from mu.distill.run import distill
 
     result = distill(config_from_args(args))
     if os.environ.get("RANK", "0") == "0":

@@ -8,7 +8,13 @@ import time
 from pathlib import Path
 
 from mu.commands import tasks
+from mu.data.tasks import TASKS, load_examples
 from mu.errors import MuError
+from mu.eval.io import write_json_atomic, write_predictions
+from mu.eval.runner import MAX_NEW_TOKENS, default_max_source_len, evaluate_model
+from mu.model.io import load_model
+from mu.tokenizer import load_tokenizer
+from mu.utils import pick_device
 
 
 def add_arguments(p) -> None:
@@ -40,13 +46,6 @@ def run(args) -> int:
 
 
 def run_text(args) -> int:
-    from mu.model.io import load_model
-    from mu.data.tasks import TASKS, load_examples
-    from mu.eval.io import write_json_atomic, write_predictions
-    from mu.eval.runner import MAX_NEW_TOKENS, default_max_source_len, evaluate_model
-    from mu.tokenizer import load_tokenizer
-    from mu.utils import pick_device
-
     examples = load_examples(args.task, args.data, limit=args.limit)  # bad data fails before the model loads
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

@@ -12,7 +12,7 @@ import json
 
 from mu.commands import tasks
 from mu.commands.args import add_config_arguments, config_kwargs, require_finite
-from mu.distill.lora import FinetuneTeacherConfig
+from mu.distill.lora import FinetuneTeacherConfig, finetune_teacher
 
 FIELDS = ("model", "tokenizer", "train_data", "val_data", "out", "lora_r", "lora_alpha", "lora_dropout",
           "merge", "max_source_len", "max_target_len", "train_limit", "val_limit", "max_steps", "epochs",
@@ -40,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_text(args: argparse.Namespace) -> int:
-    from mu.distill.lora import finetune_teacher
-
     targets = None
     if args.lora_target_modules:
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]

@@ -13,6 +13,7 @@ from mu.errors import MuError
 from mu.eval.runner import default_max_source_len
 from mu.generation import CLI_NAMES, check_generation_args, new_tokens
 from mu.model.io import load_model, parse_dtype
+import mu.onnx
 from mu.tokenizer import load_tokenizer
 from mu.utils import pick_device
 
@@ -55,8 +56,6 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None, device: Opti
     --tokenizer directory attached if one is given (else the model's own, if it has one)."""
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if backend == "onnx":
-        import mu.onnx
-
         if dtype:
             raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
                           "(mu export onnx --quantize)")
@@ -88,8 +87,7 @@ def run(args) -> int:
     pick_device(args.device)
     model = load_for_generation(args.model, args.tokenizer, args.device, args.dtype, args.backend)
     if model.tokenizer is None:
-        raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. the paper's phi3_tokenizer "
-                      "directory)")
+        raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. the paper's phi3_tokenizer)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise MuError("empty prompt: pass --prompt TEXT or text on stdin")

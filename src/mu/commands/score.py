@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from mu.commands import tasks
-from mu.eval.io import predicted_only
+from mu.data.tasks import TASKS, load_examples
+from mu.eval.io import predicted_only, read_predictions, write_json_atomic
+from mu.eval.metrics import compute_metrics
 
 
 def add_arguments(p) -> None:
@@ -25,10 +27,6 @@ def run(args) -> int:
 
 
 def run_text(args) -> int:
-    from mu.data.tasks import TASKS, load_examples
-    from mu.eval.io import read_predictions, write_json_atomic
-    from mu.eval.metrics import compute_metrics
-
     examples = load_examples(args.task, args.data, limit=args.limit)
     predictions = read_predictions(args.predictions)
     n_all = len(examples)

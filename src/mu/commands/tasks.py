@@ -51,8 +51,8 @@ def add_task_argument(group, verb: str, **kwargs) -> None:
     if kwargs.get("default"):
         notes.insert(0, f"default {kwargs['default']}")
     help_text = kwargs.pop("help", "task format")
-    group.add_argument("--task", choices=choices(verb), help=f"{help_text} ({'; '.join(notes)})" if notes else help_text,
-                       **kwargs)
+    help_text = f"{help_text} ({'; '.join(notes)})" if notes else help_text
+    group.add_argument("--task", choices=choices(verb), help=help_text, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:

@@ -18,6 +18,7 @@ from mu.commands.args import add_config_arguments, add_config_groups, config_kwa
 from mu.config import ARCHS, MuConfig
 from mu.errors import MuError
 from mu.model.layers import WEIGHT_INITS
+from mu.train import train
 from mu.train.config import PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
 
 HIDDEN = ("model_overrides", "adam_betas", "adam_eps", "group_by_length")  # settable from Python, not flags
@@ -86,7 +87,6 @@ def run_training(args: argparse.Namespace, pretrain: bool) -> int:
     if os.environ.get("RANK", "0") != "0":
         warnings.simplefilter("ignore")  # rank 0 reports data warnings once
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    from mu.train import train
 
     cfg = config_from_args(args, pretrain)
     try:

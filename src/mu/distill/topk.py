@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mu.atomic import atomic_file
+from mu.distill.targets import teacher_inputs
 from mu.errors import MuError
 
 
@@ -139,8 +140,6 @@ def build_topk_cache(teacher, features: Sequence[dict], k: int, temperature: flo
                      batch_size: int = 16, pad_token_id: int = 0, bos_token_id: int = 1, rank: int = 0,
                      world_size: int = 1, fp: Optional[str] = None, progress: bool = False) -> TopKCache:
     """Run the teacher over the gold targets of `features` (those with i % world_size == rank) once."""
-    from mu.distill.targets import teacher_inputs
-
     if not 1 <= k <= vocab:
         raise MuError(f"top-k must be between 1 and the common vocabulary size {vocab}, got {k}")
     mine = [i for i in range(len(features)) if i % world_size == rank]
