@@ -21,7 +21,7 @@ class TaskKind:
     names: tuple[str, ...]
     run: dict[str, str]  # verb -> "module:function(args) -> exit status"
     arguments: dict[str, str] = field(default_factory=dict)  # verb -> "module:function(parser)" adding options
-    help: str = ""
+    notes: dict[str, str] = field(default_factory=dict)  # verb -> a note for its --task help
 
 
 KINDS = (
@@ -32,7 +32,8 @@ KINDS = (
     TaskKind(("vqa",), {"train": "mu.vision.cli:run_train", "eval": "mu.vision.cli:run_eval",
                         "score": "mu.vision.cli:run_score"},
              arguments={"train": "mu.vision.cli:add_train_arguments"},
-             help="vqa trains a vision-language model, see the vision options"),
+             notes={"train": "vqa trains a vision-language model, see the vision options",
+                    "eval": "vqa: a vision-language model directory on a VQA jsonl file"}),
 )
 
 
@@ -47,7 +48,7 @@ def choices(verb: str) -> list[str]:
 
 def add_task_argument(group, verb: str, **kwargs) -> None:
     """`--task` with the verb's choices; the help lists the kinds' notes."""
-    notes = [k.help for k in KINDS if verb in k.run and k.help]
+    notes = [k.notes[verb] for k in KINDS if verb in k.notes]
     if kwargs.get("default"):
         notes.insert(0, f"default {kwargs['default']}")
     help_text = kwargs.pop("help", "task format")
