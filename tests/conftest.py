@@ -8,6 +8,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+if SHARED_DATA.is_dir():  # the seed-compatible scripts find the paper's tokenizer and example images there
+    os.environ.setdefault("MU_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture

@@ -114,24 +114,58 @@ def test_encode_source_keeps_question_and_answer_marker():
     assert tok.decode(ids).endswith("x\n###Answer\n")
 
 
-def test_shared_files_load_with_their_task(shared_data):
-    cases = [("squad_v2", "squad_v2_dev.jsonl", 1011), ("squad_v2", "squad_v2_train.jsonl", 7954),
-             ("squad_v2", "squad_v1_train.jsonl", 5956), ("xsum", "xsum_train.jsonl", 999),
-             ("xsum", "xsum_dev.jsonl", 500), ("code2text", "codexglue_code2text_ruby_train.jsonl", 1400),
-             ("code2text", "codexglue_code2text_ruby_dev.jsonl", 661),
-             ("code2text", "codexglue_code2text_python_dev.jsonl", 120), ("code2text", "mbpp_code2text.jsonl", 500),
-             ("seq2seq", "examples/train.jsonl", 64), ("seq2seq", "examples/val.jsonl", 4)]
-    for task, name, n in cases:
-        path = shared_data / name
-        if not path.exists():
-            continue
-        ex = load_examples(task, path)
-        assert len(ex) == n, name
-        assert all(e.source and e.target for e in ex)
-        assert ex[0].source.startswith(TASKS[task].template[:20]) or task == "seq2seq"
-    dev = load_examples("squad_v2", shared_data / "squad_v2_dev.jsonl")
-    assert sum(e.references == [] for e in dev) == 502  # README: 502 unanswerable
+def _expected(task: str, record: dict) -> tuple[list[str], str, list[str]]:
+    """What a record must become, worked out here from the raw JSON: (texts the source must contain, target,
+    references)."""
+    if task == "squad_v2":
+        answers = record["answers"]["text"] if isinstance(record["answers"], dict) else record["answers"]
+        target = next((a.strip() for a in answers if a.strip()), NO_ANSWER)
+        return [record["question"].strip(), record["context"].strip()], target, list(answers)
+    if task == "xsum":
+        return [record["document"].strip()], record["summary"].strip(), [record["summary"].strip()]
+    if task == "code2text":
+        doc = (" ".join(record["docstring_tokens"]) if "docstring_tokens" in record else record["docstring"]).strip()
+        return [record["code"].strip("\n")], doc, [doc]
+    return [record["source"]], record["target"], [record["target"]]
+
+
+SHARED_TASK_FILES = [("squad_v2", "squad_v2_dev.jsonl"), ("squad_v2", "squad_v2_train.jsonl"),
+                     ("squad_v2", "squad_v1_train.jsonl"), ("xsum", "xsum_train.jsonl"), ("xsum", "xsum_dev.jsonl"),
+                     ("code2text", "codexglue_code2text_ruby_train.jsonl"),
+                     ("code2text", "codexglue_code2text_ruby_dev.jsonl"),
+                     ("code2text", "codexglue_code2text_python_dev.jsonl"), ("code2text", "mbpp_code2text.jsonl"),
+                     ("seq2seq", "examples/train.jsonl"), ("seq2seq", "examples/val.jsonl")]
+
+
+@pytest.mark.parametrize("task,name", SHARED_TASK_FILES)
+def test_shared_files_load_record_for_record(shared_data, task, name):
+    """Every line of a real file becomes one example, with its id, its text in the prompt, and the target and
+    references the task's rules give (checked against the raw JSON, whatever the file holds)."""
+    path = shared_data / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ex = load_examples(task, path)
+    assert len(ex) == len(records)
+    for lineno, (e, r) in enumerate(zip(ex, records), start=1):
+        assert e.id == str(r.get("id", lineno)), f"{name}, line {lineno}"
+        texts, target, references = _expected(task, r)
+        assert all(t in e.source for t in texts) and (e.target, e.references) == (target, references), \
+            f"{name}, line {lineno}"
+        assert task == "seq2seq" or e.source.startswith(TASKS[task].template.split("{")[0])
+
+
+def test_shared_squad_file_is_not_read_as_another_task(shared_data):
     with pytest.raises(MuError, match="line 1: missing field 'context'"):
         load_examples("squad_v2", shared_data / "xsum_dev.jsonl")
-    paragraphs = list(iter_text(shared_data / "corpus" / "tinyshakespeare.txt"))
-    assert paragraphs[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+def test_shared_corpus_paragraphs_keep_every_line_in_order(shared_data):
+    """Paragraphs split at blank lines: every line kept (stripped) in order, no blank line inside a paragraph."""
+    path = shared_data / "corpus" / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    paragraphs = list(iter_text(path))
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    assert len(paragraphs) > 1 and all(p.strip() and "\n\n" not in p for p in paragraphs)
+    assert [ln for p in paragraphs for ln in p.split("\n")] == [ln for ln in lines if ln]

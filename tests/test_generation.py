@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mu
-from mu.generation import beam_search, sample_logits
+from mu.generation import beam_search, new_tokens, sample_logits
 
 
 def _ids(B, T, seed=0):
@@ -17,15 +17,11 @@ def model(request):
     return mu.build_model("tiny", arch=request.param).eval()
 
 
-def _prompt_width(model, prompt):
-    return 1 if model.config.arch == "encdec" else prompt.shape[1]
-
-
 def test_cached_logits_equal_uncached(model):
     prompt = _ids(2, 10)
     prompt[1, 7:] = 0
     out = model.generate(prompt, max_new_tokens=6)
-    new = out[:, _prompt_width(model, prompt):]
+    new = new_tokens(model, out, prompt)
     # replay: uncached logits over the whole sequence vs the cached step logits
     cache = model.new_cache(2, prompt.shape[1] + 8)
     with torch.no_grad():
@@ -46,7 +42,7 @@ def test_cached_logits_equal_uncached(model):
 def test_greedy_continuation_matches_uncached_argmax(model):
     prompt = _ids(1, 8, seed=3)
     out = model.generate(prompt, max_new_tokens=5)
-    w = _prompt_width(model, prompt)
+    w = out.shape[1] - new_tokens(model, out, prompt).shape[1]
     with torch.no_grad():
         for t in range(5):
             if model.config.arch == "encdec":
@@ -65,7 +61,8 @@ def test_batched_equals_one_by_one(model):
     out = model.generate(batch, max_new_tokens=7)
     for i, p in enumerate(prompts):
         single = model.generate(p[None], max_new_tokens=7)
-        assert out[i, -7:].tolist() == single[0, -7:].tolist()
+        assert new_tokens(model, out, batch)[i].tolist() == new_tokens(model, single, p[None])[0].tolist()
+        assert new_tokens(model, single, len(p)).shape == (1, 7)  # a prompt width works as well as the prompt
     if model.config.arch == "deconly":  # left-padded prompt + new tokens
         assert out[1, : max(lengths) - 5].eq(0).all() and out[1, max(lengths) - 5: max(lengths)].tolist() == prompts[1].tolist()
 
@@ -73,13 +70,12 @@ def test_batched_equals_one_by_one(model):
 def test_beam_search_one_beam_is_greedy(model):
     prompt = _ids(2, 9, seed=5)
     greedy = model.generate(prompt, max_new_tokens=6, eos_token_id=7)
-    w = _prompt_width(model, prompt)
     cache = model.new_cache(2, prompt.shape[1] + 6)
     with torch.no_grad():
         start = torch.ones(2, 1, dtype=torch.long)
         logits = model.prefill(prompt, prompt != 0, cache, start if model.config.arch == "encdec" else None)
         beam = beam_search(model, logits, cache, num_beams=1, max_new_tokens=6, eos=7, pad=0)
-    assert beam.tolist() == greedy[:, w:w + beam.shape[1]].tolist()
+    assert beam.tolist() == new_tokens(model, greedy, prompt)[:, :beam.shape[1]].tolist()
 
 
 def _seq_logprob(model, prompt, new):
@@ -95,9 +91,8 @@ def _seq_logprob(model, prompt, new):
 
 def test_beam_search_finds_at_least_as_likely_sequences(model):
     prompt = _ids(1, 9, seed=11)
-    w = _prompt_width(model, prompt)
-    greedy = model.generate(prompt, max_new_tokens=5)[:, w:]
-    beam = model.generate(prompt, max_new_tokens=5, num_beams=4)[:, w:]
+    greedy = new_tokens(model, model.generate(prompt, max_new_tokens=5), prompt)
+    beam = new_tokens(model, model.generate(prompt, max_new_tokens=5, num_beams=4), prompt)
     assert beam.shape == greedy.shape
     assert _seq_logprob(model, prompt, beam) >= _seq_logprob(model, prompt, greedy) - 1e-4
 
@@ -125,9 +120,9 @@ def test_sampler_filters():
 
 def test_eos_stops_per_sequence_and_none_never_stops(model):
     prompt = _ids(2, 8, seed=4)
-    w = _prompt_width(model, prompt)
     free = model.generate(prompt, max_new_tokens=8)
-    assert free.shape[1] == w + 8
+    w = free.shape[1] - new_tokens(model, free, prompt).shape[1]
+    assert free.shape[1] == w + 8 and w == (1 if model.config.arch == "encdec" else prompt.shape[1])
     eos = free[0, w + 2].item()  # make row 0 stop at its 3rd token
     out = model.generate(prompt, max_new_tokens=8, eos_token_id=eos)
     row0 = out[0, w:].tolist()

@@ -196,4 +196,6 @@ def test_training_forward_backward_both_archs():
             out = model(input_ids=ids, targets=tgt)
         assert out.loss.ndim == 0 and torch.isfinite(out.loss)
         out.loss.backward()
-        assert model.transformer.wte.weight.grad is not None
+        assert model.lm_head.weight is model.transformer.wte.weight  # tied: one tensor, updated by both uses
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not no_grad, f"{arch}: the loss does not reach {no_grad}"  # e.g. a detached encoder or block

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mu
-from mu.checkpoint import load_model, safe_torch_load
+from mu.model.io import load_model, safe_torch_load
 from tests.reliability_util import (MU_BIN, PAYLOAD_KINDS, Payload, assert_refused, run_cli, run_subprocess,
                                     save_tiny, write_payload)
 

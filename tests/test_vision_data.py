@@ -177,13 +177,31 @@ def test_split_by_image_never_shares_a_picture():
     assert split_by_image(examples, 0.25, seed=1)[1] == held
 
 
-def test_real_vqa_file_reads():
+def test_target_is_the_most_frequent_answer_first_on_ties():
+    from mu.vision.data import VQAExample
+
+    assert VQAExample("q", "img.png", "?", ["a", "b", "b", "c"]).target == "b"
+    assert VQAExample("q", "img.png", "?", ["c", "a", "a", "c"]).target == "c"
+
+
+def test_real_vqa_file_reads_record_for_record():
+    """Every line becomes one example with its id, question, answers and image (resolved against the file's
+    folder, existing); questions about one picture share its image_key; the target is the most frequent answer."""
     if not VQA_FILE.is_file():
         pytest.skip(f"shared VQA data not found at {VQA_FILE}")
+    records = [json.loads(line) for line in VQA_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
     examples = load_vqa_jsonl(VQA_FILE)
-    assert len(examples) == 2823 and len({e.image_key for e in examples}) == 300
-    multi = [e for e in examples if len(e.answers) == 10]
-    assert multi and all(e.target == max(set(e.answers), key=e.answers.count) for e in multi)
+    assert len(examples) == len(records)
+    for e, r in zip(examples, records):
+        assert (e.id, e.question, e.answers) == (r["id"], r["question"], r["answers"])
+        assert Path(e.image) == (VQA_FILE.parent / r["image"]).resolve() and Path(e.image).is_file()
+        counts = {a: r["answers"].count(a) for a in r["answers"]}
+        assert counts[e.target] == max(counts.values())
+        assert e.target == next(a for a in r["answers"] if counts[a] == max(counts.values()))  # first on ties
+    keys = {}
+    for e, r in zip(examples, records):
+        keys.setdefault(r["image"], set()).add(e.image_key)
+    assert all(len(k) == 1 for k in keys.values()) and len({next(iter(k)) for k in keys.values()}) == len(keys)
 
 
 # -- training and evaluation --------------------------------------------------------------------

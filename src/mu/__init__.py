@@ -19,9 +19,9 @@ _hf.install()
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build_model": "mu.checkpoint",
-    "load_model": "mu.checkpoint",
-    "convert_reference": "mu.checkpoint",
+    "build_model": "mu.model.io",
+    "load_model": "mu.model.io",
+    "convert_reference": "mu.model.io",
     "load_tokenizer": "mu.tokenizer",
     "byte_tokenizer": "mu.tokenizer",
     "train_tokenizer": "mu.tokenizer",

@@ -4,7 +4,7 @@
     python -m mu.generate_text+image2text --model DIR --image_file photo.jpg --question "What is this?"
 
 Without --image_file it answers the paper's three example prompts (kids_playing.jpg, dog.jpg,
-desert_pic.jpg) from ../shared/data/examples/ or the seed repo's artifacts/images/ when present.
+desert_pic.jpg) from $MU_DATA/examples/ (MU_DATA: a data folder) or the seed repo's artifacts/images/.
 Each answer is printed with its inference time (image loading + preprocessing + generation).
 """
 
@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mu.errors import MuError
+from mu.generation import check_generation_args
+from mu.model.io import parse_dtype
+from mu.utils import data_file, pick_device
+from mu.vision.model import load_vlm
+from mu.vision.preprocess import load_image
 
 EXAMPLES = [
     ("kids_playing.jpg", "What sport are they playing?"),
@@ -26,9 +31,8 @@ EXAMPLES = [
 
 
 def example_dirs() -> list[Path]:
-    repo = Path(__file__).resolve().parents[2]
-    return [repo.parent / "shared" / "data" / "examples", Path.cwd().parent / "shared" / "data" / "examples",
-            Path("artifacts/images")]
+    examples = data_file("examples")
+    return ([examples] if examples is not None else []) + [Path("artifacts/images")]
 
 
 def default_prompts() -> list[tuple[Path, str]]:
@@ -36,7 +40,8 @@ def default_prompts() -> list[tuple[Path, str]]:
         if all((d / name).is_file() for name, _ in EXAMPLES):
             return [(d / name, q) for name, q in EXAMPLES]
     raise MuError("the paper's example images were not found (looked in "
-                  f"{', '.join(str(d) for d in example_dirs())}); pass --image_file FILE --question TEXT")
+                  f"{', '.join(str(d) for d in example_dirs())}; set MU_DATA to a data folder holding examples/); pass "
+                  "--image_file FILE --question TEXT")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -67,13 +72,6 @@ def prompts_from(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from mu.utils import pick_device
-    from mu.vision.model import load_vlm
-    from mu.vision.preprocess import load_image
-
-    from mu.checkpoint import parse_dtype
-    from mu.generation import check_generation_args
 
     check_generation_args(args.max_new_tokens, names={"max_new_tokens": "--max_new_tokens"})
     parse_dtype(args.dtype)

@@ -2,7 +2,9 @@
 
 Answers the paper's example question about *The Spanish Curate* with a Mu model, greedy by
 default (the paper's script sampled at temperature 0.9: pass --temperature 0.9 --sample).
-PATH is the paper's model.pt or a mu model directory.
+PATH is the paper's model.pt or a mu model directory. A model without tokenizer files gets the paper's
+(Phi-3.5) tokenizer from $MU_DATA/phi3_tokenizer when MU_DATA names a data folder that holds it.
+A thin shim over `mu generate`'s functions (`load_for_generation`, `generate_text`) with the paper's flags.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
+from mu.commands.generate import generate_text, load_for_generation
 from mu.errors import MuError
+from mu.generation import check_generation_args
+from mu.tokenizer import load_tokenizer
+from mu.utils import DATA_ENV, data_file
 
 logger = logging.getLogger("mu.generate_text2text")
 
@@ -55,7 +60,6 @@ CONTEXT = (
     "couplet extolling the middle way in marital relations, between too much pliability in a husband (like Henrique) "
     "and too little (like Bartolus)\u2014much like the concluding couplet in Massinger's later play The Picture.\n"
 )
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "phi3_tokenizer"
 HOW_TO_GET_A_MODEL = (
     "the paper's weights are not downloadable from this project: pass its checkpoint (artifacts/models/model.pt of "
     "microsoft/encoder-decoder-slm, via git-lfs) or a model you trained (e.g. `mu train --task squad_v2 ... --out "
@@ -82,35 +86,21 @@ def parse_args(argv=None):
 
 
 def answer(args) -> str:
-    import torch
-
-    from mu.checkpoint import load_model
-    from mu.commands.generate import check_prompt_length
-    from mu.generation import check_generation_args
-    from mu.tokenizer import load_tokenizer
-    from mu.utils import pick_device
-
     path = Path(args.model_path)
     if not path.exists():
         raise MuError(f"no model at {str(path)!r}: {HOW_TO_GET_A_MODEL}")
     check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, names=SEED_NAMES)
-    device = pick_device(args.device)
-    tokenizer = load_tokenizer(args.tokenizer_path) if args.tokenizer_path else None
-    model = load_model(path, device=device, tokenizer=tokenizer)
+    model = load_for_generation(str(path), args.tokenizer_path, args.device)
     if model.tokenizer is None:
-        if not DEFAULT_TOKENIZER.is_dir():
-            raise MuError(f"{path} has no tokenizer; pass --tokenizer_path DIR (the Phi-3.5 tokenizer)")
-        model.tokenizer = load_tokenizer(DEFAULT_TOKENIZER)
-    tok = model.tokenizer
+        default = data_file("phi3_tokenizer")
+        if default is None:
+            raise MuError(f"{path} has no tokenizer; pass --tokenizer_path DIR (the Phi-3.5 tokenizer), or set "
+                          f"{DATA_ENV} to a data folder holding phi3_tokenizer/")
+        model.tokenizer = load_tokenizer(default)
     text = PROMPT.format(q=args.question, c=args.context)
     logger.info("Input text: %s", text)
-    ids = torch.tensor([check_prompt_length(tok, text, model, args.max_new_tokens)], device=device)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                         temperature=args.temperature, top_k=args.top_k, eos_token_id=tok.eos_token_id)
-    result = tok.decode(out[0] if model.config.arch == "encdec" else out[0, ids.shape[1]:], skip_special_tokens=True)
-    logger.info("Output text: %s (%.2fs)", result, time.perf_counter() - t0)
+    result, _, seconds = generate_text(model, text, args.max_new_tokens, args.sample, args.temperature, args.top_k)
+    logger.info("Output text: %s (%.2fs)", result, seconds)
     return result
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mu.errors import MuError
+from mu.model.cache import KVCache
 
 DEFAULT_BOS_ID = 1  # the paper's decoder start token (Phi-3.5's BOS)
 
@@ -145,39 +147,60 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     """
     check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
                           streamer is not None)
-    config = model.config
-    pad = config.pad_token_id
-    input_ids = _as_batch(input_ids, model.device, config.vocab_size)
-    if attention_mask is None:
-        attention_mask = input_ids != pad
-    attention_mask = attention_mask.to(input_ids.device).bool()
-    B = input_ids.shape[0]
-    encdec = config.arch == "encdec"
-    if encdec:
-        bos = _special_id(model, "bos_token_id", bos_token_id, DEFAULT_BOS_ID)
-        start = torch.full((B, 1), bos, dtype=torch.long, device=input_ids.device)
-        cache = model.new_cache(B, _cache_len(1 + max_new_tokens, compile))
-        prefix = start
-    else:
-        input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
-        start = None
-        cache = model.new_cache(B, _cache_len(input_ids.shape[1] + max_new_tokens, compile))
-        prefix = input_ids
+    pad = model.config.pad_token_id
+    input_ids = _as_batch(input_ids, model.device, model.config.vocab_size)
+    run = prepare(model, input_ids, max_new_tokens, attention_mask, bos_token_id, compile)
     was_training = model.training
     model.eval()
     try:
-        logits = model.prefill(input_ids, attention_mask, cache, start, **model_kwargs)
+        logits = model.prefill(run.input_ids, run.attention_mask, run.cache, run.start, **model_kwargs)
         if compile:  # the prompt went through the usual path; the steps now have fixed shapes
-            cache.static = cache.compiled = True
+            run.cache.static = run.cache.compiled = True
         if num_beams > 1:
-            new = beam_search(model, logits, cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
+            new = beam_search(model, logits, run.cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
         else:
-            new = _sample_loop(model, logits, cache, max_new_tokens, eos_token_id, pad, streamer,
+            new = _sample_loop(model, logits, run.cache, max_new_tokens, eos_token_id, pad, streamer,
                                dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator))
     finally:
         model.train(was_training)
-    return torch.cat([prefix, new], dim=1)
+    return torch.cat([run.prefix, new], dim=1)
+
+
+@dataclass
+class Prepared:
+    """What `model.prefill` takes for one `generate` call, and what the output starts with."""
+
+    input_ids: Tensor  # (B, S) the prompt; decoder-only: left-padded so every row ends with a real token
+    attention_mask: Tensor  # (B, S) bool, True at real tokens
+    cache: KVCache  # room for the prompt (decoder-only) or the start token (encoder-decoder) + the new tokens
+    start: Optional[Tensor]  # (B, 1) the decoder start token (encoder-decoder), else None
+    prefix: Tensor  # the start token (encoder-decoder) or the prompt (decoder-only): `generate`'s output head
+
+
+def prepare(model, input_ids: Tensor, max_new_tokens: int, attention_mask: Optional[Tensor] = None,
+            bos_token_id: Optional[int] = None, compile: bool = False) -> Prepared:
+    """`generate`'s set-up, shared with the benchmark: mask, left padding, decoder start token, cache size."""
+    pad = model.config.pad_token_id
+    if attention_mask is None:
+        attention_mask = input_ids != pad
+    attention_mask = attention_mask.to(input_ids.device).bool()
+    B = input_ids.shape[0]
+    if model.config.arch == "encdec":
+        bos = _special_id(model, "bos_token_id", bos_token_id, DEFAULT_BOS_ID)
+        start = torch.full((B, 1), bos, dtype=torch.long, device=input_ids.device)
+        cache = model.new_cache(B, _cache_len(1 + max_new_tokens, compile))
+        return Prepared(input_ids, attention_mask, cache, start, start)
+    input_ids, attention_mask = left_pad(input_ids, attention_mask, pad)
+    cache = model.new_cache(B, _cache_len(input_ids.shape[1] + max_new_tokens, compile))
+    return Prepared(input_ids, attention_mask, cache, None, input_ids)
+
+
+def new_tokens(model, output: Tensor, prompt: Tensor | int) -> Tensor:
+    """The tokens `generate` added, (B, N): `output` (B, ...) without its head, which is the decoder start token
+    (encoder-decoder) or the `prompt` (decoder-only; the prompt tensor given to `generate`, or its width)."""
+    width = 1 if model.config.arch == "encdec" else (prompt if isinstance(prompt, int) else prompt.shape[-1])
+    return output[:, width:]
 
 
 def _cache_len(n: int, compile: bool) -> int:

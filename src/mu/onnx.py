@@ -34,6 +34,8 @@ from torch import Tensor
 from mu.config import MuConfig
 from mu.errors import MuError
 from mu.export.onnx_export import MANIFEST, cache_names, read_manifest
+from mu.generation import generate
+from mu.tokenizer import has_tokenizer_files, load_tokenizer
 from mu.vision.config import VLMConfig
 from mu.vision.model import MuVLM
 
@@ -118,8 +120,6 @@ class OnnxModel:
 
     def generate(self, input_ids: Tensor | Sequence[int], **kwargs: Any) -> Tensor:
         """`mu.generation.generate` on the ONNX graphs (same options, same outputs as the PyTorch model)."""
-        from mu.generation import generate
-
         if kwargs.get("compile"):
             raise MuError("compile=True is an option of the PyTorch backend (torch.compile); onnxruntime runs "
                           "the exported graphs as they are")
@@ -233,8 +233,6 @@ def load(directory: str | os.PathLike, tokenizer: Any = None, threads: Optional[
     directory = Path(directory)
     manifest = read_manifest(directory)
     if tokenizer is None:
-        from mu.tokenizer import has_tokenizer_files, load_tokenizer
-
         if has_tokenizer_files(directory):
             tokenizer = load_tokenizer(directory)
     cls = OnnxVLM if manifest.get("vision") else OnnxModel

@@ -31,10 +31,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from mu.distill.run import DistillConfig, distill
 from mu.errors import MuError
+from mu.tokenizer import has_tokenizer_files
+from mu.train.config import TrainConfig
+from mu.utils import data_file
 
 logger = logging.getLogger("mu.train_text2text_by_kd")
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "phi3_tokenizer"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # ours
     p.add_argument("--teacher_config", help="HF config directory for a state-dict teacher.pt (e.g. Phi-3.5-mini)")
     p.add_argument("--tokenizer_path", help="tokenizer directory (default: the student's, else the teacher's, "
-                                            "else the Phi-3.5 tokenizer in ../shared/data)")
+                                            "else the Phi-3.5 tokenizer in $MU_DATA/phi3_tokenizer)")
     p.add_argument("--on_policy", type=float, default=1.0,
                    help="probability that a batch's KD targets are sampled by the student (the paper: 1)")
     p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps")
@@ -76,12 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _tokenizer_path(args) -> str | None:
     if args.tokenizer_path:
         return args.tokenizer_path
-    from mu.tokenizer import has_tokenizer_files
 
     for candidate in (args.student_path, args.teacher_path, args.teacher_config):
         if candidate and Path(candidate).is_dir() and has_tokenizer_files(candidate):
             return None  # the student's or teacher's own tokenizer is used
-    return str(DEFAULT_TOKENIZER) if DEFAULT_TOKENIZER.is_dir() else None
+    default = data_file("phi3_tokenizer")
+    return str(default) if default is not None else None
 
 
 def global_batch(batch_size: int, global_batch_size: int, world_size: int) -> int:
@@ -92,9 +95,6 @@ def global_batch(batch_size: int, global_batch_size: int, world_size: int) -> in
 
 
 def build_config(args):
-    from mu.distill.run import DistillConfig
-    from mu.train.config import TrainConfig
-
     for name in ("student_path", "teacher_path", "train_data_path", "val_data_path"):
         if not Path(getattr(args, name)).exists():
             raise MuError(f"--{name} {getattr(args, name)!r}: no such file or directory")
@@ -125,8 +125,6 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")
     args = parse_args(argv)
     try:
-        from mu.distill.run import distill
-
         result = distill(build_config(args))
     except MuError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,6 +30,17 @@ def pick_device(name: Optional[str] = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MuError(f"device {name!r} requested but MPS is not available on this machine")
     return device
+
+
+DATA_ENV = "MU_DATA"  # a data folder the seed-compatible scripts fall back on (phi3_tokenizer/, examples/)
+
+
+def data_file(name: str) -> Optional[Path]:
+    """$MU_DATA/name if MU_DATA is set and that file or folder exists, else None. The library itself never
+    needs it: only the paper's scripts' defaults (its tokenizer, its example images) look there."""
+    root = os.environ.get(DATA_ENV)
+    path = Path(root) / name if root else None
+    return path if path is not None and path.exists() else None
 
 
 def seed_everything(seed: int) -> None:

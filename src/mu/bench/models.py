@@ -79,18 +79,11 @@ class MuRunner:
         return _param_bytes(p for p in params if id(p) not in skip)
 
     def prefill(self, input_ids: Tensor, new_tokens: int) -> tuple[Any, Tensor]:
-        from mu.generation import sample_logits
+        from mu.generation import prepare, sample_logits
 
-        B, L = input_ids.shape
-        mask = input_ids != self.pad
-        if self.config.arch == "encdec":
-            cache = self.model.new_cache(B, 1 + new_tokens)
-            start = torch.full((B, 1), self.bos, dtype=torch.long, device=input_ids.device)
-        else:
-            cache = self.model.new_cache(B, L + new_tokens)
-            start = None
-        logits = self.model.prefill(input_ids, mask, cache, start)
-        return cache, sample_logits(logits)
+        run = prepare(self.model, input_ids, new_tokens, bos_token_id=self.bos)  # generate's own set-up
+        logits = self.model.prefill(run.input_ids, run.attention_mask, run.cache, run.start)
+        return run.cache, sample_logits(logits)
 
     def step(self, cache, token: Tensor) -> Tensor:
         from mu.generation import sample_logits

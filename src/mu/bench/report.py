@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
+
+from mu.atomic import atomic_file
 
 PLOTS = ("time_vs_input_length.png", "throughput_vs_batch.png", "memory_vs_input_length.png")
 GiB, MiB = 2**30, 2**20
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(str(tmp))
 
 
 def _write_text(path: Path, text: str) -> None:

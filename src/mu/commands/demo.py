@@ -3,7 +3,7 @@
     mu demo --out demo_out                  # ~15 minutes on a 2-core laptop CPU (`make demo`)
     mu demo --quick --out /tmp/demo_quick   # under a minute: a smoke test
     mu demo --preset large --device cuda --out demo_large
-    mu demo --train-data ../shared/data/squad_v2_train.jsonl --val-data ../shared/data/squad_v2_dev.jsonl --out d
+    mu demo --train-data data/squad_v2_train.jsonl --val-data data/squad_v2_dev.jsonl --out d
 
 Re-running the same command resumes: finished stages are reused, an interrupted training run continues
 from its checkpoint, and a changed setting redoes the stages it affects. See docs/demo.md.
@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from mu.commands.args import number
 from mu.errors import MuError
 
 
@@ -28,13 +29,6 @@ def _lengths(text: str) -> tuple[int, ...]:
     return values
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 2e13, got {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from mu.demo.config import PRESETS
 
@@ -43,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick (< 1 minute, tests), default (~15 minutes on a 2-core CPU), large (GPU or hours)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     g = p.add_argument_group("data (default: built-in synthetic reading comprehension)")
-    g.add_argument("--train-data", metavar="FILE", help="squad_v2 training file, e.g. ../shared/data/squad_v2_train.jsonl")
+    g.add_argument("--train-data", metavar="FILE", help="squad_v2 training file, e.g. data/squad_v2_train.jsonl")
     g.add_argument("--val-data", metavar="FILE", help="validation file (default: held out from --train-data)")
     g.add_argument("--test-data", metavar="FILE", help="test file (default: --val-data, else held out from --train-data)")
     g.add_argument("--n-train", type=int, help="training examples (synthetic count, or a limit on --train-data)")
@@ -55,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-examples", type=int, help="training examples the teacher sees")
     g.add_argument("--student-examples", type=int,
                    help="the students' FLOP budget, as what the encoder-decoder spends on this many examples")
-    g.add_argument("--max-flops", type=_number, dest="student_flops",
+    g.add_argument("--max-flops", type=number(float), dest="student_flops",
                    help="an explicit FLOP budget for every student instead of --student-examples")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--teacher-lr", type=float)

@@ -7,13 +7,19 @@ import sys
 import time
 from pathlib import Path
 
-from mu.commands.score import TASK_CHOICES
+from mu.commands import tasks
+from mu.data.tasks import TASKS, load_examples
 from mu.errors import MuError
+from mu.eval.io import write_json_atomic, write_predictions
+from mu.eval.runner import MAX_NEW_TOKENS, default_max_source_len, evaluate_model
+from mu.model.io import load_model
+from mu.tokenizer import load_tokenizer
+from mu.utils import pick_device
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model directory (or the paper's model.pt with --tokenizer)")
-    p.add_argument("--task", required=True, choices=TASK_CHOICES)
+    tasks.add_task_argument(p, "eval", required=True)
     p.add_argument("--data", required=True, help="the task's data (.jsonl, saved HF dataset, synthetic:test, ...)")
     p.add_argument("--out", help="write results (metrics + settings) to this JSON file")
     p.add_argument("--predictions", help="write predictions here (.json: {id: text}; otherwise JSON lines)")
@@ -36,17 +42,10 @@ def run(args) -> int:
     for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
         if path and Path(path).is_dir():  # found now, not after the whole evaluation has run
             raise MuError(f"{flag} {path}: is a directory; expected a file name to write")
-    if args.task == "vqa":
-        from mu.vision.cli import run_eval
+    return tasks.run("eval", args)
 
-        return run_eval(args)
-    from mu.checkpoint import load_model
-    from mu.data.tasks import TASKS, load_examples
-    from mu.eval.io import write_json_atomic, write_predictions
-    from mu.eval.runner import MAX_NEW_TOKENS, default_max_source_len, evaluate_model
-    from mu.tokenizer import load_tokenizer
-    from mu.utils import pick_device
 
+def run_text(args) -> int:
     examples = load_examples(args.task, args.data, limit=args.limit)  # bad data fails before the model loads
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

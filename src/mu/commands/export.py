@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from mu.errors import MuError
+from mu.export.onnx_export import MANIFEST, export_onnx
+from mu.hf.export import MARKER, export_hf
 
 
 def add_arguments(p) -> None:
@@ -40,8 +42,6 @@ def check_out(model: str, out: str, marker: str) -> None:
 
 def run(args) -> int:
     if args.format == "onnx":
-        from mu.export.onnx_export import MANIFEST, export_onnx
-
         check_out(args.model, args.out, MANIFEST)
         out = export_onnx(args.model, args.out, quantize=args.quantize, opset=args.opset)
         for f in sorted(out.iterdir()):
@@ -49,7 +49,6 @@ def run(args) -> int:
                 print(f"{f}  {f.stat().st_size / 1e6:.1f} MB")
         print(f"run it with: mu generate --backend onnx --model {out} --prompt ...")
         return 0
-    from mu.hf.export import MARKER, export_hf
 
     check_out(args.model, args.out, MARKER)
     out = export_hf(args.model, args.out, eval_results=args.eval)

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
 
+import torch
+
+from mu.data.tasks import fit_prompt
 from mu.errors import MuError
+from mu.eval.runner import default_max_source_len
+from mu.generation import CLI_NAMES, check_generation_args, new_tokens
+from mu.model.io import load_model, parse_dtype
+import mu.onnx
+from mu.tokenizer import load_tokenizer
+from mu.utils import pick_device
 
 
 def add_arguments(p) -> None:
@@ -30,9 +40,6 @@ def add_arguments(p) -> None:
 def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[int]:
     """The prompt's ids, cut as `mu eval` cuts sources (to `block_size`; decoder-only: minus the new tokens),
     with a warning that says so."""
-    from mu.data.tasks import fit_prompt
-    from mu.eval.runner import default_max_source_len
-
     limit = default_max_source_len(model, max_new_tokens)
     ids, n = fit_prompt(tok, prompt, limit)
     if n > limit:
@@ -43,49 +50,55 @@ def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[in
     return ids
 
 
+def load_for_generation(path: str, tokenizer: Optional[str] = None, device: Optional[str] = "auto",
+                        dtype: Optional[str] = None, backend: str = "torch"):
+    """The model `mu generate` (and the seed script) generates with: torch or an ONNX export, with the
+    --tokenizer directory attached if one is given (else the model's own, if it has one)."""
+    tok = load_tokenizer(tokenizer) if tokenizer else None
+    if backend == "onnx":
+        if dtype:
+            raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
+                          "(mu export onnx --quantize)")
+        return mu.onnx.load(path, tokenizer=tok)
+    return load_model(path, device=pick_device(device), dtype=dtype, tokenizer=tok)
+
+
+def generate_text(model, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, num_beams: int = 1, seed: int = 0,
+                  streamer=None) -> tuple[str, int, float]:
+    """One prompt through `model.generate` (cut to the context with a warning, seeded): the new text, how many
+    tokens it has, and the seconds generation took."""
+    tok = model.tokenizer
+    ids = torch.tensor([check_prompt_length(tok, prompt, model, max_new_tokens)], device=model.device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                         top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=tok.eos_token_id,
+                         streamer=streamer)
+    elapsed = time.perf_counter() - t0
+    new = new_tokens(model, out, ids)[0]
+    return tok.decode(new, skip_special_tokens=True), len(new), elapsed
+
+
 def run(args) -> int:
-    import torch
-
-    from mu.checkpoint import load_model, parse_dtype
-    from mu.generation import CLI_NAMES, check_generation_args
-    from mu.tokenizer import load_tokenizer
-    from mu.utils import pick_device
-
     check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
                           args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
     parse_dtype(args.dtype)
-    device = pick_device(args.device)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    if args.backend == "onnx":
-        import mu.onnx
-
-        if args.dtype:
-            raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
-                          "(mu export onnx --quantize)")
-        model = mu.onnx.load(args.model, tokenizer=tokenizer)
-        device = model.device
-    else:
-        model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
+    pick_device(args.device)
+    model = load_for_generation(args.model, args.tokenizer, args.device, args.dtype, args.backend)
     if model.tokenizer is None:
-        raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
-    tok = model.tokenizer
+        raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. the paper's phi3_tokenizer)")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise MuError("empty prompt: pass --prompt TEXT or text on stdin")
-    ids = torch.tensor([check_prompt_length(tok, prompt, model, args.max_new_tokens)], device=device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer
 
-        streamer = TextStreamer(tok, skip_special_tokens=True)
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         num_beams=args.num_beams, eos_token_id=tok.eos_token_id, streamer=streamer)
-    elapsed = time.perf_counter() - t0
-    new = out[0, 1:] if model.config.arch == "encdec" else out[0, ids.shape[1]:]
+        streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
+    text, n, elapsed = generate_text(model, prompt, args.max_new_tokens, args.sample, args.temperature, args.top_k,
+                                     args.top_p, args.num_beams, args.seed, streamer)
     if not args.stream:
-        print(tok.decode(new, skip_special_tokens=True))
-    print(f"[{len(new)} tokens in {elapsed:.2f}s]", file=sys.stderr)
+        print(text)
+    print(f"[{n} tokens in {elapsed:.2f}s]", file=sys.stderr)
     return 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mu.config import PRESETS
 from mu.errors import MuError
+from mu.model.io import build_model, load_model
 
 
 def add_arguments(p) -> None:
@@ -16,9 +18,6 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import torch
-
-    from mu.checkpoint import build_model, load_model
-    from mu.config import PRESETS
 
     if args.target in PRESETS and not Path(args.target).exists():
         with torch.device("meta"):

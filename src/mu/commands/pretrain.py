@@ -1,6 +1,6 @@
 """`mu pretrain`: pretrain on plain text (span corruption or prefix LM for encdec, causal LM for deconly).
 
-    mu pretrain --arch encdec --preset small --train-data ../shared/data/corpus/tinyshakespeare.txt \\
+    mu pretrain --arch encdec --preset small --train-data data/corpus/tinyshakespeare.txt \\
                 --tokenizer bpe:8192 --max-flops 1e15 --out runs/pretrain-encdec
 
 Same options, outputs and resuming as `mu train`; fine-tune the result with `mu train --init DIR/final`.

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 from mu.errors import MuError
+from mu.model.io import load_model
+from mu.tokenizer import load_tokenizer
+from mu.utils import pick_device
+from mu.vision.model import MODEL_TYPE, load_vlm
 
 BACKENDS = ("torch",)  # a runtime goes here once it implements the engine's backend methods (mu.serve.engine)
 
@@ -37,9 +41,6 @@ def add_arguments(p) -> None:
 
 def load_served_model(path: str, device=None, dtype=None, tokenizer=None):
     """A text model or a VLM directory (told apart by config.json's model_type), in eval mode."""
-    from mu.checkpoint import load_model
-    from mu.vision.model import MODEL_TYPE, load_vlm
-
     config = Path(path) / "config.json"
     model_type = None
     if config.is_file():
@@ -62,8 +63,6 @@ def run(args) -> int:
         from mu.serve.app import Server, ServeConfig
     except ImportError as e:
         raise MuError(f"`mu serve` needs the serve extra ({e.name} is missing): pip install 'mu[serve]'") from None
-    from mu.tokenizer import load_tokenizer
-    from mu.utils import pick_device
 
     if not 0 <= args.port <= 65535:
         raise MuError(f"--port must be in 0..65535, got {args.port}")

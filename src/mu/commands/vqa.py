@@ -22,7 +22,7 @@ def run(args) -> int:
     from mu.vision.model import load_vlm
     from mu.vision.preprocess import load_image
 
-    from mu.checkpoint import parse_dtype
+    from mu.model.io import parse_dtype
     from mu.generation import CLI_NAMES, check_generation_args
 
     check_generation_args(args.max_new_tokens, num_beams=args.num_beams, names=CLI_NAMES)

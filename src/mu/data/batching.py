@@ -30,6 +30,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mu.data.tasks import encode_source, get_task
 from mu.errors import MuError
 
 IGNORE_INDEX = -100  # target positions the loss skips
@@ -64,8 +65,6 @@ def encode_examples(examples: Sequence[Any], tokenizer, max_source_len: int, max
     One `TruncationWarning` reports how many examples were cut. No BOS is added: the collator adds the
     decoder start token where the architecture needs it.
     """
-    from mu.data.tasks import encode_source, get_task
-
     if max_source_len < 1 or max_target_len < 1:
         raise MuError(f"max_source_len and max_target_len must be >= 1, got {max_source_len} and {max_target_len}")
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+from mu.atomic import atomic_write_text
 from mu.errors import MuError
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p", "r", "s", "sh", "st",
@@ -286,17 +286,8 @@ def write_synthetic_splits(out_dir: str | os.PathLike, n_train: int, n_val: int,
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, records in synthetic_splits(n_train, n_val, n_test, seed, **knobs).items():
-        path = out_dir / f"{name}.jsonl"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths[name] = path
+        paths[name] = atomic_write_text(out_dir / f"{name}.jsonl",
+                                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return paths
 
 

@@ -1,13 +1,13 @@
 """Task formats: read a task's records (local jsonl/json, or a Hugging Face dataset available locally)
 into `Example`s with one prompt template per task.
 
-    examples = load_examples("squad_v2", "../shared/data/squad_v2_dev.jsonl")
+    examples = load_examples("squad_v2", "data/squad_v2_dev.jsonl")
     ex = examples[0]
     ex.source      # the prompt (encoder input, or the decoder-only prompt)
     ex.target      # what the model is trained to produce
     ex.references  # what a prediction is scored against
 
-Field schemas follow ../shared/data/README.md (see docs/tasks.md). Every malformed line stops
+Field schemas are described in docs/tasks.md. Every malformed line stops
 with a `MuError` naming the file, the line number and the field.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from mu.data.synthetic import synthetic_split
 from mu.errors import MuError
 
 NO_ANSWER = "unanswerable"  # the target of an unanswerable SQuAD 2.0 question; scored as the empty answer
@@ -307,8 +308,6 @@ def load_examples(task: str, path: str | os.PathLike, limit: Optional[int] = Non
     if limit is not None and limit < 0:
         raise MuError(f"limit must be >= 0, got {limit}")
     if str(path).startswith("synthetic:") and not Path(path).exists():
-        from mu.data.synthetic import synthetic_split
-
         if task != "squad_v2":
             raise MuError(f"synthetic data is in the squad_v2 format; use --task squad_v2, not {task!r}")
         records = ((f"{path}, example {i}", str(i), r) for i, r in enumerate(synthetic_split(str(path))))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mu.errors import MuError
-from mu.train.checkpoint import atomic_write_text
+from mu.atomic import atomic_write_text
 
 MANIFEST_FILE = "demo_manifest.json"
 FORMAT = 1

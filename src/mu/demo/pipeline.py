@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 
 from mu.demo.config import DemoConfig, settings_hash
 from mu.demo.manifest import Manifest
-from mu.train.checkpoint import atomic_write_text
+from mu.atomic import atomic_directory, atomic_write_text
 from mu.demo.progress import Plan, fmt_time
 from mu.errors import MuError
 
@@ -215,17 +215,8 @@ class Demo:
         self._examples.clear()
         splits = {s: self.examples(s) for s in ("train", "val", "test")}
         tok = copy_friendly_tokenizer([t for e in splits["train"] for t in (e.source, e.target)], c.vocab_size)
-        tmp = self.out / ".tokenizer.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        tok.save_pretrained(tmp)
-        if self.tokenizer_dir.exists():
-            import shutil
-
-            shutil.rmtree(self.tokenizer_dir)
-        os.replace(tmp, self.tokenizer_dir)
+        with atomic_directory(self.tokenizer_dir) as tmp:
+            tok.save_pretrained(tmp)
         self._tokenizer, self._features = None, None
         summary: dict[str, Any] = {"source": self.data_source(),
                                    "tokenizer": f"byte-level BPE with a prefix space, {len(tok)} tokens"}

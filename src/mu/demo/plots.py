@@ -5,23 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mu.atomic import atomic_file
+
 COLORS = {"teacher": "#7f7f7f", "encdec": "#1f77b4", "deconly": "#d62728", "encdec_kd": "#2ca02c"}
 SHORT = {"teacher": "teacher (dec-only)", "encdec": "enc-dec (CE)", "deconly": "dec-only (CE)",
          "encdec_kd": "enc-dec (KD)"}
 
 
 def _save(fig, path: Path) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _smooth(values: list[float], k: int) -> list[float]:

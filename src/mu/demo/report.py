@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from mu.train.checkpoint import atomic_write_text
+from mu.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from mu.demo.pipeline import Demo

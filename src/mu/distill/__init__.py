@@ -12,33 +12,16 @@
 See docs/distillation.md.
 """
 
-_LAZY = {
-    "load_teacher": "mu.distill.teacher",
-    "Teacher": "mu.distill.teacher",
-    "lora_target_modules": "mu.distill.teacher",
-    "check_same_tokenizer": "mu.distill.vocab",
-    "common_vocab": "mu.distill.vocab",
-    "KDLossConfig": "mu.distill.losses",
-    "kd_divergence": "mu.distill.losses",
-    "divergence": "mu.distill.losses",
-    "teacher_inputs": "mu.distill.targets",
-    "sample_student_targets": "mu.distill.targets",
-    "TopKCache": "mu.distill.topk",
-    "build_topk_cache": "mu.distill.topk",
-    "DistillObjective": "mu.distill.objective",
-    "SamplingConfig": "mu.distill.objective",
-    "DistillConfig": "mu.distill.run",
-    "distill": "mu.distill.run",
-    "FinetuneTeacherConfig": "mu.distill.lora",
-    "finetune_teacher": "mu.distill.lora",
-}
+from mu.distill.teacher import Teacher, load_teacher, lora_target_modules
+from mu.distill.vocab import check_same_tokenizer, common_vocab
+from mu.distill.losses import KDLossConfig, divergence, kd_divergence
+from mu.distill.targets import sample_student_targets, teacher_inputs
+from mu.distill.topk import TopKCache, build_topk_cache
+from mu.distill.objective import DistillObjective, SamplingConfig
+from mu.distill.run import DistillConfig, distill
+from mu.distill.lora import FinetuneTeacherConfig, finetune_teacher
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mu.distill' has no attribute {name!r}")
+__all__ = ["load_teacher", "Teacher", "lora_target_modules", "check_same_tokenizer", "common_vocab", "KDLossConfig",
+           "kd_divergence", "divergence", "teacher_inputs", "sample_student_targets", "TopKCache", "build_topk_cache",
+           "DistillObjective", "SamplingConfig", "DistillConfig", "distill", "FinetuneTeacherConfig",
+           "finetune_teacher"]

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from mu.atomic import atomic_directory
 from mu.errors import MuError
 
 
@@ -131,16 +130,8 @@ def _loss(model, batch: dict) -> torch.Tensor:
 
 def _save_dir(write, directory: Path) -> None:
     """Write into a temporary sibling, then rename into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         write(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
@@ -150,7 +141,7 @@ def finetune_teacher(cfg: FinetuneTeacherConfig) -> dict[str, Any]:
 
     from mu.data.batching import Collator, length_grouped_batches, move_batch
     from mu.distill.teacher import lora_target_modules, quiet_peft
-    from mu.train.checkpoint import atomic_write_text
+    from mu.atomic import atomic_write_text
     from mu.train.optim import LRSchedule, build_optimizer, set_lr, warmup_steps
     from mu.train.trainer import choose_precision
     from mu.utils import pick_device, seed_everything

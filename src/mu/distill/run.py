@@ -29,8 +29,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from mu.atomic import atomic_write_text
+from mu.data.tasks import load_examples
+from mu.distill.losses import KDLossConfig
+from mu.distill.objective import DistillObjective, SamplingConfig
+from mu.distill.teacher import load_teacher
+from mu.distill.topk import TopKCache, build_topk_cache, fingerprint
+from mu.distill.vocab import check_same_tokenizer, common_vocab
 from mu.errors import MuError
+from mu.model.io import build_model, load_model
+from mu.tokenizer import load_tokenizer
+from mu.train import checkpoint as ckpt
 from mu.train.config import TrainConfig
+from mu.train.distributed import barrier, init_distributed, shutdown
+from mu.train.trainer import build_datasets, model_vocab_size, train
+from mu.utils import seed_everything
 
 DISTILL_CONFIG_FILE = "distill_config.json"
 TOPK_FILE = "teacher_topk.safetensors"
@@ -66,8 +79,6 @@ class DistillConfig:
         return d
 
     def validate(self) -> "DistillConfig":
-        from mu.distill.losses import KDLossConfig
-
         if not self.teacher:
             raise MuError("--teacher is required (a Hugging Face causal LM directory, an adapter directory, a mu "
                           "decoder-only checkpoint, or a .pt state dict with --teacher-config)")
@@ -93,11 +104,6 @@ class DistillConfig:
 
 def _load_student(cfg: DistillConfig, tokenizer_spec: Optional[str], teacher):
     """-> (student model, tokenizer). The tokenizer: --tokenizer, else the student's, else the teacher's."""
-    from mu.checkpoint import build_model, load_model
-    from mu.tokenizer import load_tokenizer
-    from mu.train.trainer import model_vocab_size
-    from mu.utils import seed_everything
-
     tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else None
     if cfg.student is not None:
         student = load_model(cfg.student, device="cpu", dtype="fp32")
@@ -118,8 +124,6 @@ def _load_student(cfg: DistillConfig, tokenizer_spec: Optional[str], teacher):
 
 
 def _check_resume(cfg: DistillConfig, out: Path) -> None:
-    from mu.train import checkpoint as ckpt
-
     path = out / DISTILL_CONFIG_FILE
     if not (path.is_file() and cfg.train.resume and ckpt.list_checkpoints(out)):
         return
@@ -135,9 +139,6 @@ def _check_resume(cfg: DistillConfig, out: Path) -> None:
 def _topk_cache(cfg: DistillConfig, teacher, features: list[dict], vocab: int, tokenizer, env):
     """Load DIR/teacher_topk.safetensors if it was built for this data and these settings, else build it
     (each rank a shard, merged by rank 0)."""
-    from mu.distill.topk import TopKCache, build_topk_cache, fingerprint
-    from mu.train.distributed import barrier
-
     out = Path(cfg.train.out)
     path = out / TOPK_FILE
     fp = fingerprint(features, f"{teacher.name}|{cfg.teacher_adapter}")
@@ -166,15 +167,6 @@ def _topk_cache(cfg: DistillConfig, teacher, features: list[dict], vocab: int, t
 
 def distill(cfg: DistillConfig, *, train_examples=None, val_examples=None, on_step=None):
     """Distil `cfg.teacher` into the student; returns the trainer's `TrainResult` (see docs/distillation.md)."""
-    from mu.data.tasks import load_examples
-    from mu.distill.losses import KDLossConfig
-    from mu.distill.objective import DistillObjective, SamplingConfig
-    from mu.distill.teacher import load_teacher
-    from mu.distill.vocab import check_same_tokenizer, common_vocab
-    from mu.train.checkpoint import atomic_write_text
-    from mu.train.distributed import barrier, init_distributed, shutdown
-    from mu.train.trainer import build_datasets, train
-
     cfg.validate()
     tc = cfg.train
     tc.validate(have_train_data=train_examples is not None, have_val_data=val_examples is not None)

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from mu.errors import MuError
-from mu.utils import precision_note
+from mu.model.io import load_model, parse_dtype, pickle_refusal, safe_torch_load
+from mu.tokenizer import has_tokenizer_files, load_tokenizer
+from mu.utils import auto_precision, pick_device, precision_note
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -185,8 +187,6 @@ class Teacher:
 def _load_hf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    from mu.checkpoint import pickle_refusal
-
     _quiet_transformers()
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, trust_remote_code=False,
@@ -213,7 +213,6 @@ def _merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
 
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise MuError(f"{adapter}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    from mu.checkpoint import pickle_refusal
 
     try:
         with quiet_peft():
@@ -227,8 +226,6 @@ def _merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
 
 
 def _tokenizer_in(path: Path):
-    from mu.tokenizer import has_tokenizer_files, load_tokenizer
-
     return load_tokenizer(path) if has_tokenizer_files(path) else None
 
 
@@ -236,8 +233,6 @@ def _load_lora_state_dict(file: Path, config_dir: Path, dtype: torch.dtype, lora
     """The paper's teacher.pt: {"model_state_dict": state dict of get_peft_model(AutoModelForCausalLM)}."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from mu.checkpoint import safe_torch_load
 
     _quiet_transformers()
     obj = safe_torch_load(file)
@@ -276,9 +271,6 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
     the choice is kept in `teacher.precision`). lora_alpha: the scale of a LoRA state dict
     in a `.pt` file (not stored there; the paper used 32).
     """
-    from mu.checkpoint import parse_dtype
-    from mu.utils import auto_precision, pick_device
-
     path, asked = Path(path), dtype
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     if parse_dtype(dtype) is not None:
@@ -290,8 +282,6 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
         note = precision_note(auto, f"auto: {why}")
     tokenizer = None
     if path.is_dir() and _is_mu_dir(path):
-        from mu.checkpoint import load_model
-
         model, kind = load_model(path, dtype=dtype), "mu"
         tokenizer = model.tokenizer
         if adapter is not None:
@@ -314,8 +304,6 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
     elif path.is_file():
         obj_is_mu = _is_mu_pt(path)
         if obj_is_mu:
-            from mu.checkpoint import load_model
-
             model, kind = load_model(path, dtype=dtype), "mu"
         elif config_dir is None:
             raise MuError(f"{path}: a state dict needs the teacher's architecture: pass --teacher-config DIR "
@@ -336,8 +324,6 @@ def load_teacher(path: str | os.PathLike, adapter: Optional[str | os.PathLike] =
 
 def _is_mu_pt(path: Path) -> bool:
     """Is this .pt file the paper's *Mu* format ({"model_state_dict", "model_config"})?"""
-    from mu.checkpoint import safe_torch_load
-
     try:
         obj = safe_torch_load(path, map_location="meta", mmap=True)
     except MuError:  # not loadable as a zip checkpoint with mmap: the plain read says why

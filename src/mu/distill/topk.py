@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +24,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from mu.atomic import atomic_file
+from mu.distill.targets import teacher_inputs
 from mu.errors import MuError
 
 
@@ -75,18 +76,11 @@ class TopKCache:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file({"values": self.values.contiguous(), "indices": self.indices.contiguous(),
                        "lse": self.lse.contiguous(), "starts": self.starts.contiguous(),
                        "lengths": self.lengths.contiguous()}, tmp,
                       metadata={"mu_topk": json.dumps(self.settings())})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
@@ -146,8 +140,6 @@ def build_topk_cache(teacher, features: Sequence[dict], k: int, temperature: flo
                      batch_size: int = 16, pad_token_id: int = 0, bos_token_id: int = 1, rank: int = 0,
                      world_size: int = 1, fp: Optional[str] = None, progress: bool = False) -> TopKCache:
     """Run the teacher over the gold targets of `features` (those with i % world_size == rank) once."""
-    from mu.distill.targets import teacher_inputs
-
     if not 1 <= k <= vocab:
         raise MuError(f"top-k must be between 1 and the common vocabulary size {vocab}, got {k}")
     mine = [i for i in range(len(features)) if i % world_size == rank]

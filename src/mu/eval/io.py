@@ -1,38 +1,17 @@
-"""Predictions and results files: read {id: text} predictions, write JSON atomically."""
+"""Predictions and results files: read {id: text} predictions, write them and results atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from mu.atomic import atomic_write_json as write_json_atomic  # noqa: F401 (the name callers know)
+from mu.atomic import atomic_write_text as write_text_atomic
+from mu.data.tasks import iter_jsonl
 from mu.errors import MuError
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
-    path = Path(path)
-    if path.is_dir():
-        raise MuError(f"{path}: is a directory; expected a file name to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise MuError(f"{path}: cannot create the folder {path.parent} (a file of that name is in the way)") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -> Path:
@@ -41,6 +20,26 @@ def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str]) -
         return write_json_atomic(path, dict(predictions))
     lines = "".join(json.dumps({"id": k, "prediction": v}, ensure_ascii=False) + "\n" for k, v in predictions.items())
     return write_text_atomic(path, lines)
+
+
+def predicted_only(examples: Sequence[Any], predictions: Mapping[str, str], predictions_file: Any, data_file: Any,
+                   allow_missing: bool = False) -> list[Any]:
+    """The examples (anything with an `.id`) that have a prediction. Missing ones are refused with a one-line
+    MuError that says how many, or with `allow_missing` left out with a warning that says so; predictions
+    for ids not in the data are ignored with a note. A file that covers no example is always refused."""
+    ids = {e.id for e in examples}
+    missing = [e.id for e in examples if e.id not in predictions]
+    if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        problem = (f"{predictions_file}: no prediction for {len(missing)} of the {len(examples)} examples in "
+                   f"{data_file} (ids {shown})")
+        if not allow_missing or len(missing) == len(examples):
+            raise MuError(problem + ("" if allow_missing else "; pass --allow-missing to score the rest"))
+        print(f"warning: {problem}; scoring the other {len(examples) - len(missing)} only", file=sys.stderr)
+    extra = sum(k not in ids for k in predictions)
+    if extra:
+        print(f"note: {extra} predictions have ids that are not in {data_file}; they were ignored", file=sys.stderr)
+    return [e for e in examples if e.id in predictions]
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:
@@ -72,8 +71,6 @@ def read_predictions(path: str | os.PathLike) -> dict[str, str]:
     if obj is not None and not isinstance(obj, dict):
         raise MuError(f"{path}: expected a JSON object {{id: text}} or JSON lines {{\"id\", \"prediction\"}}, "
                       f"got a JSON {type(obj).__name__}")
-    from mu.data.tasks import iter_jsonl
-
     out: dict[str, str] = {}
     for lineno, rec in iter_jsonl(path):
         where = f"{path}, line {lineno}"

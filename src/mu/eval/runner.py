@@ -18,6 +18,7 @@ import torch
 
 from mu.data.tasks import Example, encode_source, get_task
 from mu.errors import MuError
+from mu.generation import new_tokens
 from mu.eval.metrics import compute_metrics
 
 # Generation budgets per task, in tokens (a byte-level tokenizer may need more: pass max_new_tokens).
@@ -84,7 +85,7 @@ def generate_predictions(model, tokenizer, task: str, examples: Sequence[Example
                 mask[r, :len(encoded[i])] = True
             out = model.generate(input_ids.to(model.device), attention_mask=mask.to(model.device),
                                  max_new_tokens=max_new_tokens, eos_token_id=eos, num_beams=num_beams)
-            new = out[:, 1:] if model.config.arch == "encdec" else out[:, width:]  # drop start token / prompt
+            new = new_tokens(model, out, width)
             for r, i in enumerate(rows):
                 predictions[examples[i].id] = _decode(tokenizer, new[r].tolist(), eos, pad)
             bar.update(len(rows))

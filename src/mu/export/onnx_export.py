@@ -31,7 +31,12 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from mu.atomic import atomic_directory
 from mu.errors import MuError
+from mu.export.onnx_graphs import DecoderStepGraph, EmbedGraph, EncoderGraph, VisionGraph
+from mu.model.base import MuModel
+from mu.model.io import CONFIG_FILE, load_model
+from mu.vision.model import MODEL_TYPE as VLM_TYPE, load_vlm
 
 MANIFEST = "mu_onnx.json"
 FORMAT = "mu-onnx"
@@ -62,9 +67,6 @@ def cache_names(prefix: str, n_layer: int) -> list[str]:
 def load_exportable(source: Any) -> nn.Module:
     """A text model (`MuEncoderDecoder` / `MuDecoderOnly`) or a `MuVLM`, from a directory, a paper .pt or
     an object, checked for what the exporter supports."""
-    from mu.model.base import CONFIG_FILE, MuModel
-    from mu.vision.model import MODEL_TYPE as VLM_TYPE
-
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         cfg = path / CONFIG_FILE
@@ -75,12 +77,8 @@ def load_exportable(source: Any) -> nn.Module:
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 raise MuError(f"{cfg}: not a JSON object of model settings") from None
         if model_type == VLM_TYPE:
-            from mu.vision.model import load_vlm
-
             model = load_vlm(path)
         elif model_type == "mu":
-            from mu.checkpoint import load_model
-
             model = load_model(path)
         else:
             raise MuError(f"{cfg}: model_type {model_type!r} is not exportable; `mu export onnx` takes a mu model "
@@ -104,8 +102,6 @@ def load_exportable(source: Any) -> nn.Module:
 
 def graph_specs(model: nn.Module) -> list[GraphSpec]:
     """The graphs of `model` with example inputs and names (see the module docstring)."""
-    from mu.export.onnx_graphs import DecoderStepGraph, EmbedGraph, EncoderGraph, VisionGraph
-
     vlm = model if hasattr(model, "lm") else None
     text = model.lm if vlm is not None else model
     c = text.config
@@ -206,8 +202,6 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
     """
     import onnx
 
-    from mu.model.base import atomic_directory
-
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise MuError(f"--quantize {quantize!r} is not supported; expected one of {QUANTIZATIONS}")
     max_opset = onnx.defs.onnx_opset_version()
@@ -246,8 +240,6 @@ def export_onnx(source: Any, out: str | os.PathLike, quantize: Optional[str] = N
 
 def quantize_export(src: str | os.PathLike, out: str | os.PathLike, mode: str = "int8") -> Path:
     """Quantize every graph of the fp32 export `src` into `out` (atomically), tokenizer and manifest along."""
-    from mu.model.base import atomic_directory
-
     src = Path(src)
     manifest = read_manifest(src)
     if mode not in QUANTIZATIONS:

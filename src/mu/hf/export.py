@@ -20,7 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mu.atomic import atomic_directory
 from mu.errors import MuError
+from mu.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
 
 HERE = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_mu.py", "modeling_mu.py", "pipeline_mu.py")
@@ -32,9 +34,6 @@ NOT_RECORDED = "not recorded"
 def export_hf(model_dir: str | os.PathLike, out: str | os.PathLike,
               eval_results: Sequence[str | os.PathLike] = ()) -> Path:
     """Write the remote-code directory for the mu model directory `model_dir` into `out` (atomically)."""
-    from mu.checkpoint import load_model
-    from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, atomic_directory
-
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_FILE).is_file():
         raise MuError(f"{model_dir}: not a mu model directory (no {CONFIG_FILE}); `mu export hf` takes a directory "

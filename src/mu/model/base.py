@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +14,9 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.errors import MuError
 from mu.model.cache import KVCache
+from mu.model.io import save_model
 from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, linear, rope_cos_sin, rope_scaled,
                              rope_table)
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -172,48 +165,4 @@ class MuModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `config.json` + `model.safetensors` (+ tokenizer files) atomically into `directory`."""
-        if self.quantization:
-            raise MuError(f"cannot save a {self.quantization}-quantized model (quantization is an inference-time "
-                          "transform): save the float model and call quantize_ after loading it")
-        config = {"model_type": "mu", "mu_format": FORMAT_VERSION, **self.config.to_dict()}
-        return write_model_dir(directory, self.state_dict(), config, self.tokenizer, skip=("lm_head.weight",))
-
-
-def write_model_dir(directory: str | os.PathLike, state: dict[str, Tensor], config: dict[str, Any], tokenizer: Any,
-                    skip: tuple[str, ...] = ()) -> Path:
-    """Write `config.json` + `model.safetensors` (+ tokenizer files) into `directory` atomically
-    (see `atomic_directory`). Keys in `skip` (tied weights) are left out of the weights file.
-    """
-    from safetensors.torch import save_file
-
-    with atomic_directory(directory) as tmp:
-        weights = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in skip}
-        save_file(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt", "mu_format": str(FORMAT_VERSION)})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(directory)
-
-
-@contextmanager
-def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `directory` to fill; on success it replaces `directory`.
-
-    An old `directory` is moved aside and removed only after the rename, and a failure removes the
-    temporary one, so a crash never leaves a half-written directory.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return save_model(self, directory)

@@ -40,7 +40,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mu.data.tasks import encode_source, make_example
 from mu.errors import MuError
+from mu.eval.metrics import answer_text
+from mu.eval.runner import MAX_NEW_TOKENS
 from mu.serve.engine import Engine, Event, Prompt, QueueFull, SamplingParams, TorchBackend
 from mu.serve.metrics import ServerMetrics
 from mu.serve.schemas import AnswerRequest, ChatRequest, CompletionRequest, describe
@@ -159,7 +162,7 @@ class Server:
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
-            raise MuError("the model has no tokenizer: pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
+            raise MuError("the model has no tokenizer: pass --tokenizer DIR (e.g. the paper's phi3_tokenizer)")
         self.config = config or ServeConfig()
         c = self.config
         if c.max_input_tokens is None:
@@ -400,9 +403,6 @@ class Server:
         return Prompt(ids, images=views)
 
     async def answer(self, request: Request) -> Response:
-        from mu.data.tasks import encode_source, make_example
-        from mu.eval.runner import MAX_NEW_TOKENS
-
         req = await self._body(request, AnswerRequest)
         self._check_model(req.model)
         for name in ("context", "question"):
@@ -559,8 +559,6 @@ class _AnswerFormat(_Format):
         self.truncated = truncated
 
     def response(self, head, texts, reasons, usage):
-        from mu.eval.metrics import answer_text
-
         answer = texts[0].strip()
         return {**head, "object": "answer", "answer": answer, "no_answer": answer_text(answer) == "",
                 "finish_reason": reasons[0], "context_truncated": self.truncated, "usage": usage}

@@ -23,25 +23,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mu.atomic import atomic_write_text  # noqa: F401 (trainer, demo and VQA write through it)
 from mu.errors import MuError
+from mu.model.io import load_weights
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -90,12 +79,7 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = load_file(Path(checkpoint) / MODEL_DIR / "model.safetensors")
-    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+    return load_weights(Path(checkpoint) / MODEL_DIR)
 
 
 # -- RNG states (plain lists and tensors, so weights_only loading accepts them) ----------------------

@@ -182,7 +182,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def save(self, path: Path) -> None:
-        from mu.train.checkpoint import atomic_write_text
+        from mu.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from mu.data.batching import (Collator, encode_examples, example_text, length_grouped_batches, move_batch,
                               round_up)
 from mu.errors import MuError
+from mu.generation import new_tokens
 from mu.train import checkpoint as ckpt
 from mu.train.config import RESUMABLE_CHANGES, TrainConfig
 from mu.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, init_distributed,
@@ -568,7 +569,7 @@ class Trainer:
             with self.autocast():
                 gen = self.raw.generate(ids, max_new_tokens=self._max_new_tokens(), eos_token_id=eos,
                                         bos_token_id=self._bos_id())
-            new = gen[0, 1:] if self.config.arch == "encdec" else gen[0, len(src):]
+            new = new_tokens(self.raw, gen, ids)[0]
             new = [t for t in new.tolist() if t not in (eos, pad)]
             out.append({"source": self._decode(src)[-300:], "target": self._decode(f["target_ids"][:-1]
                         if f["target_ids"] and f["target_ids"][-1] == eos else f["target_ids"]),

@@ -12,38 +12,16 @@ accuracy), train (train_vqa), evaluate (evaluate_vqa).
 
 from __future__ import annotations
 
-_LAZY = {
-    "VisionTowerConfig": "mu.vision.config",
-    "PreprocessConfig": "mu.vision.config",
-    "VLMConfig": "mu.vision.config",
-    "ImageProcessor": "mu.vision.preprocess",
-    "load_image": "mu.vision.preprocess",
-    "NativeViT": "mu.vision.towers",
-    "HFVisionTower": "mu.vision.towers",
-    "hf_tower_config": "mu.vision.towers",
-    "load_hf_tower": "mu.vision.towers",
-    "MuVLM": "mu.vision.model",
-    "build_vlm": "mu.vision.model",
-    "load_vlm": "mu.vision.model",
-    "add_image_token": "mu.vision.model",
-    "VQAExample": "mu.vision.data",
-    "load_vqa_jsonl": "mu.vision.data",
-    "split_by_image": "mu.vision.data",
-    "synthetic_shapes_vqa": "mu.vision.data",
-    "write_vqa_jsonl": "mu.vision.data",
-    "normalize_answer": "mu.vision.metrics",
-    "vqa_score": "mu.vision.metrics",
-    "vqa_accuracy": "mu.vision.metrics",
-    "train_vqa": "mu.vision.train",
-    "evaluate_vqa": "mu.vision.evaluate",
-}
+from mu.vision.config import PreprocessConfig, VLMConfig, VisionTowerConfig
+from mu.vision.preprocess import ImageProcessor, load_image
+from mu.vision.towers import HFVisionTower, NativeViT, hf_tower_config, load_hf_tower
+from mu.vision.model import MuVLM, add_image_token, build_vlm, load_vlm
+from mu.vision.data import VQAExample, load_vqa_jsonl, split_by_image, synthetic_shapes_vqa, write_vqa_jsonl
+from mu.vision.metrics import normalize_answer, vqa_accuracy, vqa_score
+from mu.vision.train import train_vqa
+from mu.vision.evaluate import evaluate_vqa
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mu.vision' has no attribute {name!r}")
+__all__ = ["VisionTowerConfig", "PreprocessConfig", "VLMConfig", "ImageProcessor", "load_image", "NativeViT",
+           "HFVisionTower", "hf_tower_config", "load_hf_tower", "MuVLM", "build_vlm", "load_vlm", "add_image_token",
+           "VQAExample", "load_vqa_jsonl", "split_by_image", "synthetic_shapes_vqa", "write_vqa_jsonl",
+           "normalize_answer", "vqa_score", "vqa_accuracy", "train_vqa", "evaluate_vqa"]

@@ -158,15 +158,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_score(args: argparse.Namespace) -> int:
     """`mu score --task vqa`: VQA accuracy of a predictions file against a VQA jsonl file."""
-    from mu.eval.io import read_predictions, write_json_atomic
+    from mu.eval.io import predicted_only, read_predictions, write_json_atomic
     from mu.vision import load_vqa_jsonl, vqa_accuracy
 
     data = load_vqa_jsonl(args.data, check_images=False)[:args.limit]
     predictions = read_predictions(args.predictions)
-    missing = [e.id for e in data if e.id not in predictions]
-    if missing:
-        raise MuError(f"{args.predictions}: no prediction for {len(missing)} of {len(data)} ids "
-                      f"(first: {missing[0]!r})")
+    data = predicted_only(data, predictions, args.predictions, args.data, args.allow_missing)
     result = {"task": "vqa", "n": len(data),
               "accuracy": vqa_accuracy([predictions[e.id] for e in data], [e.answers for e in data])}
     if args.out:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mu.atomic import atomic_write_text
 from mu.errors import MuError
 
 
@@ -211,20 +212,18 @@ def write_vqa_jsonl(examples: Iterable[VQAExample], path: str | os.PathLike) -> 
     path = Path(path)
     (path.parent / "images").mkdir(parents=True, exist_ok=True)
     saved: dict[str, str] = {}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for e in examples:
-            if e.image_key not in saved:
-                if isinstance(e.image, (str, os.PathLike)):
-                    saved[e.image_key] = os.path.relpath(e.image, path.parent)
-                else:
-                    rel = f"images/{e.image_key}.png"
-                    e.image.save(path.parent / rel)
-                    saved[e.image_key] = rel
-            f.write(json.dumps({"id": e.id, "image": saved[e.image_key], "question": e.question,
-                                "answers": e.answers}) + "\n")
-    tmp.replace(path)
-    return path
+    lines = []
+    for e in examples:
+        if e.image_key not in saved:
+            if isinstance(e.image, (str, os.PathLike)):
+                saved[e.image_key] = os.path.relpath(e.image, path.parent)
+            else:
+                rel = f"images/{e.image_key}.png"
+                e.image.save(path.parent / rel)
+                saved[e.image_key] = rel
+        lines.append(json.dumps({"id": e.id, "image": saved[e.image_key], "question": e.question,
+                                 "answers": e.answers}) + "\n")
+    return atomic_write_text(path, "".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------

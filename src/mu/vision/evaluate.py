@@ -75,7 +75,7 @@ def evaluate_vqa(model, data: Sequence[VQAExample] | str | os.PathLike, batch_si
     for e, r in zip(data, rows):
         by_answer.setdefault(normalize_answer(e.target), []).append(r["score"])
     if predictions_file is not None:
-        from mu.train.checkpoint import atomic_write_text
+        from mu.atomic import atomic_write_text
 
         atomic_write_text(Path(predictions_file), "".join(json.dumps(r) + "\n" for r in rows))
     return {"accuracy": sum(r["score"] for r in rows) / len(rows), "n": len(rows), "seconds": seconds,

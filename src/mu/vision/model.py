@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from mu.config import MuConfig
 from mu.errors import MuError
-from mu.model.base import CONFIG_FILE, WEIGHTS_FILE, ModelOutput, lm_loss, write_model_dir
+from mu.model.base import ModelOutput, lm_loss
+from mu.model.io import CONFIG_FILE, WEIGHTS_FILE, write_model_dir
 from mu.vision.config import PreprocessConfig, VisionTowerConfig, VLMConfig
 from mu.vision.preprocess import ImageProcessor
 from mu.vision.towers import build_projector, build_tower

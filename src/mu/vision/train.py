@@ -227,7 +227,7 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
                "eval": last_eval, "out_dir": str(out) if out is not None else None}
     if out is not None:
         model.save_pretrained(out / "final")
-        from mu.train.checkpoint import atomic_write_text
+        from mu.atomic import atomic_write_text
 
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.close()
