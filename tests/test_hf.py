@@ -213,3 +213,11 @@ def test_export_hf_refuses_other_models(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model_type 'mu-vlm' cannot be exported to transformers" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_registered_when_its_module_is_imported_first():
+    code = ("import mu.hf.pipeline_mu\nfrom transformers.pipelines import PIPELINE_REGISTRY\n"
+            "print('text2text-generation' in PIPELINE_REGISTRY.get_supported_tasks())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "True"

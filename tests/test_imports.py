@@ -78,10 +78,9 @@ def test_known_exceptions_are_still_needed():
     assert not stale, f"remove from KNOWN (fixed): {stale}"
 
 
-# Modules that fail when imported first, with why. mu.hf.pipeline_mu: importing it imports transformers.pipelines,
-# whose import hook (mu.hf.register_pipeline) imports mu.hf.pipeline_mu again while it is half-initialised.
-# (`import mu` first, as every user does, works.) Found by this test; mu.hf is not the struct helper's to change.
-CYCLES = {"mu.hf.pipeline_mu"}
+# Modules that fail when imported first, with why (none today; mu.hf.pipeline_mu was one until its hook
+# learnt to wait for the module to finish loading).
+CYCLES: set[str] = set()
 
 
 def test_every_module_imports_on_its_own():

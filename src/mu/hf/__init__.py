@@ -56,6 +56,11 @@ def register_models() -> None:
 
 def register_pipeline() -> None:
     """Bring back `text2text-generation` where this transformers lacks it (5.x removed the task)."""
+    if "transformers.pipelines" not in sys.modules:
+        return  # the hook on transformers.pipelines comes back
+    pending = sys.modules.get("mu.hf.pipeline_mu")
+    if pending is not None and not hasattr(pending, "MuText2TextGenerationPipeline"):
+        return  # pipeline_mu's own `from transformers import Pipeline` got here; its hook comes back
     import transformers.pipelines as pipelines
     from transformers import AutoModelForSeq2SeqLM
 
@@ -71,6 +76,8 @@ def register_pipeline() -> None:
 
 def register() -> None:
     """Register mu's config, models and pipeline with transformers now."""
+    import transformers.pipelines  # noqa: F401  (register_pipeline waits for it otherwise)
+
     register_config()
     register_models()
     register_pipeline()
@@ -79,6 +86,7 @@ def register() -> None:
 HOOKS: dict[str, Callable[[], None]] = {
     "transformers.models.auto.configuration_auto": register_config,
     "transformers.pipelines": register_pipeline,
+    "mu.hf.pipeline_mu": register_pipeline,  # imported first, it imports transformers.pipelines itself
 }
 
 
