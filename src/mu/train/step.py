@@ -35,7 +35,7 @@ class StepResult:
     loss: float  # token-mean loss over the global batch
     grad_norm: float  # before clipping
     loss_tokens: float  # scored tokens in the global batch
-    sums: list[float] = field(default_factory=list)  # `sum_keys` of the micro-batches, summed over processes
+    sums: list[float] = field(default_factory=list)  # `counters` of the micro-batches, summed over processes
     extra: dict[str, float] = field(default_factory=dict)  # loss_fn's stats, token-weighted means
 
 
@@ -50,12 +50,12 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[dict], loss_fn: LossFn,
                env: Optional[DistEnv] = None, *, grad_clip: float = 1.0, autocast=None,
-               sum_keys: Sequence[str] = (), on_diverged: Optional[Callable[[str, float], None]] = None
-               ) -> StepResult:
+               counters: Optional[Callable[[dict], Sequence[float]]] = None,
+               on_diverged: Optional[Callable[[str, float], None]] = None) -> StepResult:
     """Forward/backward every micro-batch (gradient sync on the last only), check, clip, step, zero the grads.
 
     `autocast`: a context-manager factory (e.g. `lambda: torch.autocast("cuda", torch.bfloat16)`).
-    `sum_keys`: integer counters of each batch (e.g. "n_enc_tokens") to sum over micro-batches and processes.
+    `counters(batch)`: numbers of each batch (e.g. its real tokens) to sum over micro-batches and processes.
     `on_diverged(what, value)`: called instead of the default `TrainingDiverged` (it must raise).
     """
     env = env or DistEnv()
@@ -73,7 +73,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         for key, v in stats.items():
             extra[key] = extra.get(key, 0.0) + float(v) * counts[k]
     keys = sorted(extra)
-    own = [sum(float(b.get(key, 0)) for b in micro_batches) for key in sum_keys]
+    per_batch = [list(counters(b)) for b in micro_batches] if counters is not None else []
+    own = [float(sum(col)) for col in zip(*per_batch)]
     reduced = all_reduce_sum([loss_sum, *own, *[extra[k] for k in keys]], env)
     diverged = on_diverged or _diverged
     loss_mean = reduced[0] / n_global
@@ -86,7 +87,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         diverged("gradient norm", grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n_sums = len(sum_keys)
+    n_sums = len(own)
     return StepResult(loss_mean, grad_norm, n_global, reduced[1:1 + n_sums],
                       {k: v / n_global for k, v in zip(keys, reduced[1 + n_sums:])})
 
