@@ -29,6 +29,7 @@ from mu.errors import MuError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -109,12 +110,12 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise MuError(f"{path}: not a readable mu trainer state ({type(e).__name__}: {e})") from None
 
 
-def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+def load_model_state(checkpoint: Path, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     """The checkpoint's model weights, with tied lm_head weights restored (text models and VLMs alike)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(checkpoint) / MODEL_DIR / "model.safetensors"
+    path = Path(checkpoint) / MODEL_DIR / weights_file
     try:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

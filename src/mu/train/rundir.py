@@ -173,15 +173,16 @@ class RunDir:
     def metrics(self, resume_step: Optional[int] = None) -> MetricsLog:
         return MetricsLog(self.path / METRICS_FILE, self.env, resume_step)
 
-    def resume_point(self, load_model: bool = True) -> Optional[ResumePoint]:
-        """The newest checkpoint that reads back whole; a corrupt newer one is skipped with a note on stderr.
-        None when there is none. Every checkpoint unreadable: a `MuError` naming them."""
+    def resume_point(self, load_model: bool = True, weights_file: str = ckpt.WEIGHTS_FILE) -> Optional[ResumePoint]:
+        """The newest checkpoint that reads back whole (trainer state and `model/<weights_file>`); a corrupt newer
+        one is skipped with a note on stderr. None when there is none. Every checkpoint unreadable: a `MuError`
+        naming them."""
         found = self.checkpoints()
         bad = []
         for step, path in reversed(found):
             try:
                 state = ckpt.load_trainer_state(path)
-                model_state = ckpt.load_model_state(path) if load_model else {}
+                model_state = ckpt.load_model_state(path, weights_file) if load_model else {}
             except MuError as e:
                 bad.append(str(e))
                 log(self.env, f"warning: checkpoint {path} is unreadable ({e}); falling back to the previous one")
