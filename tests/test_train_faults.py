@@ -248,3 +248,17 @@ def test_rundir_save_failure_that_is_not_disk_full_is_raised_as_is(tmp_path):
     with pytest.raises(ValueError):
         run.save_checkpoint(1, broken, {"step": 1})
     assert run.checkpoints() == [] and not list((tmp_path / "run" / ckpt.CHECKPOINTS).iterdir())
+
+
+def test_vqa_data_lines_have_the_text_data_line_cap(tmp_path, monkeypatch):
+    from mu.data import tasks
+    from mu.vision import load_vqa_jsonl
+
+    monkeypatch.setattr(tasks, "MAX_LINE_CHARS", 1000)
+    path = tmp_path / "big.jsonl"
+    row = {"id": "a", "image": "x.png", "question": "q", "answers": ["y"]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "b", "question": "q" * 5000}) + "\n")
+    with pytest.raises(MuError, match="big.jsonl:2: longer than 1,000 characters"):
+        load_vqa_jsonl(path, check_images=False)
+    with pytest.raises(MuError, match="is a directory"):
+        load_vqa_jsonl(tmp_path)

@@ -191,8 +191,8 @@ class RunDir:
                 log(self.env, f"resuming from {path} (step {step}) instead of the newer, unreadable checkpoint")
             return ResumePoint(step, path, state, model_state)
         if bad:
-            raise MuError(f"{self.path}: no readable checkpoint ({'; '.join(bad)}); remove {self.path / ckpt.CHECKPOINTS} "
-                          f"to start again")
+            raise MuError(f"{self.path}: no readable checkpoint ({'; '.join(bad)}); remove "
+                          f"{self.path / ckpt.CHECKPOINTS} to start again")
         return None
 
     def save_checkpoint(self, step: int, save_model: Callable[[Path], Any], state: dict[str, Any]) -> Optional[Path]:

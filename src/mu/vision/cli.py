@@ -179,7 +179,8 @@ def run_train(args: argparse.Namespace) -> int:
             if not native:
                 from mu.vision.towers import load_hf_tower
 
-                tower = load_hf_tower(args.tower, feature_layer=-2 if args.feature_layer is None else args.feature_layer,
+                layer = -2 if args.feature_layer is None else args.feature_layer
+                tower = load_hf_tower(args.tower, feature_layer=layer,
                                       feature_select=args.feature_select or "patch", pool_stride=recipe.pool)
             tokenizer = None
             if args.init and args.tokenizer is None:
