@@ -157,7 +157,9 @@ class _Loop:
         del order[:bs]
         views = self._views(batch, self.gen)
         batch, views = self._mine(batch), self._mine(views)
-        return {"inputs": collate(batch, views, self.model), "n_loss_tokens": len(batch)}
+        inputs = collate(batch, views, self.model)
+        # answer tokens scored (pad is ignored by the loss): under DDP the gradient is the global token mean
+        return {"inputs": inputs, "n_loss_tokens": int((inputs["targets"] != self.model.config.pad_token_id).sum())}
 
     # -- checkpoints ----------------------------------------------------------------------------
 
