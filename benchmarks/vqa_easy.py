@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/vqa_easy.py [--data ../shared/data/vqa/vqa.jsonl] [--steps 1500]
 
+Every default is the library's recipe (`mu.vision.recipe.VQARecipe`, what `mu train --task vqa --train-data
+FILE --out DIR` trains with no other option): this measures what users get. The recipe's data (captions and
+templated questions read off the training answers) comes from `mu.vision.recipe.prepare_vqa_data`.
+
 Split: a seeded 15% of the easy-VQA *images* is held out with every question about them (so no
 held-out picture is seen in training); everything else in the file (easy-VQA and the few photos)
 is training data. The tokenizer (a small byte-level BPE) is trained on the training questions and

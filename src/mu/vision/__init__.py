@@ -7,7 +7,7 @@
 
 Submodules: config (dataclasses), preprocess (PIL + numpy), towers (native ViT, CLIP, SigLIP,
 projectors), model (MuVLM, build/load), data (jsonl, synthetic shapes, batches), metrics (VQA
-accuracy), train (train_vqa), evaluate (evaluate_vqa).
+accuracy), train (train_vqa), recipe (VQARecipe: the defaults of `mu train --task vqa`), evaluate (evaluate_vqa).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ _LAZY = {
     "vqa_score": "mu.vision.metrics",
     "vqa_accuracy": "mu.vision.metrics",
     "train_vqa": "mu.vision.train",
+    "VQARecipe": "mu.vision.recipe",
+    "prepare_vqa_data": "mu.vision.recipe",
+    "build_recipe_vlm": "mu.vision.recipe",
     "evaluate_vqa": "mu.vision.evaluate",
 }
 
