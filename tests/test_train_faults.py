@@ -262,3 +262,22 @@ def test_vqa_data_lines_have_the_text_data_line_cap(tmp_path, monkeypatch):
         load_vqa_jsonl(path, check_images=False)
     with pytest.raises(MuError, match="is a directory"):
         load_vqa_jsonl(tmp_path)
+
+
+def test_distill_sigterm_checkpoints_and_the_rerun_resumes(tmp_path, text_file):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reliability_util import save_tiny
+
+    teacher = save_tiny(tmp_path / "teacher", arch="deconly")
+    run = tmp_path / "kd"
+    args = ["distill", "--teacher", str(teacher), "--student-preset", "tiny", "--task", "seq2seq", "--train-data",
+            str(text_file), "--out", str(run), "--max-steps", "400", "--batch-size", "2", "--save-every", "3",
+            "--no-progress"]
+    code, _, err = _signal_after_checkpoint(args, run, signal.SIGTERM)
+    _no_traceback(err)
+    assert code == 128 + signal.SIGTERM and "SIGTERM received: stopped after step" in err, err[-2000:]
+    stopped = int(err.split("stopped after step ")[1].split(",")[0])
+    args[args.index("--max-steps") + 1] = str(stopped + 1)
+    code, out, err = _run(args)
+    assert code == 0 and f"resuming from {run / 'checkpoints' / f'step_{stopped:08d}'}" in err, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == stopped + 1

@@ -69,7 +69,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         f"in docs/vision.md): --preset {r.preset} at width {r.width} ({r.encoder_layers}+{r.decoder_layers} "
         f"layers), --weight-init {r.weight_init}, --tokenizer {r.tokenizer}, --batch-size {r.batch_size}, --lr "
         f"{r.lr:g}, --weight-decay {r.weight_decay:g}, {r.contrastive_steps} contrastive + {r.align_steps} "
-        f"alignment + {r.steps} (--max-steps) VQA steps, ~12-13 min on a 2-core CPU")
+        f"alignment + {r.steps} (--max-steps) VQA steps, ~12-13 min on a quiet 2-core CPU")
     g.add_argument("--tower", default="native",
                    help="native (mu's small ViT, trained from scratch) or a local CLIP / SigLIP directory")
     g.add_argument("--image-size", type=int, help=f"native tower: input side in pixels (default {r.image_size})")
