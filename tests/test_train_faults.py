@@ -281,3 +281,46 @@ def test_distill_sigterm_checkpoints_and_the_rerun_resumes(tmp_path, text_file):
     code, out, err = _run(args)
     assert code == 0 and f"resuming from {run / 'checkpoints' / f'step_{stopped:08d}'}" in err, err[-2000:]
     assert json.loads(out.strip().splitlines()[-1])["steps"] == stopped + 1
+
+
+def test_lora_finetune_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, text_file):
+    """LoRA training runs on the same run directory: a run that dies after its step-4 checkpoint (as a SIGKILL
+    would leave it) and is continued by the same call gives the adapter of an uninterrupted run."""
+    import mu
+    from mu.distill.lora import ADAPTER_WEIGHTS, FinetuneTeacherConfig, finetune_teacher
+    from mu.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    base = mu.build_model("tiny", arch="deconly", n_decoder_layer=1, block_size=64, dropout=0.0)
+    base.tokenizer = byte_tokenizer()
+    base.save_pretrained(tmp_path / "base")
+
+    def cfg(out: str, steps: int) -> FinetuneTeacherConfig:
+        return FinetuneTeacherConfig(model=str(tmp_path / "base"), out=str(tmp_path / out), train_data=str(text_file),
+                                     task="seq2seq", max_steps=steps, save_every=2, lora_dropout=0.0, progress=False,
+                                     device="cpu", max_source_len=32, max_target_len=8, lr=1e-2, warmup=0)
+
+    ref = finetune_teacher(cfg("ref", 6))
+    save = RunDir.save_checkpoint
+
+    def killed_after_step_4(self, step, *a, **k):
+        path = save(self, step, *a, **k)
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies right after its step-4 checkpoint
+        return path
+
+    RunDir.save_checkpoint = killed_after_step_4
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune_teacher(cfg("run", 6))
+    finally:
+        RunDir.save_checkpoint = save
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2, 4]
+    assert not (tmp_path / "run" / "adapter").exists()
+    res = finetune_teacher(cfg("run", 6))
+    assert res["resumed_from"] == 4 and res["steps"] == 6
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / r / "adapter" / ADAPTER_WEIGHTS) for r in ("ref", "run"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert res["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-6)
