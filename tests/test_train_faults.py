@@ -196,6 +196,17 @@ def test_vqa_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_pat
     assert "loss is nan at step 5" in msg and str(run / ckpt.CHECKPOINTS / "step_00000004") in msg
     assert ckpt.list_checkpoints(run)[-1][0] == 4 and not (run / "final").exists()
 
+    calls["n"] = -10**9  # poisoned at the first step: no checkpoint, so nothing is left that looks like a run
+    monkeypatch.setattr(MuVLM, "forward", lambda self, *a, **k: _nan(forward(self, *a, **k)))
+    with pytest.raises(TrainingDiverged, match="at step 1 .*no checkpoint was saved yet"):
+        train_vqa(_tiny_vlm(), vqa_file, tmp_path / "r2", steps=8, save_every=2, batch_size=4, progress=False)
+    assert not (tmp_path / "r2" / "train_config.json").exists() and not (tmp_path / "r2" / "metrics.jsonl").exists()
+
+
+def _nan(out):
+    out.loss = out.loss * float("nan")
+    return out
+
 
 # -- text (and distillation, which runs on the same trainer) -----------------------------------------
 

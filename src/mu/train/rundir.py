@@ -164,6 +164,13 @@ class RunDir:
             ckpt.atomic_write_text(self.config_path, json.dumps(config, indent=2, default=str) + "\n")
         barrier(self.env)
 
+    def discard_if_empty(self) -> None:
+        """After a failure: remove train_config.json and metrics.jsonl when no checkpoint was written, so a run that
+        stopped before its first checkpoint (bad data found late, NaN at once) leaves nothing that looks like a run."""
+        if self.env.is_main and not self.has_run():
+            for name in (CONFIG_FILE, METRICS_FILE):
+                (self.path / name).unlink(missing_ok=True)
+
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.path / name
         if self.env.is_main:

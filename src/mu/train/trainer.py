@@ -635,6 +635,10 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=None
             trainer = Trainer(cfg, env, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
                               val_dataset=val_dataset, train_examples=train_examples, val_examples=val_examples,
                               loss_fn=loss_fn, batch_hook=batch_hook, on_step=on_step)
-            return trainer.run()
+            try:
+                return trainer.run()
+            except BaseException:
+                trainer.run_dir.discard_if_empty()
+                raise
     finally:
         shutdown(env)

@@ -417,6 +417,10 @@ def train_vqa(model, train_data: Sequence[VQAExample] | str | os.PathLike,
                 loop.run_stage(stage, stop, bar, deadline_stage=stage is stages[-1], saved=state)
                 if loop.stopped_early:
                     break
+    except BaseException:
+        if run is not None:
+            run.discard_if_empty()
+        raise
     finally:
         bar.close()
         for p, on in was_trainable.items():
