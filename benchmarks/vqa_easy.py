@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/vqa_easy.py [--data ../shared/data/vqa/vqa.jsonl] [--steps 1500]
 
+Every default is the library's recipe (`mu.vision.recipe.VQARecipe`, what `mu train --task vqa --train-data
+FILE --out DIR` trains with no other option): this measures what users get. The recipe's data (captions and
+templated questions read off the training answers) comes from `mu.vision.recipe.prepare_vqa_data`.
+
 Split: a seeded 15% of the easy-VQA *images* is held out with every question about them (so no
 held-out picture is seen in training); everything else in the file (easy-VQA and the few photos)
 is training data. The tokenizer (a small byte-level BPE) is trained on the training questions and
@@ -46,184 +50,101 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "vqa" / "vqa.jsonl"
 
 
-COLORS = {"red", "green", "blue", "yellow", "teal", "brown", "black", "gray"}
-SHAPES = {"circle", "rectangle", "triangle"}
-
-
-def _negated(question: str) -> bool:
-    return " not " in question or question.startswith("is no ")
-
-
-def image_facts(train) -> dict[str, dict]:
-    """Colour and shape of each easy-VQA training image, read off its own question/answer pairs
-    (open answers, and yes/no answers about a named colour or shape)."""
-    facts: dict[str, dict] = {}
-    for e in train:
-        if not e.id.startswith("easyvqa"):
-            continue
-        f = facts.setdefault(e.image_key, {"image": e.image})
-        words = set(e.question.rstrip("?").split())
-        if e.target in COLORS | SHAPES:  # open question: the answer, plus what the question names
-            f["color" if e.target in COLORS else "shape"] = e.target
-            named = words & (SHAPES if e.target in COLORS else COLORS)
-            if named:
-                f["shape" if e.target in COLORS else "color"] = named.pop()
-        elif e.target in ("yes", "no") and (e.target == "yes") != _negated(e.question):
-            for w in words & COLORS:  # the named colour / shape is present
-                f["color"] = w
-            for w in words & SHAPES:
-                f["shape"] = w
-    return {k: f for k, f in facts.items() if "color" in f and "shape" in f}
-
-
-def captions(facts):
-    """Stage-1 data: "what is in the image?" -> "<colour> <shape>" for every training image with known facts."""
-    from mu.vision import VQAExample
-
-    return [VQAExample(f"caption-{k}", f["image"], "what is in the image?", [f"{f['color']} {f['shape']}"], k)
-            for k, f in facts.items()]
-
-
-def templated_questions(train, facts, seed: int):
-    """More training questions: every easy-VQA question template seen in the training set (its colour /
-    shape word made a slot), asked once about each training image with known facts. Yes/no slots get the
-    true value half of the time, so the answers are balanced and the wording alone predicts nothing."""
-    import random
-    import re
-
-    from mu.vision import VQAExample
-
-    slot = re.compile(r"\b(" + "|".join(sorted(COLORS | SHAPES)) + r")\b")
-    templates = set()
-    for e in train:
-        if e.id.startswith("easyvqa") and len(slot.findall(e.question)) <= 1:
-            m = slot.search(e.question)
-            kind = None if m is None else "color" if m.group(1) in COLORS else "shape"
-            templates.add((slot.sub("{}", e.question), kind, e.target in ("yes", "no"),
-                           "color" if e.target in COLORS else "shape" if e.target in SHAPES else None))
-    rng = random.Random(seed)
-    out = []
-    for key, f in sorted(facts.items()):
-        for i, (template, kind, yes_no, asks) in enumerate(sorted(templates, key=str)):
-            value = f[kind] if kind else None
-            if yes_no:
-                if rng.random() < 0.5:
-                    value = rng.choice(sorted((COLORS if kind == "color" else SHAPES) - {f[kind]}))
-                answer = "yes" if (value == f[kind]) != _negated(template) else "no"
-            else:
-                answer = f[asks]
-            question = template.format(value) if kind else template
-            out.append(VQAExample(f"templated-{key}-{i}", f["image"], question, [answer], key))
-    return out
-
-
-def yes_no_by_presence(examples, predictions) -> dict[str, float]:
-    """Yes/no accuracy split by whether the colour or shape the question names is in the picture.
-    84% of the file's yes/no questions name an absent one, so always answering "absent" scores 0.84 on
-    them; the "present" half shows whether a model reads the picture."""
-    scores: dict[str, list[float]] = {"present": [], "absent": []}
-    for e, p in zip(examples, predictions):
-        if e.target in ("yes", "no"):
-            scores["present" if (e.target == "yes") != _negated(e.question) else "absent"].append(p["score"])
-    return {k: round(sum(v) / len(v), 4) for k, v in scores.items() if v}
-
-
 def main() -> int:
     from mu.model.layers import WEIGHT_INITS
     from mu.vision.config import FEATURE_SELECTS, STEMS
+    from mu.vision.recipe import VQARecipe
 
+    r = VQARecipe()  # the defaults below are the recipe's: this measures what `mu train --task vqa` does
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--holdout", type=float, default=0.15, help="fraction of easy-VQA images held out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--contrastive-steps", type=int, default=300,
+    ap.add_argument("--seed", type=int, default=r.seed)
+    ap.add_argument("--contrastive-steps", type=int, default=r.contrastive_steps,
                     help="stage 0: CLIP-style pretraining of the tower on the captions; 0 = skip")
-    ap.add_argument("--align-steps", type=int, default=300, help="stage 1 (captions) steps; 0 = skip")
-    ap.add_argument("--tower-lr-scale", type=float, default=0.1,
+    ap.add_argument("--align-steps", type=int, default=r.align_steps, help="stage 1 (captions) steps; 0 = skip")
+    ap.add_argument("--tower-lr-scale", type=float, default=r.tower_lr_scale,
                     help="stage 2: tower lr / lr (0.1, the paper's recipe for a pretrained tower; 0 freezes it)")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vocab", type=int, default=1000, help="BPE vocabulary cap (0 = byte tokenizer); the "
-                    "questions only fill ~500, so every word and answer is one token")
-    ap.add_argument("--width", type=int, default=128, help="text model width")
-    ap.add_argument("--enc-layers", type=int, default=3)
-    ap.add_argument("--dec-layers", type=int, default=2)
-    ap.add_argument("--weight-init", default="fan_in", choices=WEIGHT_INITS,
+    ap.add_argument("--steps", type=int, default=r.steps)
+    ap.add_argument("--batch-size", type=int, default=r.batch_size)
+    ap.add_argument("--lr", type=float, default=r.lr)
+    ap.add_argument("--tokenizer", default=r.tokenizer, help="byte or bpe:N (the questions only fill ~500 of "
+                    "1000, so every word and answer is one token)")
+    ap.add_argument("--width", type=int, default=r.width, help="text model width")
+    ap.add_argument("--enc-layers", type=int, default=r.encoder_layers)
+    ap.add_argument("--dec-layers", type=int, default=r.decoder_layers)
+    ap.add_argument("--weight-init", default=r.weight_init, choices=WEIGHT_INITS,
                     help="text model init (paper: N(0, 0.02), which leaves yes/no at the language prior here)")
-    ap.add_argument("--vit-width", type=int, default=128)
-    ap.add_argument("--vit-depth", type=int, default=4)
-    ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--stem", default="conv", choices=STEMS, help="native ViT patch embedding")
-    ap.add_argument("--pool", type=int, default=8, help="average-pool the 8x8 patch grid by this stride (default "
-                    "8: one mean patch token, so with CLS 2 image tokens; 1 keeps all 64)")
-    ap.add_argument("--select", default="cls_patch", choices=FEATURE_SELECTS)
+    ap.add_argument("--vit-width", type=int, default=r.vit_width)
+    ap.add_argument("--vit-depth", type=int, default=r.vit_depth)
+    ap.add_argument("--patch", type=int, default=r.patch_size)
+    ap.add_argument("--stem", default=r.stem, choices=STEMS, help="native ViT patch embedding")
+    ap.add_argument("--pool", type=int, default=r.pool, help="average-pool the 8x8 patch grid by this stride "
+                    "(default 8: one mean patch token, so with CLS 2 image tokens; 1 keeps all 64)")
+    ap.add_argument("--select", default=r.feature_select, choices=FEATURE_SELECTS)
     ap.add_argument("--no-templated", dest="templated", action="store_false",
                     help="train on the file's questions only (no templated questions from training images)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="also train on N images of mu's built-in synthetic shapes (one shape each, easy-VQA "
                     "palette; their shape and colour questions only). Default 0: the file's images only")
     ap.add_argument("--no-augment", action="store_true")
-    ap.add_argument("--balance", type=float, default=0.0, help="answer-balanced sampling exponent (0 = off: "
-                    "yes/no, the hard questions, stay 69%% of the samples; 0.5 starved them to 40%%)")
-    ap.add_argument("--max-time", type=float, default=14 * 60, help="training wall-time cap (s)")
+    ap.add_argument("--balance", type=float, default=r.answer_balance, help="answer-balanced sampling exponent "
+                    "(0 = off: yes/no, the hard questions, stay 69%% of the samples; 0.5 starved them to 40%%)")
+    ap.add_argument("--max-time", type=float, default=None, help="also cap training wall time (s); default none: "
+                    "the fixed step counts decide")
     ap.add_argument("--latency-n", type=int, default=30)
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is much "
-                    "faster than 2 when other jobs share the cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, as `mu train`)")
     ap.add_argument("--eval-every", type=int, default=0, help="also score the held-out set every N steps")
     args = ap.parse_args()
 
+    import dataclasses
+
     from mu.errors import MuError
-    from mu.tokenizer import byte_tokenizer, train_tokenizer
-    from mu.utils import seed_everything
-    from mu.vision import VisionTowerConfig, build_vlm, evaluate_vqa, load_vqa_jsonl, split_by_image, train_vqa
+    from mu.utils import cpu_isa, seed_everything
+    from mu.vision import evaluate_vqa, load_vqa_jsonl, split_by_image, train_vqa
+    from mu.vision.metrics import yes_no_by_presence
+    from mu.vision.recipe import COLOR_WORDS, SHAPE_WORDS, build_recipe_vlm, prepare_vqa_data
 
     if not Path(args.data).is_file():
         print(f"no data at {args.data} (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    recipe = dataclasses.replace(
+        r, seed=args.seed, contrastive_steps=args.contrastive_steps, align_steps=args.align_steps,
+        tower_lr_scale=args.tower_lr_scale or 1.0, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        tokenizer=args.tokenizer, width=args.width, encoder_layers=args.enc_layers, decoder_layers=args.dec_layers,
+        weight_init=args.weight_init, vit_width=args.vit_width, vit_depth=args.vit_depth, patch_size=args.patch,
+        stem=args.stem, pool=args.pool, feature_select=args.select, templated=args.templated,
+        augment=not args.no_augment, answer_balance=args.balance)
     seed_everything(args.seed)
     examples = load_vqa_jsonl(args.data)
     train, held = split_by_image(examples, args.holdout, seed=args.seed,
                                  holdout_filter=lambda e: e.id.startswith("easyvqa"))
     assert not {e.image_key for e in train} & {e.image_key for e in held}
-    facts = image_facts(train)
-    caps = captions(facts)
-    extra = templated_questions(train, facts, args.seed) if args.templated else []
+    data = prepare_vqa_data(train, recipe)
+    extra = data.train[len(train):]
     if args.synthetic:
         from mu.vision import synthetic_shapes_vqa
 
         extra += [e for e in synthetic_shapes_vqa(args.synthetic, seed=args.seed + 1, max_shapes=1)
-                  if e.target in COLORS | SHAPES]
-    texts = [t for e in train + caps for t in (e.question, *e.answers)]
-    tok = train_tokenizer(texts, args.vocab) if args.vocab else byte_tokenizer()
-    tower = VisionTowerConfig(image_size=64, patch_size=args.patch, width=args.vit_width, depth=args.vit_depth,
-                              n_head=4, stem=args.stem, feature_layer=-1, pool_stride=args.pool,
-                              feature_select=args.select)
-    heads = max(2, args.width // 32)
-    vlm = build_vlm("tiny", tower=tower, tokenizer=tok, n_embd=args.width, qkv_embd=args.width, n_head=heads,
-                    n_kv_head=heads // 2, hidden_dim=4 * args.width, n_encoder_layer=args.enc_layers,
-                    n_decoder_layer=args.dec_layers, dropout=0.0, weight_init=args.weight_init)
+                  if e.target in COLOR_WORDS | SHAPE_WORDS]
+    vlm = build_recipe_vlm(recipe, data.tokenizer_texts)
     params = vlm.num_parameters()
     print(f"train {len(train)} questions on {len({e.image_key for e in train})} images; held out {len(held)} "
-          f"questions on {len({e.image_key for e in held})} images; {len(caps)} captions, {len(extra)} templated "
-          f"and synthetic questions; params {params}; "
-          f"vocab {len(tok)}", flush=True)
+          f"questions on {len({e.image_key for e in held})} images; {len(data.align or [])} captions, {len(extra)} "
+          f"templated and synthetic questions; params {params}; vocab {len(vlm.tokenizer)}; "
+          f"{torch.get_num_threads()} threads, {cpu_isa()}", flush=True)
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vqa_easy-"))
+    kwargs = recipe.train_kwargs()
+    if not args.tower_lr_scale:
+        kwargs["trainable"] = ("projector", "lm")
     try:
-        summary = train_vqa(vlm, train + extra, out, align_data=caps, contrastive_steps=args.contrastive_steps,
-                            align_steps=args.align_steps, align_lr=args.lr,
-                            align_trainable=("tower", "projector", "lm"), steps=args.steps, lr=args.lr,
-                            batch_size=args.batch_size,
-                            augment=not args.no_augment, answer_balance=args.balance, seed=args.seed,
-                            max_time_s=args.max_time,
-                            tower_lr_scale=args.tower_lr_scale or 1.0,
-                            trainable=("tower", "projector", "lm") if args.tower_lr_scale else ("projector", "lm"),
-                            log_every=50, progress=sys.stderr.isatty(),
-                            eval_data=held if args.eval_every else None, eval_every=args.eval_every)
+        summary = train_vqa(vlm, train + extra, out, align_data=data.align, max_time_s=args.max_time, log_every=50,
+                            progress=sys.stderr.isatty(), eval_data=held if args.eval_every else None,
+                            eval_every=args.eval_every, save_every=300, **kwargs)
     except MuError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -254,8 +175,8 @@ def main() -> int:
         "stopped_early": summary["stopped_early"], "batch_size": args.batch_size,
         "latency_ms_batch1_median": round(1000 * statistics.median(times), 2),
         "ms_per_answer_batched": round(result["ms_per_answer"], 2), "params": params,
-        "threads": torch.get_num_threads(), "synthetic_images": args.synthetic, "weight_init": args.weight_init,
-        "answer_balance": args.balance, "seed": args.seed, "out": str(out),
+        "threads": torch.get_num_threads(), "isa": cpu_isa(), "synthetic_images": args.synthetic,
+        "weight_init": args.weight_init, "answer_balance": args.balance, "seed": args.seed, "out": str(out),
     }
     print(json.dumps(report))
     return 0

@@ -78,3 +78,25 @@ def test_fsdp_two_processes_match_too(data_file, single, tmp_path):
     proc = _torchrun(data_file, tmp_path / "fsdp", "--distributed", "fsdp")
     assert ", fsdp" in proc.stderr
     _assert_same_run(single, tmp_path / "fsdp")
+
+
+def test_vqa_two_processes_match_one(tmp_path):
+    """`mu train --task vqa` under torchrun (DDP, each process half of every batch) gives the same losses as one
+    process (no augmentation, no contrastive stage: its negatives would come from each process's half)."""
+    from mu.vision import synthetic_shapes_vqa, write_vqa_jsonl
+
+    data = write_vqa_jsonl(synthetic_shapes_vqa(16, seed=0, image_size=32, max_shapes=1), tmp_path / "vqa.jsonl")
+    args = ["train", "--task", "vqa", "--train-data", str(data), "--preset", "tiny", "--tokenizer", "byte",
+            "--image-size", "32", "--vit-width", "32", "--vit-depth", "1", "--pool", "4", "--contrastive-steps", "0",
+            "--align-steps", "2", "--max-steps", "4", "--batch-size", "8", "--no-augment", "--log-every", "1",
+            "--save-every", "3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "mu", *args, "--out", str(one)], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "mu", *args, "--out", str(two)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_losses(one)) == 6 and _losses(two) == pytest.approx(_losses(one), abs=1e-4)
+    assert [p.name for p in sorted((two / "checkpoints").iterdir())] == ["step_00000003", "step_00000006"]

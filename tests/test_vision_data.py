@@ -307,8 +307,9 @@ def test_cli_train_eval_and_score_vqa(tmp_path, capsys):
     assert main(argv[:-4] + ["--out", str(tmp_path / "r1"), "--init", str(run / "final"), "--weight-init",
                              "fan_in"]) == 2
     assert "--weight-init applies to a fresh --preset text model" in capsys.readouterr().err
-    assert main(argv) == 2  # a finished run is not silently overwritten
-    assert "already finished" in capsys.readouterr().err
+    assert main(argv) == 0  # a finished run resumes at its end, as text runs do: no step is trained again
+    out, err = capsys.readouterr()
+    assert "resuming from" in err and json.loads(out.strip().splitlines()[-1])["steps"] == 6
 
     preds = tmp_path / "preds.jsonl"
     assert main(["eval", "--task", "vqa", "--model", str(run / "final"), "--data", str(tmp_path / "val.jsonl"),

@@ -67,9 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MuError as e:
         print(f"mu {verb or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # training's TrainingInterrupted says what was saved and carries 128 + signal
+        print(f"mu {verb or ''}: {e or 'interrupted'}".replace("  ", " "), file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

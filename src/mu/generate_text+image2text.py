@@ -1,5 +1,6 @@
 """Answer questions about images with a Mu VLM (the paper's `generate_text+image2text.py`, seed-compatible).
 
+    python -m mu.generate_text+image2text                 # runs/vqa/final on the paper's three prompts
     python -m mu.generate_text+image2text --model DIR
     python -m mu.generate_text+image2text --model DIR --image_file photo.jpg --question "What is this?"
 
@@ -23,6 +24,7 @@ from mu.utils import data_file, pick_device
 from mu.vision.model import load_vlm
 from mu.vision.preprocess import load_image
 
+DEFAULT_MODEL = "runs/vqa/final"
 EXAMPLES = [
     ("kids_playing.jpg", "What sport are they playing?"),
     ("dog.jpg", "What color is the dog?"),
@@ -46,7 +48,9 @@ def default_prompts() -> list[tuple[Path, str]]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mu.generate_text+image2text", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="VLM directory (written by train_vqa / save_pretrained)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"VLM directory (written by train_vqa / save_pretrained; default {DEFAULT_MODEL}, where the "
+                         "README's `mu train --task vqa ... --out runs/vqa` puts it)")
     ap.add_argument("--image_file", "--image-file", action="append", default=None,
                     help="image to ask about (repeatable; pairs with --question in order)")
     ap.add_argument("--question", action="append", default=None, help="question (repeatable)")

@@ -67,10 +67,11 @@ def build_model(preset: str | MuConfig = "tiny", arch: str = "encdec", weight_in
 
 
 def tie_lm_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of `state` with the tied `lm_head.weight` (left out of our weights file) put back."""
+    """A copy of `state` with the tied `lm_head.weight` (left out of our weights file) put back, also under a
+    prefix (a VLM's `lm.`)."""
     state = dict(state)
-    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+    for key in [k for k in state if k.endswith("transformer.wte.weight")]:
+        state.setdefault(key[:-len("transformer.wte.weight")] + "lm_head.weight", state[key])
     return state
 
 
@@ -196,12 +197,12 @@ def _load_directory(path: Path) -> "MuModel":
     return _from_state_dict(config, load_weights(path), str(weights))
 
 
-def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_weights(directory: str | os.PathLike, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     """The tensors of a model directory's weights file, tied `lm_head.weight` included."""
-    weights = Path(directory) / WEIGHTS_FILE
+    weights = Path(directory) / weights_file
     try:
         return tie_lm_head(load_file(weights))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise MuError(f"{weights}: not a readable safetensors file ({e})") from None
 
 

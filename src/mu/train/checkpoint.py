@@ -12,6 +12,7 @@ beyond `keep` are deleted after the new one is in place.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from mu.model.io import load_weights
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
+WEIGHTS_FILE = "model.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -50,8 +52,20 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _disk_full(e: BaseException) -> bool:
+    """Whether a write failed for want of space (an OSError, or the RuntimeError / SafetensorError that
+    torch.save and safetensors turn it into)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "code: 28" in text or "Disk quota exceeded" in text
+
+
 def save_checkpoint(out_dir: Path, step: int, save_model, state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step`: `save_model(dir)` writes the model directory, `state` goes to trainer_state.pt."""
+    """Write checkpoint `step`: `save_model(dir)` writes the model directory, `state` goes to trainer_state.pt.
+
+    Built in a temporary directory and renamed into place when complete. A full disk raises a `MuError` naming
+    the directory; the temporary directory is removed and the previous checkpoint is left as it was."""
     root = Path(out_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -62,8 +76,15 @@ def save_checkpoint(out_dir: Path, step: int, save_model, state: dict[str, Any],
         if final.exists():  # re-saving the same step (e.g. a resumed run that had nothing left to do)
             shutil.rmtree(final)
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        low = shutil.disk_usage(root).free < 64 * 1024 * 1024  # torch.save's "file write failed" names no cause
+        if _disk_full(e) or (isinstance(e, (OSError, RuntimeError)) and "write" in str(e) and low):
+            prev = latest_checkpoint(out_dir)
+            kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+            raise MuError(f"no space left on the device holding {root} while writing the checkpoint of step {step} "
+                          f"({type(e).__name__}: {str(e)[:200]}); {kept}; free some space and re-run the same "
+                          f"command to resume") from None
         raise
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -78,8 +99,9 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         raise MuError(f"{path}: not a readable mu trainer state ({type(e).__name__}: {e})") from None
 
 
-def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_weights(Path(checkpoint) / MODEL_DIR)
+def load_model_state(checkpoint: Path, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights, with tied lm_head weights restored (text models and VLMs alike)."""
+    return load_weights(Path(checkpoint) / MODEL_DIR, weights_file)
 
 
 # -- RNG states (plain lists and tensors, so weights_only loading accepts them) ----------------------

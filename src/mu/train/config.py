@@ -87,6 +87,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
         self.model_overrides = dict(self.model_overrides or {})
+        for f in fields(self):  # plain int / float / str (a CLI may hand over subclasses; checkpoints pickle these)
+            value = getattr(self, f.name)
+            for base in (bool, int, float, str):
+                if isinstance(value, base):
+                    if type(value) is not base:
+                        setattr(self, f.name, base(value))
+                    break
 
     # -- checks ---------------------------------------------------------------------------------
 

@@ -45,7 +45,8 @@ class LRSchedule:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, min_progress: float = 0.0) -> float:
+        """`min_progress` (cosine): decay at least this far (e.g. the fraction of a time budget spent)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.name == "constant":
@@ -53,7 +54,7 @@ class LRSchedule:
         floor = self.min_lr_ratio * self.lr
         if self.name == "cosine":
             span = max(1, self.total_steps - self.warmup_steps)
-            progress = min(1.0, (step - self.warmup_steps) / span)
+            progress = max(0.0, min(1.0, max((step - self.warmup_steps) / span, min_progress)))
             return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         decay_steps = max(1, round(self.decay_fraction * self.total_steps))
         decay_start = max(self.warmup_steps, self.total_steps - decay_steps)

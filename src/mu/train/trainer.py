@@ -33,32 +33,27 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from mu.data.batching import (Collator, encode_examples, example_text, length_grouped_batches, move_batch,
-                              round_up)
+from mu.data.batching import Collator, encode_examples, example_text, move_batch, round_up
 from mu.errors import MuError
-from mu.generation import new_tokens
-from mu.train import checkpoint as ckpt
+from mu.train.budget import epoch_batches, plan_budget
 from mu.train.config import RESUMABLE_CHANGES, TrainConfig
-from mu.train.distributed import (DistEnv, all_gather_object, all_reduce_sum, barrier, init_distributed,
-                                  no_grad_sync, shutdown, wrap_model)
+from mu.train.distributed import DistEnv, all_gather_object, barrier, init_distributed, shutdown, wrap_model
 from mu.train.flops import flops_params, training_flops
 from mu.train.objectives import NUM_SENTINELS, FeatureDataset, PretrainDataset, chunk_documents, seq2seq_loss
 from mu.train.optim import LRSchedule, build_optimizer, set_lr, warmup_steps
+from mu.train.rundir import MetricsLog, RunDir, StopSignals, log
+from mu.train.step import TrainingDiverged, any_rank, train_step
+from mu.train import checkpoint as ckpt
+from mu.train.validation import Validator
 
 LossFn = Callable[[nn.Module, dict], tuple[Tensor, dict]]
 BatchHook = Callable[[dict, list], dict]
 
-CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
 TOKENIZER_DIR = "tokenizer"
 FINAL_DIR = "final"
 BEST_DIR = "best"
 VOCAB_MULTIPLE = 64
-
-
-class TrainingDiverged(MuError):
-    """The loss or the gradient norm became NaN/Inf; the run stopped before the optimizer step."""
 
 
 @dataclass
@@ -154,27 +149,7 @@ def model_vocab_size(tokenizer) -> int:
 
 
 def _log(env: DistEnv, msg: str) -> None:
-    if env.is_main:
-        print(msg, file=sys.stderr, flush=True)
-
-
-class _Metrics:
-    """metrics.jsonl, written by rank 0; a resumed run drops the records after its checkpoint's step."""
-
-    def __init__(self, path: Path, env: DistEnv, resume_step: Optional[int]):
-        self.path, self.enabled = path, env.is_main
-        if self.enabled and path.exists():
-            if resume_step is None:
-                path.unlink()
-            else:
-                kept = [ln for ln in path.read_text().splitlines() if ln.strip() and
-                        json.loads(ln).get("step", 0) <= resume_step]
-                ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    log(env, msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +208,6 @@ def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_source, v
     return datasets[0], datasets[1]
 
 
-def _feature_tokens(feature: dict, arch: str) -> tuple[int, int]:
-    s, t = len(feature["source_ids"]), len(feature["target_ids"])
-    if arch == "encdec":
-        return s, t
-    return 0, (s + t - 1) if s else t
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -254,9 +222,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.loss_fn = loss_fn or seq2seq_loss
         self.batch_hook, self.on_step = batch_hook, on_step
+        self.run_dir = RunDir(self.out, env, keep=cfg.keep_checkpoints)
         self._setup_run_dir()
         self.state = TrainState()
-        self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.resume else None
+        self.resume = self.run_dir.resume_point() if cfg.resume else None
+        self.resume_from = self.resume.path if self.resume is not None else None
 
         pretraining = cfg.objective != "seq2seq"
         train_src, val_src = train_examples, val_examples
@@ -286,16 +256,19 @@ class Trainer:
         self.collator = Collator(self.config.arch, self.config.pad_token_id, bos_token_id=self._bos_id(),
                                  pad_to_multiple_of=8 if cfg.compile else 1)
         self._setup_budget()
+        barrier(env)
+        if env.is_main:  # only now: a run that failed on its data leaves no config behind looking like a run
+            cfg.save(self.run_dir.config_path)
+        barrier(env)
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def _setup_run_dir(self) -> None:
-        cfg, env = self.cfg, self.env
-        path = self.out / CONFIG_FILE
-        if not cfg.resume and ckpt.list_checkpoints(self.out):
+        cfg, env, path = self.cfg, self.env, self.run_dir.config_path
+        if not cfg.resume and self.run_dir.has_run():
             raise MuError(f"{self.out} already holds a run (checkpoints/); use another --out, remove it, or drop "
                           f"--no-resume to continue it")
-        if path.exists() and cfg.resume and ckpt.list_checkpoints(self.out):  # every rank checks: all stop alike
+        if path.exists() and cfg.resume and self.run_dir.has_run():  # every rank checks: all stop alike
             old = TrainConfig.from_dict(json.loads(path.read_text()), source=str(path))
             diff = {k: v for k, v in old.differences(cfg).items() if k not in RESUMABLE_CHANGES}
             if diff:
@@ -305,7 +278,6 @@ class Trainer:
         barrier(env)
         if env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(path)
         barrier(env)
 
     def _bos_id(self) -> int:
@@ -352,7 +324,7 @@ class Trainer:
         return load_tokenizer(tok_dir)
 
     def _setup_model(self, model):
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         from mu.checkpoint import build_model, load_model
         from mu.utils import seed_everything
 
@@ -369,66 +341,26 @@ class Trainer:
                 overrides.setdefault("vocab_size", model_vocab_size(self.tokenizer))
                 model = build_model(cfg.preset, arch=cfg.arch, weight_init=cfg.weight_init, **overrides)
         model.tokenizer = self.tokenizer
-        if self.resume_from is not None:
-            model.load_state_dict(ckpt.load_model_state(self.resume_from))
+        if self.resume is not None:
+            model.load_state_dict(self.resume.model_state)
             model.tie_weights()
         model.train()
         return model
 
     def _setup_budget(self) -> None:
-        cfg, env = self.cfg, self.env
-        world = env.world_size
-        if cfg.global_batch_size is None:
-            self.accum = 1
-        else:
-            per_step = cfg.batch_size * world
-            if cfg.global_batch_size % per_step:
-                raise MuError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --batch-size "
-                              f"{cfg.batch_size} x {world} process(es) = {per_step}")
-            self.accum = cfg.global_batch_size // per_step
-        self.micro_per_step = self.accum * world
-        self.global_batch = cfg.batch_size * self.micro_per_step
-        n_batches = len(self._epoch_batches(0))
-        self.steps_per_epoch = n_batches // self.micro_per_step
-        if self.steps_per_epoch == 0:
-            raise MuError(f"{len(self.train_data)} training examples make {n_batches} micro-batches of "
-                          f"{cfg.batch_size}, fewer than one step needs ({self.micro_per_step}); lower "
-                          f"--global-batch-size or --batch-size")
-        # average tokens per example (exact for fine-tuning, sampled for pretraining) -> FLOPs per step
-        n = len(self.train_data)
-        sample = range(n) if n <= 4096 else range(0, n, n // 4096)
-        enc = dec = 0
-        for i in sample:
-            e, d = _feature_tokens(self.train_data.get(i, 0), self.config.arch)
-            enc, dec = enc + e, dec + d
-        k = len(sample)
-        examples_per_step = n / (n_batches / self.micro_per_step)  # batches may be short at group ends
-        self.est_tokens_per_step = (enc + dec) / k * examples_per_step
-        self.est_flops_per_step = training_flops(self.config, enc / k * examples_per_step, dec / k * examples_per_step)
-        limits = {}
-        if cfg.max_steps:
-            limits["max_steps"] = cfg.max_steps
-        if cfg.max_flops:
-            limits["max_flops"] = math.ceil(cfg.max_flops / self.est_flops_per_step)
-        if cfg.max_tokens:
-            limits["max_tokens"] = math.ceil(cfg.max_tokens / self.est_tokens_per_step)
-        self.epoch_steps = None
-        if cfg.epochs or not limits:
-            self.epoch_steps = limits["epochs"] = max(1, math.ceil((cfg.epochs or 1.0) * self.steps_per_epoch))
-        self.total_steps = min(limits.values())
+        b = plan_budget(self.cfg, self.env.world_size, self.train_data, self.config, self._epoch_batches)
+        self.budget = b
+        self.accum, self.micro_per_step, self.global_batch = b.accum, b.micro_per_step, b.global_batch
+        self.steps_per_epoch, self.epoch_steps, self.total_steps = b.steps_per_epoch, b.epoch_steps, b.total_steps
+        self.est_tokens_per_step, self.est_flops_per_step = b.est_tokens_per_step, b.est_flops_per_step
+        cfg = self.cfg
         self.schedule = LRSchedule(cfg.lr, self.total_steps, warmup_steps(cfg.warmup, self.total_steps),
                                    cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         cfg = self.cfg
-        lengths = self.train_data.lengths(self.config.arch)
-        if cfg.group_by_length:
-            return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        import random
-
-        order = list(range(len(self.train_data)))
-        random.Random(f"mu-batches:{cfg.seed}:{epoch}").shuffle(order)
-        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        return epoch_batches(self.train_data.lengths(self.config.arch), cfg.batch_size, cfg.seed, epoch,
+                             cfg.group_by_length)
 
     def _collate(self, features: list[dict]) -> dict:
         batch = self.collator(features)
@@ -439,16 +371,7 @@ class Trainer:
     # -- stopping -------------------------------------------------------------------------------
 
     def _stop_reason(self) -> Optional[str]:
-        cfg, s = self.cfg, self.state
-        if cfg.max_steps and s.step >= cfg.max_steps:
-            return "max_steps"
-        if cfg.max_flops and s.flops >= cfg.max_flops:
-            return "max_flops"
-        if cfg.max_tokens and s.tokens >= cfg.max_tokens:
-            return "max_tokens"
-        if self.epoch_steps is not None and s.step >= self.epoch_steps:
-            return "epochs"
-        return None
+        return self.budget.stop_reason(self.state)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -481,20 +404,15 @@ class Trainer:
         optim_state = get_optimizer_state_dict(self.model, self.optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         rngs = all_gather_object(ckpt.rng_state(env.device), env)
-        path = None
-        if env.is_main:
-            state = {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "rng": rngs,
-                     "world_size": env.world_size, "train": asdict(self.state), "format": 1}
-            path = ckpt.save_checkpoint(self.out, self.state.step, lambda d: self._save_model_dir(d, model_state),
-                                        state, self.cfg.keep_checkpoints)
-        barrier(env)
-        return path
+        state = {"optimizer": optim_state, "schedule": self.schedule.state_dict(), "rng": rngs,
+                 "world_size": env.world_size, "train": asdict(self.state), "format": 1}
+        return self.run_dir.save_checkpoint(self.state.step, lambda d: self._save_model_dir(d, model_state), state)
 
     def _restore(self) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         env = self.env
-        saved = ckpt.load_trainer_state(self.resume_from)
+        saved = self.resume.state
         set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.state = TrainState(**saved["train"])
@@ -507,99 +425,17 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def validate(self) -> dict[str, Any]:
         """Validation loss (token mean, all processes), a few greedy samples and the task metric (rank 0)."""
-        cfg, env = self.cfg, self.env
-        model = self.model if env.strategy == "fsdp" else self.raw
-        was_training = model.training
-        model.eval()
-        bs = cfg.eval_batch_size or cfg.batch_size
-        data = self.val_data
-        batches = length_grouped_batches(data.lengths(self.config.arch), bs, shuffle=False)
-        per_rank = math.ceil(len(batches) / env.world_size)
-        loss_sum = n_tok = 0.0
-        for i in range(per_rank):
-            j = i * env.world_size + env.rank
-            weight = 1.0 if j < len(batches) else 0.0  # FSDP needs every rank to run the same number of passes
-            batch = self._collate([data.get(k, 0) for k in batches[min(j, len(batches) - 1)]])
-            with self.autocast():
-                loss, _ = self.loss_fn(model, batch)
-            n = batch.get("n_loss_tokens", len(batch["targets"]))
-            loss_sum += weight * float(loss) * n
-            n_tok += weight * n
-        loss_sum, n_tok = all_reduce_sum([loss_sum, n_tok], env)
-        val_loss = loss_sum / max(n_tok, 1.0)
-        result: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        if env.strategy != "fsdp" and env.is_main:
-            if cfg.num_samples:
-                result["samples"] = self._samples(cfg.num_samples)
-            if cfg.best_metric != "val_loss":
-                result.update(self._task_metrics())
-        result = _broadcast_dict(result, env)
-        model.train(was_training)
-        return result
-
-    def _max_new_tokens(self) -> int:
-        return self.cfg.max_new_tokens or (self.cfg.max_target_len + 1 if self.cfg.objective == "seq2seq"
-                                           else min(64, self.cfg.seq_len))
-
-    def _decode(self, ids: list[int]) -> str:
-        n = len(self.tokenizer)
-        parts, run = [], []
-        for t in ids:
-            if t >= n:  # a sentinel (or an unused id): show it, the tokenizer cannot
-                if run:
-                    parts.append(self.tokenizer.decode(run))
-                    run = []
-                parts.append(f"<extra_id_{self.config.vocab_size - 1 - t}>")
-            else:
-                run.append(t)
-        if run:
-            parts.append(self.tokenizer.decode(run))
-        return "".join(parts)
-
-    def _samples(self, k: int) -> list[dict[str, str]]:
-        data, eos, pad = self.val_data, self.tokenizer.eos_token_id, self.config.pad_token_id
-        out = []
-        for i in range(min(k, len(data))):
-            f = data.get(i, 0)
-            src = f["source_ids"] or [self._bos_id()]
-            ids = torch.tensor([src], device=self.env.device)
-            with self.autocast():
-                gen = self.raw.generate(ids, max_new_tokens=self._max_new_tokens(), eos_token_id=eos,
-                                        bos_token_id=self._bos_id())
-            new = new_tokens(self.raw, gen, ids)[0]
-            new = [t for t in new.tolist() if t not in (eos, pad)]
-            out.append({"source": self._decode(src)[-300:], "target": self._decode(f["target_ids"][:-1]
-                        if f["target_ids"] and f["target_ids"][-1] == eos else f["target_ids"]),
-                        "prediction": self._decode(new)})
-        return out
-
-    def _task_metrics(self) -> dict[str, float]:
-        try:
-            from mu.eval import evaluate_model
-        except ImportError:
-            raise MuError(f"--best-metric {self.cfg.best_metric} needs the evaluation module mu.eval") from None
-        cfg = self.cfg
-        if not self.val_examples:
-            raise MuError(f"--best-metric {cfg.best_metric} needs validation Examples (val_examples or --val-data)")
-        with self.autocast():
-            metrics, _ = evaluate_model(self.raw, self.tokenizer, cfg.task, self.val_examples[:cfg.val_limit],
-                                        batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                        max_new_tokens=self._max_new_tokens(), max_source_len=cfg.max_source_len,
-                                        device=self.env.device, progress=False)
-        if cfg.best_metric not in metrics:
-            raise MuError(f"--best-metric {cfg.best_metric!r} is not a metric of task {cfg.task!r}; it has "
-                          f"{sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return Validator(self.cfg, self.env, self.model, self.raw, self.tokenizer, self.val_data, self.val_examples,
+                         self._collate, self.loss_fn, self.autocast).validate()
 
     def _is_better(self, value: float) -> bool:
         best = self.state.best_metric
         lower = self.cfg.best_metric in ("val_loss", "val_ppl")
         return best is None or (value < best if lower else value > best)
 
-    def _after_validation(self, result: dict[str, Any], metrics: _Metrics) -> None:
+    def _after_validation(self, result: dict[str, Any], metrics: MetricsLog) -> None:
         s = self.state
         value = result.get(self.cfg.best_metric)
         record = {"event": "eval", "step": s.step, "tokens": s.tokens, "flops": s.flops,
@@ -646,7 +482,7 @@ class Trainer:
                       f"{self.state.flops:.3g} FLOPs)")
         else:
             torch.manual_seed(cfg.seed + env.rank)  # dropout differs across processes
-        metrics = _Metrics(self.out / METRICS_FILE, env, resumed_from)
+        metrics = self.run_dir.metrics(resumed_from)
         p = flops_params(self.config)
         info = {"event": "start", "step": self.state.step, "arch": self.config.arch, "params": p.total,
                 "params_per_encoder_token": p.encoder, "params_per_decoder_token": p.decoder,
@@ -669,7 +505,7 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
 
-    def _loop(self, metrics: _Metrics) -> str:
+    def _loop(self, metrics: MetricsLog) -> str:
         cfg, env, s = self.cfg, self.env, self.state
         from tqdm.auto import tqdm
 
@@ -678,6 +514,7 @@ class Trainer:
         batches = self._epoch_batches(s.epoch)
         window_t, window_tokens = time.perf_counter(), 0
         stop = self._stop_reason()
+        signals = StopSignals().__enter__()  # SIGTERM/SIGINT: a checkpoint at the end of this step, then stop
         try:
             while stop is None:
                 if s.batch_in_epoch + self.micro_per_step > len(batches):
@@ -706,76 +543,52 @@ class Trainer:
                 stop = self._stop_reason()
                 if self.val_data is not None and cfg.eval_every and s.step % cfg.eval_every == 0 and stop is None:
                     self._after_validation(self.validate(), metrics)
-                if cfg.save_every and s.step % cfg.save_every == 0 and stop is None:
-                    self.save_checkpoint()
+                interrupted = any_rank(signals.requested, env)
+                if (interrupted or cfg.save_every and s.step % cfg.save_every == 0) and stop is None:
+                    path = self.save_checkpoint()
+                    if interrupted:
+                        metrics.write({"event": "interrupted", "step": s.step, "checkpoint": str(path)})
+                        raise signals.interrupted(s.step, path)
                 if self.on_step is not None:
                     self.on_step(s)
         finally:
+            signals.__exit__(None, None, None)
             bar.close()
         return stop
 
     def _step(self, micro: list[dict]) -> dict[str, Any]:
-        cfg, env, s = self.cfg, self.env, self.state
+        s = self.state
         lr = self.schedule(s.step)
         set_lr(self.optimizer, lr)
-        counts = [float(b.get("n_loss_tokens", len(b["targets"]))) for b in micro]
-        (n_global,) = all_reduce_sum([sum(counts)], env)
-        loss_sum, extra = 0.0, {}
-        for k, batch in enumerate(micro):
-            with no_grad_sync(self.model, env, skip=k < len(micro) - 1):
-                with self.autocast():
-                    loss, st = self.loss_fn(self.model, batch)
-                # token-weighted share of the global mean; x world_size undoes DDP's gradient averaging
-                (loss * (counts[k] / n_global * env.world_size)).backward()
-            loss_sum += float(loss.detach()) * counts[k]
-            for key, v in st.items():
-                extra[key] = extra.get(key, 0.0) + float(v) * counts[k]
-        enc = sum(int(b.get("n_enc_tokens", 0)) for b in micro)
-        dec = sum(int(b.get("n_dec_tokens", 0)) for b in micro)
-        n_ex = sum(len(b["targets"]) for b in micro)
-        keys = sorted(extra)
-        reduced = all_reduce_sum([loss_sum, enc, dec, n_ex, *[extra[k] for k in keys]], env)
-        loss_mean = reduced[0] / n_global
-        if not math.isfinite(loss_mean):
-            self._diverged("loss", loss_mean)
-        grad_norm = self._clip()
-        if not math.isfinite(grad_norm):
-            self._diverged("gradient norm", grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        r = train_step(self.model, self.optimizer, micro, self.loss_fn, self.env, grad_clip=self.cfg.grad_clip,
+                       autocast=self.autocast, on_diverged=self._diverged,
+                       counters=lambda b: (int(b.get("n_enc_tokens", 0)), int(b.get("n_dec_tokens", 0)),
+                                           len(b["targets"])))
+        enc, dec, n_ex = r.sums
         s.step += 1
-        s.enc_tokens += int(reduced[1])
-        s.dec_tokens += int(reduced[2])
-        s.examples += int(reduced[3])
-        s.loss_tokens += int(n_global)
-        s.flops += training_flops(self.config, reduced[1], reduced[2])
-        s.last_loss = loss_mean
-        return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": reduced[1] + reduced[2],
-                "extra": {k: v / n_global for k, v in zip(keys, reduced[4:])}}
-
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
-            norm = norm.full_tensor()
-        return float(norm)
+        s.enc_tokens += int(enc)
+        s.dec_tokens += int(dec)
+        s.examples += int(n_ex)
+        s.loss_tokens += int(r.loss_tokens)
+        s.flops += training_flops(self.config, enc, dec)
+        s.last_loss = r.loss
+        return {"loss": r.loss, "lr": lr, "grad_norm": r.grad_norm, "tokens": enc + dec, "extra": r.extra}
 
     def _diverged(self, what: str, value: float) -> None:
-        last = ckpt.latest_checkpoint(self.out)
+        last = self.run_dir.latest()
         where = (f"the last good checkpoint is {last} (re-run the same command to resume from it, e.g. with a "
                  f"lower --lr)" if last else "no checkpoint was saved yet")
         raise TrainingDiverged(f"the training {what} is {value} at step {self.state.step + 1}; stopped before the "
                                f"optimizer step. {where}")
 
-    def _finish(self, stop: str, metrics: _Metrics, resumed_from: Optional[int]) -> TrainResult:
-        cfg, env, s = self.cfg, self.env, self.state
+    def _finish(self, stop: str, metrics: MetricsLog, resumed_from: Optional[int]) -> TrainResult:
+        env, s = self.env, self.state
         val = {}
         if self.val_data is not None:
             val = self.validate()
             self._after_validation(val, metrics)
-        last = ckpt.latest_checkpoint(self.out)
-        if last is None or ckpt.list_checkpoints(self.out)[-1][0] != s.step:
+        found = self.run_dir.checkpoints()
+        if not found or found[-1][0] != s.step:
             self.save_checkpoint()
         state = self._full_model_state() if env.strategy == "fsdp" else None
         if env.is_main:
@@ -801,12 +614,6 @@ class Trainer:
         return result
 
 
-def _broadcast_dict(d: dict, env: DistEnv) -> dict:
-    from mu.train.distributed import broadcast_object
-
-    return broadcast_object(d, env)
-
-
 def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=None, train_dataset=None,
           val_dataset=None, train_examples: Optional[Sequence[Any]] = None,
           val_examples: Optional[Sequence[Any]] = None, loss_fn: Optional[LossFn] = None,
@@ -828,6 +635,10 @@ def train(cfg: TrainConfig, *, model: Optional[nn.Module] = None, tokenizer=None
             trainer = Trainer(cfg, env, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
                               val_dataset=val_dataset, train_examples=train_examples, val_examples=val_examples,
                               loss_fn=loss_fn, batch_hook=batch_hook, on_step=on_step)
-            return trainer.run()
+            try:
+                return trainer.run()
+            except BaseException:
+                trainer.run_dir.discard_if_empty()
+                raise
     finally:
         shutdown(env)

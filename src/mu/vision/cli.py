@@ -1,20 +1,20 @@
 """`--task vqa` for `mu train`, `mu eval` and `mu score`: thin adapters from parsed flags to `mu.vision`.
 
-    mu train --task vqa --preset small --train-data vqa.jsonl --val-data held.jsonl --out runs/vqa \\
-             --tokenizer bpe:1000 --align-steps 300 --max-steps 1500 --lr 1e-3
+    mu train --task vqa --train-data vqa.jsonl --out runs/vqa      # the recipe (mu.vision.recipe)
     mu eval --task vqa --model runs/vqa/final --data held.jsonl --out results.json
     mu score --task vqa --data held.jsonl --predictions preds.jsonl
 
-The text trainer's flags are reused where they mean the same thing; flags that only the text trainer
-implements (FLOP/token budgets, torchrun, resume) are refused by name instead of being ignored.
+The text trainer's flags are reused where they mean the same thing; with --task vqa those not given take
+the recipe's values (`mu.vision.recipe.VQARecipe`). Flags only the text trainer implements (FLOP/token
+budgets, FSDP, --compile) are refused by name instead of being ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -22,39 +22,88 @@ from mu.errors import MuError
 from mu.vision.config import FEATURE_SELECTS, STEMS
 
 
+_RECIPE_FLAGS = {  # shared `mu train` flags whose default differs for --task vqa: dest -> recipe field
+    "preset": "preset", "weight_init": "weight_init", "tokenizer": "tokenizer", "batch_size": "batch_size",
+    "lr": "lr", "weight_decay": "weight_decay", "warmup": "warmup", "grad_clip": "grad_clip", "seed": "seed",
+    "dropout": "dropout", "max_steps": "steps",
+}
+
+
+class _DefaultInt(int):
+    pass
+
+
+class _DefaultFloat(float):
+    pass
+
+
+class _DefaultStr(str):
+    pass
+
+
+def _mark_default(value):
+    """The same value, of a type that tells "not given on the command line" (the text trainer sees no
+    difference; --task vqa then takes the recipe's value instead)."""
+    for base, marked in ((bool, None), (int, _DefaultInt), (float, _DefaultFloat), (str, _DefaultStr)):
+        if isinstance(value, base):
+            return value if marked is None else marked(value)
+    return value
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether `--dest` was given on the command line (not argparse's default)."""
+    value = getattr(args, dest, None)
+    return value is not None and not isinstance(value, (_DefaultInt, _DefaultFloat, _DefaultStr))
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("vision (--task vqa)")
+    from mu.vision.recipe import VQARecipe
+
+    r = VQARecipe()
+    for action in parser._actions:  # shared flags: remember which were given (argparse has no such flag)
+        if action.dest in _RECIPE_FLAGS:
+            action.default = _mark_default(action.default)
+    g = parser.add_argument_group(
+        "vision (--task vqa)",
+        "With --task vqa, every option not given takes the recipe's value (mu.vision.recipe.VQARecipe, measured "
+        f"in docs/vision.md): --preset {r.preset} at width {r.width} ({r.encoder_layers}+{r.decoder_layers} "
+        f"layers), --weight-init {r.weight_init}, --tokenizer {r.tokenizer}, --batch-size {r.batch_size}, --lr "
+        f"{r.lr:g}, --weight-decay {r.weight_decay:g}, {r.contrastive_steps} contrastive + {r.align_steps} "
+        f"alignment + {r.steps} (--max-steps) VQA steps, ~12-13 min on a quiet 2-core CPU")
     g.add_argument("--tower", default="native",
                    help="native (mu's small ViT, trained from scratch) or a local CLIP / SigLIP directory")
-    g.add_argument("--image-size", type=int, default=64, help="native tower: input side in pixels (default 64)")
-    g.add_argument("--patch-size", type=int, default=8, help="native tower: patch side (default 8)")
-    g.add_argument("--vit-width", type=int, default=128, help="native tower: width (default 128)")
-    g.add_argument("--vit-depth", type=int, default=4, help="native tower: blocks (default 4)")
-    g.add_argument("--stem", choices=STEMS, default="conv",
-                   help="native tower: patch embedding, one patchify convolution or a stride-2 conv stem "
-                        "(default conv: learns shapes from few images faster)")
+    g.add_argument("--image-size", type=int, help=f"native tower: input side in pixels (default {r.image_size})")
+    g.add_argument("--patch-size", type=int, help=f"native tower: patch side (default {r.patch_size})")
+    g.add_argument("--vit-width", type=int, help=f"native tower: width (default {r.vit_width})")
+    g.add_argument("--vit-depth", type=int, help=f"native tower: blocks (default {r.vit_depth})")
+    g.add_argument("--stem", choices=STEMS, help=f"native tower: patch embedding, one patchify convolution or a "
+                   f"stride-2 conv stem (default {r.stem}: learns shapes from few images faster)")
     g.add_argument("--feature-select", choices=FEATURE_SELECTS,
-                   help="tokens fed to the projector (default: cls_patch native, patch CLIP/SigLIP)")
-    g.add_argument("--pool", type=int, default=1, metavar="S",
-                   help="average-pool the patch grid by stride S (fewer image tokens; default 1 = every patch)")
+                   help=f"tokens fed to the projector (default: {r.feature_select} native, patch CLIP/SigLIP)")
+    g.add_argument("--pool", type=int, metavar="S",
+                   help=f"average-pool the patch grid by stride S (default {r.pool} native: one mean patch token; "
+                        "1 CLIP/SigLIP: every patch)")
     g.add_argument("--feature-layer", type=int, help="tower hidden state fed to the projector "
-                   "(default: -1 native, -2 CLIP/SigLIP as in the paper)")
-    g.add_argument("--contrastive-steps", type=int, default=0,
-                   help="stage 0 steps: CLIP-style pretraining of a from-scratch tower on the --align-data (image, "
-                        "answer) pairs; helps when answers name what is seen (colours, shapes); default 0 = skip")
-    g.add_argument("--align-steps", type=int, default=0,
-                   help="stage 1 steps (projector-only alignment with a pretrained tower; default 0 = skip)")
+                   f"(default: {r.feature_layer} native, -2 CLIP/SigLIP as in the paper)")
+    g.add_argument("--contrastive-steps", type=int,
+                   help="stage 0 steps: CLIP-style pretraining of a from-scratch tower on the alignment data "
+                        f"(default {r.contrastive_steps} native, 0 CLIP/SigLIP)")
+    g.add_argument("--align-steps", type=int,
+                   help=f"stage 1 steps (default {r.align_steps} native: every part; 0 CLIP/SigLIP)")
     g.add_argument("--align-data", metavar="PATH",
                    help="VQA jsonl for stages 0 and 1, e.g. captions ('what is in the image?' -> 'red circle'); "
-                        "default: the training data (whose yes/no answers say nothing to stage 0)")
+                        "default: captions read off the training file's own colour/shape answers (the training "
+                        "questions when there are none)")
+    g.add_argument("--no-templated", dest="templated", action="store_false", default=None,
+                   help="train on the file's questions only (no templated questions about training images)")
     g.add_argument("--trainable", default="tower,projector,lm",
                    help="parts trained in stage 2, from tower, projector, lm (default all)")
-    g.add_argument("--tower-lr-scale", type=float,
-                   help="tower lr / lr (default 0.1 for a pretrained tower, 1.0 for the native one)")
-    g.add_argument("--augment", action="store_true", help="random flips/shifts/backgrounds (not for left/right)")
-    g.add_argument("--answer-balance", type=float, default=0.0,
-                   help="sample examples with weight (answer count)^-b, e.g. 0.5 (default 0: plain epochs)")
-    g.add_argument("--max-time", type=float, metavar="S", help="stop training after S seconds")
+    g.add_argument("--tower-lr-scale", type=float, help=f"tower lr / lr (default {r.tower_lr_scale})")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random flips/shifts/backgrounds (default on for the native tower; not for left/right)")
+    g.add_argument("--answer-balance", type=float,
+                   help=f"sample examples with weight (answer count)^-b (default {r.answer_balance:g}: plain epochs)")
+    g.add_argument("--max-time", type=float, metavar="S", help="also stop training after S seconds")
 
 
 def _refuse(args: argparse.Namespace) -> None:
@@ -63,77 +112,106 @@ def _refuse(args: argparse.Namespace) -> None:
     named = [flag for flag, value in unsupported.items() if value]
     if args.objective != "seq2seq":
         named.append(f"--objective {args.objective}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        named.append("torchrun (several processes)")
+    if args.distributed == "fsdp":
+        named.append("--distributed fsdp")
     if named:
-        raise MuError(f"--task vqa does not support {', '.join(named)} (VQA trains in one process with "
-                      "--max-steps/--epochs; see docs/vision.md)")
+        raise MuError(f"--task vqa does not support {', '.join(named)} (VQA trains with --max-steps; under torchrun "
+                      "with DDP; see docs/vision.md)")
 
 
-def _tokenizer(spec: str | None, examples):
-    """The text trainer's --tokenizer rules (byte, bpe:N, a directory); bpe:N learns from questions and answers."""
-    from mu.train.config import _check_tokenizer_spec
-    from mu.train.trainer import make_tokenizer
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe with every option given on the command line in place of its default."""
+    from mu.vision.recipe import VQARecipe
 
-    spec = spec or "byte"
-    _check_tokenizer_spec(spec)
-    return make_tokenizer(spec, lambda: [t for e in examples for t in (e.question, *e.answers)])
+    r = VQARecipe()
+    changes = {field: getattr(args, dest) for dest, field in _RECIPE_FLAGS.items() if given(args, dest)}
+    if given(args, "preset") or args.init:
+        changes["width"] = None  # the preset's own sizes
+    for dest, field in (("image_size", "image_size"), ("patch_size", "patch_size"), ("vit_width", "vit_width"),
+                        ("vit_depth", "vit_depth"), ("stem", "stem"), ("pool", "pool"),
+                        ("feature_select", "feature_select"), ("feature_layer", "feature_layer"),
+                        ("contrastive_steps", "contrastive_steps"), ("align_steps", "align_steps"),
+                        ("tower_lr_scale", "tower_lr_scale"), ("augment", "augment"),
+                        ("answer_balance", "answer_balance"), ("templated", "templated")):
+        if getattr(args, dest, None) is not None:
+            changes[field] = getattr(args, dest)
+    return dataclasses.replace(r, **changes)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """`mu train --task vqa`: build a VLM (tower + projector + Mu encoder-decoder) and run `train_vqa`."""
     _refuse(args)
-    if args.init and args.weight_init != "paper":
+    if args.init and given(args, "weight_init"):
         raise MuError("--weight-init applies to a fresh --preset text model, not to an --init model")
-    from mu.utils import pick_device, seed_everything
-    from mu.vision import VisionTowerConfig, build_vlm, load_vqa_jsonl, train_vqa
+    from mu.train.distributed import init_distributed, shutdown
+    from mu.train.rundir import RunDir
+    from mu.utils import seed_everything
+    from mu.vision import load_vqa_jsonl, train_vqa
+    from mu.vision.recipe import build_recipe_vlm, prepare_vqa_data
 
+    recipe = recipe_from_args(args)
     out = Path(args.out)
-    if (out / "final").exists():
-        raise MuError(f"{out / 'final'} exists: this VQA run already finished (VQA runs do not resume; "
-                      "choose another --out)")
     parts = tuple(p.strip() for p in args.trainable.split(",") if p.strip())
     train = load_vqa_jsonl(args.train_data)[:args.train_limit]  # bad data fails before anything is built
     val = load_vqa_jsonl(args.val_data)[:args.val_limit] if args.val_data else None
     align = load_vqa_jsonl(args.align_data) if args.align_data else None
-    seed_everything(args.seed)
     native = args.tower == "native"
-    if native:
-        tower = VisionTowerConfig(image_size=args.image_size, patch_size=args.patch_size, width=args.vit_width,
-                                  depth=args.vit_depth, n_head=max(1, args.vit_width // 32), stem=args.stem,
-                                  feature_select=args.feature_select or "cls_patch", pool_stride=args.pool,
-                                  feature_layer=-1 if args.feature_layer is None else args.feature_layer)
-    elif Path(args.tower).is_dir():
-        from mu.vision.towers import load_hf_tower
-
-        tower = load_hf_tower(args.tower, feature_layer=-2 if args.feature_layer is None else args.feature_layer,
-                              feature_select=args.feature_select or "patch", pool_stride=args.pool)
-    else:
+    if not native and not Path(args.tower).is_dir():
         raise MuError(f"--tower {args.tower!r}: expected 'native' or a CLIP/SigLIP model directory")
-    text = args.init or args.preset
-    tokenizer = None if args.init and args.tokenizer is None else _tokenizer(args.tokenizer, train)
-    overrides = {} if args.init else {"dropout": 0.0 if args.dropout is None else args.dropout,
-                                      "weight_init": args.weight_init}
-    vlm = build_vlm(text, tower=tower, tokenizer=tokenizer, **overrides).to(pick_device(args.device))
-    steps = args.max_steps
-    if steps is None:
-        steps = math.ceil((args.epochs or 1.0) * len(train) / args.batch_size)
-    print(f"vqa: {len(train)} training questions, {sum(vlm.num_parameters().values()):,} parameters, {steps} steps "
-          f"(+{args.contrastive_steps} contrastive, +{args.align_steps} alignment) -> {out}", file=sys.stderr,
-          flush=True)
-    summary = train_vqa(
-        vlm, train, out, eval_data=val, align_data=align, contrastive_steps=args.contrastive_steps,
-        align_steps=args.align_steps, align_lr=args.lr or 1e-3,
-        align_trainable=("projector",) if not native else ("tower", "projector", "lm"),
-        steps=steps, lr=args.lr or (1e-3 if native else 3e-4), trainable=parts,
-        tower_lr_scale=args.tower_lr_scale if args.tower_lr_scale is not None else (1.0 if native else 0.1),
-        batch_size=args.batch_size, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup if args.warmup < 1 else args.warmup / max(1, steps), grad_clip=args.grad_clip,
-        augment=args.augment, answer_balance=args.answer_balance, seed=args.seed, log_every=args.log_every,
-        eval_every=args.eval_every if val else 0, save_every=args.save_every, max_time_s=args.max_time,
-        progress=not args.no_progress)
+    if not native:  # a pretrained tower: no stage 0, projector-only stage 1 unless asked, every patch
+        recipe = dataclasses.replace(
+            recipe, contrastive_steps=args.contrastive_steps or 0, align_steps=args.align_steps or 0,
+            pool=args.pool or 1, augment=bool(args.augment))
+    if args.epochs and not given(args, "max_steps"):
+        recipe = dataclasses.replace(recipe, steps=math.ceil(args.epochs * len(train) / recipe.batch_size))
+    data = prepare_vqa_data(train, recipe, align)
+    env = init_distributed(args.device, args.distributed)
+    try:
+        seed_everything(recipe.seed)
+        run = RunDir(out, env)
+        point = run.resume_point() if not args.no_resume else None
+        if point is not None:  # the run's own model (and tokenizer) continue
+            from mu.vision.model import load_vlm
+
+            vlm = load_vlm(point.path / "model", device=env.device)
+        else:
+            tower = None
+            if not native:
+                from mu.vision.towers import load_hf_tower
+
+                layer = -2 if args.feature_layer is None else args.feature_layer
+                tower = load_hf_tower(args.tower, feature_layer=layer,
+                                      feature_select=args.feature_select or "patch", pool_stride=recipe.pool)
+            tokenizer = None
+            if args.init and args.tokenizer is None:
+                from mu.checkpoint import load_model
+
+                tokenizer = load_model(args.init).tokenizer
+            vlm = build_recipe_vlm(recipe, data.tokenizer_texts, tokenizer=tokenizer, tower=tower,
+                                   text=args.init).to(env.device)
+        if env.is_main:
+            for note in data.notes:
+                print(f"vqa: {note}", file=sys.stderr)
+            print(f"vqa: {len(train)} training questions (+{len(data.train) - len(train)} templated), "
+                  f"{sum(vlm.num_parameters().values()):,} parameters, {recipe.contrastive_steps} contrastive + "
+                  f"{recipe.align_steps} alignment + {recipe.steps} VQA steps -> {out}", file=sys.stderr, flush=True)
+        kwargs = recipe.train_kwargs()
+        kwargs.update(trainable=parts, warmup_ratio=recipe.warmup if recipe.warmup < 1 else
+                      recipe.warmup / max(1, recipe.steps))
+        if not native and not given(args, "tower_lr_scale"):
+            kwargs["align_trainable"] = ("projector",)
+        run_config = {"recipe": recipe.to_dict(), "train_data": str(Path(args.train_data).resolve()),
+                      "align_data": str(Path(args.align_data).resolve()) if args.align_data else None,
+                      "tower": args.tower, "init": args.init, "train_limit": args.train_limit}
+        summary = train_vqa(vlm, data.train, out, eval_data=val, align_data=data.align, log_every=args.log_every,
+                            eval_every=args.eval_every if val else 0, save_every=args.save_every,
+                            max_time_s=args.max_time, progress=not args.no_progress, resume=not args.no_resume,
+                            keep_checkpoints=args.keep_checkpoints, env=env, run_config=run_config, **kwargs)
+    finally:
+        shutdown(env)
     summary["final_dir"] = str(out / "final")
-    print(json.dumps(summary, default=str))
+    if env.is_main:
+        print(json.dumps(summary, default=str))
     return 0
 
 

@@ -43,34 +43,45 @@ class VQAExample:
 
 def load_vqa_jsonl(path: str | os.PathLike, check_images: bool = True) -> list[VQAExample]:
     """Read a VQA jsonl file; image paths are resolved against the file's folder."""
+    from mu.data import tasks
+
     path = Path(path)
+    if path.is_dir():
+        raise MuError(f"{str(path)!r} is a directory, expected a VQA .jsonl file")
     if not path.is_file():
         raise MuError(f"no VQA data file at {str(path)!r}")
     examples, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MuError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise MuError(f"{where}: expected a JSON object with id, image, question, answers")
-            for key in ("id", "image", "question"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise MuError(f"{where}: field {key!r} must be a non-empty string, got {row.get(key)!r}")
-            answers = row.get("answers")
-            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-                raise MuError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}")
-            if row["id"] in seen:
-                raise MuError(f"{where}: duplicate id {row['id']!r}")
-            seen.add(row["id"])
-            image = (path.parent / row["image"]).resolve()
-            if check_images and not image.is_file():
-                raise MuError(f"{where}: image {row['image']!r} not found (looked for {image})")
-            examples.append(VQAExample(row["id"], image, row["question"], list(answers), str(image)))
+    cap = tasks.MAX_LINE_CHARS  # the text data's line cap: a line is never read whole past it
+    n = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(iter(lambda: f.readline(cap + 1), ""), 1):
+                where = f"{path}:{n}"
+                if len(line) > cap:
+                    raise MuError(f"{where}: longer than {cap:,} characters; expected JSON lines, one record per line")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MuError(f"{where}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise MuError(f"{where}: expected a JSON object with id, image, question, answers")
+                for key in ("id", "image", "question"):
+                    if not isinstance(row.get(key), str) or not row[key].strip():
+                        raise MuError(f"{where}: field {key!r} must be a non-empty string, got {row.get(key)!r}")
+                answers = row.get("answers")
+                if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                    raise MuError(f"{where}: field 'answers' must be a non-empty list of strings, got {answers!r}")
+                if row["id"] in seen:
+                    raise MuError(f"{where}: duplicate id {row['id']!r}")
+                seen.add(row["id"])
+                image = (path.parent / row["image"]).resolve()
+                if check_images and not image.is_file():
+                    raise MuError(f"{where}: image {row['image']!r} not found (looked for {image})")
+                examples.append(VQAExample(row["id"], image, row["question"], list(answers), str(image)))
+    except UnicodeDecodeError:
+        raise MuError(f"{path}:{n + 1}: not valid UTF-8 text") from None
     if not examples:
         raise MuError(f"{path}: no examples")
     return examples

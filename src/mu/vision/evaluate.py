@@ -12,7 +12,7 @@ import torch
 
 from mu.errors import MuError
 from mu.vision.data import ImageCache, VQAExample, load_vqa_jsonl
-from mu.vision.metrics import normalize_answer, vqa_score
+from mu.vision.metrics import normalize_answer, vqa_score, yes_no_by_presence
 
 
 def _sync(device: torch.device) -> None:
@@ -29,6 +29,7 @@ def evaluate_vqa(model, data: Sequence[VQAExample] | str | os.PathLike, batch_si
 
     model: a `MuVLM` (or a directory for `load_vlm`). data: examples or a jsonl path.
     Returns {"accuracy", "n", "seconds", "ms_per_answer", "by_answer": {normalised target: accuracy},
+    "yes_no_by_presence": {"present", "absent"} (`mu.vision.metrics.yes_no_by_presence`),
     "predictions": [{"id", "question", "prediction", "answers", "score"}]}; `predictions_file` gets the
     predictions as jsonl (written atomically).
     """
@@ -80,4 +81,5 @@ def evaluate_vqa(model, data: Sequence[VQAExample] | str | os.PathLike, batch_si
         atomic_write_text(Path(predictions_file), "".join(json.dumps(r) + "\n" for r in rows))
     return {"accuracy": sum(r["score"] for r in rows) / len(rows), "n": len(rows), "seconds": seconds,
             "ms_per_answer": 1000 * seconds / len(rows),
-            "by_answer": {k: sum(v) / len(v) for k, v in sorted(by_answer.items())}, "predictions": rows}
+            "by_answer": {k: sum(v) / len(v) for k, v in sorted(by_answer.items())},
+            "yes_no_by_presence": yes_no_by_presence(data, rows), "predictions": rows}

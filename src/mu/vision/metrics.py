@@ -63,3 +63,20 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]
     if not predictions:
         return 0.0
     return sum(vqa_score(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+def is_negated(question: str) -> bool:
+    """An easy-VQA style negated yes/no question ("is there not a red shape?", "is no circle present?")."""
+    return " not " in question or question.startswith("is no ")
+
+
+def yes_no_by_presence(examples, predictions) -> dict[str, float]:
+    """Yes/no accuracy split by whether the thing the question names is in the picture ("present": the answer
+    is yes, or no to a negated question; "absent" otherwise). 84% of easy-VQA's yes/no questions name an absent
+    one, so always answering "absent" scores 0.84 on them; the "present" part shows whether a model reads the
+    picture. `predictions`: rows with a "score", in the order of `examples`."""
+    scores: dict[str, list[float]] = {"present": [], "absent": []}
+    for e, p in zip(examples, predictions):
+        if e.target in ("yes", "no"):
+            scores["present" if (e.target == "yes") != is_negated(e.question) else "absent"].append(p["score"])
+    return {k: round(sum(v) / len(v), 4) for k, v in scores.items() if v}
