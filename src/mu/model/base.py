@@ -149,16 +149,16 @@ class MuModel(nn.Module):
     # -- inference transforms ------------------------------------------------------------------
 
     def quantize_(self, mode: str = "int8", include_encoder: bool = True) -> "MuModel":
-        """Quantize the linear layers in place for CPU inference; see `mu.export.quantize`.
+        """Quantize the linear layers in place for CPU inference; see `mu.model.quantize`.
 
-        mode "int8": int8 weights (per-channel scales) run by fbgemm's dynamic int8 GEMM.
+        mode "int8": int8 weights (per-channel scales) run by fbgemm's dynamic int8 GEMM; "int8wo":
+        weight-only int8 for decode (`torch._weight_int8pack_mm`), dynamic int8 for the prefill; "int4":
+        group-wise int4 for decode (`torch._weight_int4pack_mm_for_cpu`), dynamic int8 for the prefill.
         `include_encoder=False` leaves the encoder in float (exact prefill). Save before quantizing.
         """
-        from mu.export.quantize import quantize_int8_
+        from mu.model.quantize import quantize_
 
-        if mode != "int8":
-            raise MuError(f"quantize_: unknown mode {mode!r}; expected 'int8'")
-        return quantize_int8_(self, include_encoder=include_encoder)
+        return quantize_(self, mode, include_encoder=include_encoder)
 
     # -- generation ----------------------------------------------------------------------------
 
