@@ -41,6 +41,25 @@ class ModelSpec:
         return dict(arch=self.arch, preset=self.preset, model_dir=self.model_dir, mu_config=self.mu_config)
 
 
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step of a mu model reads: its decoder blocks (without the cross-attention
+    K/V projections, run once per request), ln_f and lm_head, each in its stored format (a quantized
+    module counts its codes and scales through `weight_bytes()`; tied weights count once)."""
+    skip = set()
+    if model.config.arch == "encdec":
+        for block in model.transformer.h:
+            skip |= {id(block.cross_attn.k_linear), id(block.cross_attn.v_linear)}
+    total, params = 0, []
+    for mod in (*model.decoder_blocks().modules(), *model.transformer.ln_f.modules(), *model.lm_head.modules()):
+        if id(mod) in skip:
+            continue
+        if hasattr(mod, "weight_bytes"):
+            total += mod.weight_bytes()
+        else:
+            params += list(mod.parameters(recurse=False))
+    return total + _param_bytes(params)
+
+
 def _param_bytes(params) -> int:
     seen, total = set(), 0
     for p in params:
@@ -69,14 +88,7 @@ class MuRunner:
 
     def decode_weight_bytes(self) -> int:
         """Weights one decode step reads: the decoder stack (minus cross-attention K/V projections), ln_f, lm_head."""
-        m = self.model
-        skip = set()
-        if self.config.arch == "encdec":
-            for block in m.transformer.h:
-                skip |= {id(p) for p in block.cross_attn.k_linear.parameters()}
-                skip |= {id(p) for p in block.cross_attn.v_linear.parameters()}
-        params = [*m.decoder_blocks().parameters(), *m.transformer.ln_f.parameters(), *m.lm_head.parameters()]
-        return _param_bytes(p for p in params if id(p) not in skip)
+        return decode_weight_bytes(self.model)
 
     def prefill(self, input_ids: Tensor, new_tokens: int) -> tuple[Any, Tensor]:
         from mu.generation import sample_logits
