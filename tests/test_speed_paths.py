@@ -400,3 +400,16 @@ def test_auto_format_and_split_format():
     assert q8.split_format("auto", "cpu") == q8.split_format(auto)
     with pytest.raises(mu.MuError, match="unknown dtype 'int3'"):
         q8.check_format("int3")
+
+
+def test_load_model_quantizes_on_request_and_auto_picks_this_machines_format(tmp_path):
+    torch.manual_seed(0)
+    mu.build_model("tiny").save_pretrained(tmp_path / "m")
+    m4 = mu.load_model(tmp_path / "m", dtype="int4")
+    assert m4.quantization == "int4" and isinstance(m4.lm_head, q8.Int4Linear)
+    auto = mu.load_model(tmp_path / "m", dtype="auto")
+    picked = q8.auto_format("cpu")
+    assert (auto.quantization or "fp32") == picked
+    assert auto.generate(_ids(1, 5), max_new_tokens=3).shape == (1, 4)
+    with pytest.raises(mu.MuError, match="unknown dtype"):
+        mu.load_model(tmp_path / "m", dtype="int3")

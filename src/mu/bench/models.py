@@ -55,6 +55,7 @@ def decode_weight_bytes(model) -> int:
             continue
         if hasattr(mod, "weight_bytes"):
             total += mod.weight_bytes()
+            skip |= {id(m) for m in mod.modules()}  # e.g. an int4 layer's int8 prefill copy: not read by decode
         else:
             params += list(mod.parameters(recurse=False))
     return total + _param_bytes(params)
@@ -220,9 +221,18 @@ def mu_config_for(spec: ModelSpec) -> MuConfig:
     return MuConfig.from_name(spec.preset, arch)
 
 
-def build_runner(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+def build_runner(spec: ModelSpec, dtype, device: torch.device):
+    """A runner for `spec` in `dtype`: a torch.dtype or a format name (fp32, bf16, fp16, int8, int8wo, int4,
+    auto). A quantization format builds fp32 weights and quantizes a mu model (`mu.model.quantize`);
+    Hugging Face models stay in fp32 then."""
+    from mu.checkpoint import parse_dtype
+    from mu.model.quantize import split_format
+
+    dtype, mode = split_format(dtype, device)
+    dtype = parse_dtype(dtype)
     if spec.arch in MU_ARCHS:
-        return MuRunner(build_mu_model(spec, dtype, device), device)
+        model = build_mu_model(spec, dtype, device)
+        return MuRunner(model.quantize_(mode) if mode else model, device)
     if spec.arch in HF_ARCHS:
         return HFRunner(build_hf_model(spec.arch, mu_config_for(spec), dtype, device), spec.arch, device)
     raise MuError(f"unknown arch {spec.arch!r}; expected one of {MU_ARCHS + HF_ARCHS}")

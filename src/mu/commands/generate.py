@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--dtype", help="fp32, bf16, fp16, int8, int8wo, int4 or auto (the fastest format this machine "
+                                   "supports: int8 on x86 CPUs, bf16 on GPUs with it) (default: as stored)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
 
 
@@ -46,14 +47,15 @@ def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[in
 def run(args) -> int:
     import torch
 
-    from mu.checkpoint import load_model, parse_dtype
+    from mu.checkpoint import load_model
+    from mu.model.quantize import check_format
     from mu.generation import CLI_NAMES, check_generation_args
     from mu.tokenizer import load_tokenizer
     from mu.utils import pick_device
 
     check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
                           args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
-    parse_dtype(args.dtype)
+    check_format(args.dtype)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if args.backend == "onnx":
@@ -66,6 +68,12 @@ def run(args) -> int:
         device = model.device
     else:
         model = load_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
+        if args.dtype == "auto":
+            from mu.utils import cpu_isa
+
+            picked = model.quantization or str(model.dtype).replace("torch.", "")
+            print(f"--dtype auto: {picked} on {device}" + (f" ({cpu_isa()})" if device.type == "cpu" else ""),
+                  file=sys.stderr)
     if model.tokenizer is None:
         raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. ../shared/data/phi3_tokenizer)")
     tok = model.tokenizer
