@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.errors import MuError
 from mu.model.cache import KVCache
-from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, linear, rope_cos_sin, rope_scaled,
+from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, rope_cos_sin, rope_scaled,
                              rope_table)
 
 CONFIG_FILE = "config.json"
@@ -106,7 +106,7 @@ class MuModel(nn.Module):
         x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
         cache.advance(T)
         cache.positions += T
-        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
@@ -121,12 +121,9 @@ class MuModel(nn.Module):
         cos, sin = self._step_rope(cache, cache.positions[:, None], end)
         core = self._decode_core
         if cache.compiled:
-            if self.quantization:
-                raise MuError(f"compile=True needs a float model: this one is {self.quantization}-quantized and "
-                              "its kernels are opaque to torch.compile (quantized decoding runs eagerly)")
-            core = self.__dict__.get("_compiled_core")
-            if core is None:  # one compiled function per model; torch.compile caches a graph per shape
-                core = self.__dict__["_compiled_core"] = torch.compile(self._decode_core, dynamic=False)
+            from mu.model.fast import compile_decode_
+
+            core = compile_decode_(self)
         logits = core(self.transformer.wte(tokens), cos, sin, cache.valid[:, None, None, :], cache)
         cache.advance(1)
         cache.positions += 1
@@ -135,7 +132,7 @@ class MuModel(nn.Module):
     def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
         """The layers, final norm and lm_head of one static step: what `generate(compile=True)` compiles."""
         x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
-        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
     def _step_rope(self, cache: KVCache, positions: Tensor, end: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B, T, 1, hd) at `positions` (B, T): indexed from the cache's table unless NTK scaling is on."""

@@ -252,6 +252,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
     `include_encoder=False` keeps the encoder in its float dtype (an exact prefill; only the
     decoder and lm_head, whose weight reads bound the decode steps, are quantized).
     """
+    from mu.model.fast import is_plain_linear
     from mu.model.layers import Attention, DecoderBlock
 
     if mode not in QUANT_MODES:
@@ -259,7 +260,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
     if getattr(model, "quantization", None):
         raise MuError(f"model is already quantized ({model.quantization})")
     odd = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Attention)
-                  for n in ("q_linear", "k_linear", "v_linear", "out_linear") if type(getattr(m, n)) is not nn.Linear})
+                  for n in ("q_linear", "k_linear", "v_linear", "out_linear") if not is_plain_linear(getattr(m, n))})
     if odd:
         raise MuError(f"quantize_: attention projections must be plain nn.Linear layers, found {odd} "
                       "(merge LoRA adapters first, e.g. peft's merge_and_unload())")
@@ -279,7 +280,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                 attn.set_fused(fused, make(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])))
             for parent in block.modules():
                 for child_name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:
+                    if is_plain_linear(child):
                         setattr(parent, child_name, make(child.weight, child.bias))
         model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
