@@ -413,3 +413,26 @@ def test_load_model_quantizes_on_request_and_auto_picks_this_machines_format(tmp
     assert auto.generate(_ids(1, 5), max_new_tokens=3).shape == (1, 4)
     with pytest.raises(mu.MuError, match="unknown dtype"):
         mu.load_model(tmp_path / "m", dtype="int3")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+def test_cuda_generation_matches_cpu_and_bf16_runs():
+    torch.manual_seed(0)
+    cpu = mu.build_model("tiny").eval()
+    gpu = mu.build_model("tiny").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to("cuda")
+    prompt = _ids(2, 9, seed=5)
+    assert gpu.generate(prompt.cuda(), max_new_tokens=6).cpu().tolist() == cpu.generate(prompt, max_new_tokens=6).tolist()
+    assert gpu.to(torch.bfloat16).generate(prompt.cuda(), max_new_tokens=6).shape == (2, 7)
+    assert q8.auto_format("cuda") in ("bf16", "fp32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+def test_cuda_bench_runs_bf16():
+    from mu.bench import BenchConfig, run_benchmark
+
+    r = run_benchmark(BenchConfig(preset="tiny", input_lengths=(16,), new_tokens=3, batch_sizes=(1, 4), dtypes=("bf16",),
+                                  device="cuda", repeats=1, warmup=1, memory=False, flop_check=False, out=None,
+                                  plots=False, progress=False))
+    assert all(row["decode_tok_s"] > 0 for row in r["rows"])
