@@ -14,8 +14,8 @@ int8dec (encoder fp32, decoder + lm_head int8), int8wo (weight-only int8 decode,
 Token agreement: over all test examples, the fraction of fp32's generated answer tokens (its prediction,
 re-tokenized) matched at the same position by the format's. F1 is the task's metric (SQuAD-2.0 F1, x100).
 `--demo-words`: the demo's word-level synthetic task (`mu.data.synthetic_words`, merged with issue 20):
-the held-out examples are the first 210 paragraphs of its stream (`word_splits(0, 200, 10)`: the test and
-validation splits a student trained with n_test=10, n_val=200 never trained on), in the prompt order given
+the held-out examples are its test and validation questions at n_test=10, n_val=200 (`word_splits(0, 200,
+10)`: 210 questions a student trained on `word_splits(N, 200, 10)["train"]` never saw), in the prompt order given
 by --order. The last line is one JSON object.
 """
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             from mu.data.synthetic_words import word_example, word_splits
         held = word_splits(0, 200, 10, seed=0)
         examples = [word_example(r, args.order) for r in held["test"] + held["val"]]
-        test = Path("demo-words test+val (210 paragraphs)")
+        test = Path("demo-words test+val")
     else:
         examples = load_examples(args.task, test)
     results, preds = {}, {}
