@@ -3,9 +3,16 @@ and CTranslate2, in one run.
 
     .venv/bin/python benchmarks/generate_speed.py            # 330m, batch 1, 512 input tokens, 128 new
     .venv/bin/python benchmarks/generate_speed.py --quick    # "small" sizes, 128 in / 32 new (a minute)
+    .venv/bin/python benchmarks/generate_speed.py --side-by-side   # issue 19's table: mu formats vs CT2 vs HF T5
+
+Every run prints the ISA (`mu.utils.cpu_isa()`) and thread count, measures the streaming-read bandwidth
+with the same threads (sum of a 512 MiB fp32 tensor, `mu.bench.measure_bandwidth`) and gives each engine's
+decode roofline fraction: bytes of weights one decode token reads (decoder without the cross-attention K/V
+projections, + lm_head, in the engine's format) x decode tokens/s / bandwidth (1.0 = memory-bound).
 
 Engines (all random weights, greedy, batch 1, never stopping early):
-  mu-encdec / mu-deconly  fp32, bf16, int8 (`model.quantize_("int8")`): `model.generate` with a KV cache;
+  mu-encdec / mu-deconly  fp32, bf16, int8 (`model.quantize_("int8")`), int8wo, int4 (weight-only decode
+                          kernels, `mu.model.quantize`): `model.generate` with a KV cache;
                           "-compiled": generate(compile=True) (fixed-shape cache, torch.compile'd steps;
                           compiled during the warm-up, which runs the full length for these)
   mu-encdec uncached      the paper's `generate`: encode once, then every step re-runs the whole decoder
@@ -37,7 +44,10 @@ from typing import Callable, Optional
 import torch
 
 import mu
+from mu.bench.measure import measure_bandwidth
+from mu.bench.models import decode_weight_bytes
 from mu.config import MuConfig
+from mu.utils import cpu_isa
 
 
 class Stamps:
@@ -88,6 +98,7 @@ def mu_engine(model, input_ids: torch.Tensor, compile: bool = False):
         out = model.generate(input_ids, max_new_tokens=new_tokens, streamer=stamps, compile=compile)
         return out[0, -new_tokens:].tolist()
 
+    run.decode_bytes = decode_weight_bytes(model)
     return run
 
 
@@ -127,7 +138,22 @@ def hf_engine(model, input_ids: torch.Tensor):
                              min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True, streamer=stamps)
         return out[0, 1:].tolist()
 
+    run.decode_bytes = t5_decode_bytes(model, 4 if model.dtype == torch.float32 else 2)
     return run
+
+
+def t5_decode_bytes(model, bytes_per_weight: float) -> int:
+    """Weights one T5 decode step reads (decoder blocks without the cross-attention k/v, final norm, lm_head),
+    at `bytes_per_weight` per matrix entry (+ one fp32 scale per output row when below 2 bytes)."""
+    total = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        dec = name.startswith("decoder.block.") and not (".EncDecAttention.k." in name or ".EncDecAttention.v." in name)
+        if dec or name.startswith("decoder.final_layer_norm") or name == "lm_head.weight":
+            if p.dim() == 2 and "relative_attention_bias" not in name:
+                total += int(p.numel() * bytes_per_weight) + (4 * p.shape[0] if bytes_per_weight < 2 else 0)
+            else:
+                total += p.numel() * 4
+    return total
 
 
 class _Vocab:
@@ -164,7 +190,7 @@ def convert_ct2(hf_model, out_dir: str, quantization: str) -> str:
     return path
 
 
-def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: int):
+def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: int, decode_bytes: int):
     import ctranslate2
 
     translator = ctranslate2.Translator(path, device="cpu", compute_type=compute_type, intra_threads=threads)
@@ -179,6 +205,7 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
             ids.append(step.token_id)
         return ids
 
+    run.decode_bytes = decode_bytes
     return run
 
 
@@ -188,6 +215,10 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 def build_mu(preset: str, arch: str, seed: int):
     torch.manual_seed(seed)
     return mu.build_model(preset, arch=arch).eval()
+
+
+SIDE_BY_SIDE = ("mu-encdec-fp32,mu-encdec-int8,mu-encdec-int8dec,mu-encdec-int8wo,mu-encdec-int4,ct2-t5-fp32,"
+                "ct2-t5-int8,hf-t5-fp32")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -204,8 +235,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face T5")
     p.add_argument("--no-ct2", action="store_true", help="skip CTranslate2")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd mu engines (minutes to compile)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="issue 19's engines only: mu encdec fp32/int8/int8dec/int8wo/int4, CT2 fp32/int8, HF T5 fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.side_by_side and args.engines == "all":
+        args.engines = SIDE_BY_SIDE
     preset = args.preset or ("small" if args.quick else "330m")
     L = args.input_len or (128 if args.quick else 512)
     N = args.new_tokens or (32 if args.quick else 128)
@@ -223,7 +258,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.engines != "all" and name not in args.engines.split(","):
             return
         engines[name] = make()
-        meta[name] = {"arch": arch, "dtype": dtype, "skip_first_put": skip_first_put, "full_warmup": full_warmup}
+        meta[name] = {"arch": arch, "dtype": dtype, "skip_first_put": skip_first_put, "full_warmup": full_warmup,
+                      "decode_weight_bytes": getattr(engines[name], "decode_bytes", None)}
 
     # mu, both architectures; the bf16 and int8 copies are made from the same fp32 weights
     for arch in ("encdec", "deconly"):
@@ -237,6 +273,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if arch == "encdec":
             add("mu-encdec-bf16", arch, "bf16", lambda m=base: mu_engine(copy.deepcopy(m).to(torch.bfloat16), input_ids))
         add(f"mu-{arch}-int8", arch, "int8", lambda m=base: mu_engine(copy.deepcopy(m).quantize_("int8"), input_ids))
+        if arch == "encdec":
+            for mode, label in (("int8wo", "int8 wo dec, int8 pre"), ("int4", "int4 g64 dec, int8 pre")):
+                add(f"mu-encdec-{mode}", arch, label,
+                    lambda m=base, mode=mode: mu_engine(copy.deepcopy(m).quantize_(mode), input_ids))
         if arch == "encdec":
             add("mu-encdec-int8dec", arch, "fp32 enc + int8 dec",
                 lambda m=base: mu_engine(copy.deepcopy(m).quantize_("int8", include_encoder=False), input_ids))
@@ -264,10 +304,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     name = f"ct2-t5-{'fp32' if quant == 'float32' else quant}"
                     if args.engines == "all" or name in args.engines.split(","):
                         path = convert_ct2(hf, tmp.name, quant)
-                        add(name, "encdec", compute, lambda path=path, compute=compute: ct2_engine(
-                            path, compute, input_ids, args.threads))
+                        nbytes = t5_decode_bytes(hf, 4 if compute == "float32" else 1)
+                        add(name, "encdec", compute, lambda path=path, compute=compute, nbytes=nbytes: ct2_engine(
+                            path, compute, input_ids, args.threads, nbytes))
 
     names = list(engines)
+    isa = cpu_isa()
+    bw = measure_bandwidth(torch.device("cpu"), nbytes=512 << 20)["read_bytes_per_s"]
+    print(f"# ISA {isa}, {args.threads} threads; streaming read (sum of 512 MiB fp32, {args.threads} threads) "
+          f"{bw / 1e9:.1f} GB/s", file=sys.stderr)
     print(f"# {preset}, batch 1, {L} input tokens, {N} new, {args.threads} threads, {args.repeats} repeats; "
           f"engines: {', '.join(names)}", file=sys.stderr)
     for name in names:  # warm-up: allocators, thread pools, packed weights; compiled engines compile here
@@ -295,6 +340,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             vals = [r[k] for r in runs[name]]
             row[k] = statistics.median(vals)
             row[k + "_range"] = [min(vals), max(vals)]
+        if row.get("decode_weight_bytes"):
+            row["roofline_tok_s"] = bw / row["decode_weight_bytes"]
+            row["roofline_fraction"] = row["decode_tok_s"] / row["roofline_tok_s"]
         results[name] = row
 
     def ratio(a: Optional[str], b: str, key: str, invert: bool = False) -> Optional[float]:
@@ -307,7 +355,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         """The issue's ratios from wall-clock (p = "") or CPU-time (p = "cpu_") medians."""
         best = min((n for n in results if n.startswith("mu-encdec") and "uncached" not in n),
                    key=lambda n: results[n][p + "e2e_s"], default=None)  # the fastest request end to end
+        best_ct2 = min((n for n in results if n.startswith("ct2-")), key=lambda n: results[n][p + "e2e_s"],
+                       default=None)
         return {
+            # issue 19: best mu vs best CTranslate2 (decode >= 1.5, first token <= 1.0), fp32 TTFT vs HF T5 (<= 1.0)
+            "best_ct2": best_ct2,
+            "issue19_decode_best_mu_vs_best_ct2": ratio(best, best_ct2, p + "decode_tok_s"),
+            "issue19_ttft_best_mu_over_best_ct2": ratio(best, best_ct2, p + "ttft_s"),
+            "issue19_ttft_mu_fp32_over_hf_t5_fp32": ratio("mu-encdec-fp32", "hf-t5-fp32", p + "ttft_s"),
             # target 1: end-to-end speed-up of cached generation over the paper's uncached loop (fp32), >= 3.5
             "e2e_speedup_vs_uncached": ratio("mu-encdec-fp32", "mu-encdec-fp32-uncached", p + "e2e_s", invert=True),
             # target 2: decode tokens/s vs HF T5 generate (fp32), >= 1.2
@@ -333,17 +388,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "mu-encdec-fp32" in tokens and "mu-encdec-fp32-uncached" in tokens:
         checks["uncached_tokens_equal_cached"] = tokens["mu-encdec-fp32"] == tokens["mu-encdec-fp32-uncached"]
 
-    header = (f"{'engine':26s} {'dtype':20s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
-              f" | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
+    print(f"ISA {isa}, {args.threads} threads, streaming read bandwidth {bw / 1e9:.1f} GB/s; {preset}, batch 1, "
+          f"{L} input tokens, {N} new")
+    header = (f"{'engine':26s} {'dtype':22s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
+              f" {'MiB/tok':>7s} {'roofl.':>6s} {'frac':>5s} | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         def cell(k, fmt):
             lo, hi = r[k + "_range"]
             return f"{fmt.format(r[k])} ({fmt.format(lo)}-{fmt.format(hi)})"
-        print(f"{name:26s} {r['dtype']:20s} {cell('ttft_s', '{:.2f}'):>18s} {cell('decode_tok_s', '{:.1f}'):>18s} "
-              f"{cell('e2e_s', '{:.2f}'):>20s} | {r['cpu_ttft_s']:11.2f} {r['cpu_decode_tok_s']:6.1f} {r['cpu_e2e_s']:7.2f}")
-    print("medians over repeats (min-max in brackets); CPU = process CPU seconds (see `timed`)")
+        roof = (f"{r['decode_weight_bytes'] / 2**20:7.0f} {r['roofline_tok_s']:6.0f} {r['roofline_fraction']:5.2f}"
+                if r.get("roofline_fraction") else f"{'-':>7s} {'-':>6s} {'-':>5s}")
+        print(f"{name:26s} {r['dtype']:22s} {cell('ttft_s', '{:.2f}'):>18s} {cell('decode_tok_s', '{:.1f}'):>18s} "
+              f"{cell('e2e_s', '{:.2f}'):>20s} {roof} | {r['cpu_ttft_s']:11.2f} {r['cpu_decode_tok_s']:6.1f} "
+              f"{r['cpu_e2e_s']:7.2f}")
+    print("medians over repeats (min-max in brackets); CPU = process CPU seconds (see `timed`); MiB/tok = weights "
+          "one decode token reads; roofl. = bandwidth / that (tokens/s); frac = decode tokens/s / roofl.")
     print(f"  {'ratio':34s} {'wall':>8s} {'CPU':>8s}")
     for k, v in ratios.items():
         def fmt(x):
@@ -354,7 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_end = os.getloadavg()
     print(f"  load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} on {os.cpu_count()} CPUs")
     tmp.cleanup()
-    print(json.dumps({"preset": preset, "input_len": L, "new_tokens": N, "batch": 1, "threads": args.threads,
+    print(json.dumps({"isa": isa, "read_bandwidth_bytes_per_s": bw, "preset": preset, "input_len": L, "new_tokens": N, "batch": 1, "threads": args.threads,
                       "repeats": args.repeats, "torch": torch.__version__, "cpu_count": os.cpu_count(),
                       "loadavg_start": load_start[0], "loadavg_end": load_end[0], "results": results,
                       "ratios": ratios, "cpu_ratios": cpu_ratios, "checks": checks}))

@@ -138,6 +138,22 @@ def test_mu_runner_reports_decode_weights():
     decoder = sum(p.numel() for p in runner.model.transformer.h.parameters())
     lm_head_and_norm = c.vocab_size * c.n_embd + c.n_embd
     assert runner.decode_weight_bytes() == 4 * (decoder - cross_kv + lm_head_and_norm)
+    # a quantized format counts its stored bytes: int8 codes + one fp32 scale per output row (+ fp32 biases)
+    q = build_runner(ModelSpec("encdec", "tiny"), "int8", CPU)
+    assert q.model.quantization == "int8"
+    assert 0.25 < q.decode_weight_bytes() / runner.decode_weight_bytes() < 0.35
+    q4 = build_runner(ModelSpec("encdec", "tiny"), "int4", CPU)
+    assert q4.decode_weight_bytes() < q.decode_weight_bytes()
+
+
+def test_bench_runs_a_quantized_and_an_auto_format(tmp_path):
+    from mu.model.quantize import auto_format
+
+    r = run_benchmark(BenchConfig(preset="tiny", input_lengths=(16,), new_tokens=3, batch_sizes=(1,),
+                                  dtypes=("auto", "int8wo"), repeats=1, warmup=0, memory=False, flop_check=False,
+                                  out=None, plots=False, progress=False))
+    assert {row["dtype"] for row in r["rows"]} == {auto_format("cpu"), "int8wo"}
+    assert all(row["decode_tok_s"] > 0 for row in r["rows"])
 
 
 @pytest.mark.parametrize("argv, message", [

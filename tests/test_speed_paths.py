@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mu
-from mu.export import quantize as q8
+from mu.model import quantize as q8
 from mu.model import layers
 
 
@@ -143,7 +143,7 @@ def _quantized_copy(model, **kw):
 
 def test_int8_logits_close_to_float_and_cached_close_to_uncached(model):
     m8 = _quantized_copy(model)
-    assert not any(type(m) is torch.nn.Linear for m in m8.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in m8.modules())
     assert isinstance(m8.lm_head, q8.Int8Linear) and m8.transformer.wte.weight.dtype == torch.float32
     enc, dec = _padded_inputs()
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_int8_decoder_only_quantization_keeps_the_encoder_exact():
     torch.manual_seed(0)
     model = mu.build_model("tiny").eval()
     m8 = _quantized_copy(model, include_encoder=False)
-    assert type(m8.transformer.e[0].mlp.fc1) is torch.nn.Linear
+    assert isinstance(m8.transformer.e[0].mlp.fc1, torch.nn.Linear)
     assert isinstance(m8.transformer.h[0].mlp.fc1, q8.Int8Linear)
     ids = _ids(2, 12)
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_int8_model_refuses_training_saving_and_double_quantization(model, tmp_p
     with pytest.raises(mu.MuError, match="already quantized"):
         m8.quantize_("int8")
     with pytest.raises(mu.MuError, match="unknown mode"):
-        model.quantize_("int4")
+        model.quantize_("int3")
     m8.train()
     x = m8.transformer.wte(_ids(1, 4)).requires_grad_(True)
     with pytest.raises(mu.MuError, match="inference only"):
@@ -321,7 +321,7 @@ def test_compiled_generation_equals_eager(model):
 
 
 def test_split_linear_equals_linear_and_falls_back():
-    from mu.model.layers import split_linear
+    from mu.model.fast import split_linear
 
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 40), torch.randn(96)
@@ -340,3 +340,99 @@ def test_split_linear_equals_linear_and_falls_back():
         assert x.grad is not None
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode,tol", [("int8wo", 0.08), ("int4", 0.3)])
+def test_weight_only_modes_close_to_float_and_cached_close_to_uncached(model, mode, tol):
+    """Weight-only int8 and group-wise int4: decode kernel for few rows, dynamic int8 for the prefill."""
+    m = mu.build_model("tiny", arch=model.config.arch)
+    m.load_state_dict(model.state_dict())
+    mq = m.eval().quantize_(mode)
+    assert mq.quantization == mode and not any(isinstance(x, torch.nn.Linear) for x in mq.modules())
+    enc, dec = _padded_inputs()
+    with torch.no_grad():
+        ref, got = _logits(model, enc, dec), _logits(mq, enc, dec)
+    valid = torch.cat([enc, dec], 1) != 0 if model.config.arch == "deconly" else dec != 0
+    assert _rel(got[valid], ref[valid]) < tol
+    prompt = _ids(1, 10, seed=2)
+    out = mq.generate(prompt, max_new_tokens=6)
+    cache = mq.new_cache(1, 20)
+    with torch.no_grad():
+        if model.config.arch == "encdec":
+            full = mq(encoder_input_ids=prompt, decoder_input_ids=out).logits[0]
+            steps = [mq.prefill(prompt, None, cache, out[:, :1])]
+            steps += [mq.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
+        else:
+            full = mq(input_ids=out).logits[0, 9:]
+            steps = [mq.prefill(prompt, None, cache)]
+            steps += [mq.decode_step(out[:, t:t + 1], cache) for t in range(10, out.shape[1])]
+    assert _rel(torch.cat(steps), full) < 0.05  # decode (weight-only kernel) vs prefill (dynamic int8) path
+
+
+def test_weight_only_kernels_equal_their_dequantized_weights():
+    """The decode kernels compute x @ dequant(W)^T (bf16 activations); the prefill path agrees to int8 rounding."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48)
+    with torch.no_grad():
+        x = torch.randn(1, 1, 128)
+        q, scale = q8._per_channel_int8(lin.weight)
+        w8 = q.float() * scale[:, None]
+        m8 = q8.Int8WeightOnlyLinear(lin.weight, lin.bias)
+        assert _rel(m8(x), F.linear(x, w8, lin.bias)) < 0.01
+        assert _rel(m8(x.expand(1, 12, 128)), F.linear(x.expand(1, 12, 128), w8, lin.bias)) < 0.03
+        m4 = q8.Int4Linear(lin.weight, lin.bias, group_size=64)
+        codes, s, z = q8._int4_groups(lin.weight, 64)
+        w4 = ((codes.view(48, 2, 64) - 8) * s[..., None] + z[..., None]).view(48, 128)
+        assert m4.group_size == 64 and _rel(w4, lin.weight) < 0.15
+        assert _rel(m4(x), F.linear(x, w4, lin.bias)) < 0.01
+        assert _rel(m4(x.expand(1, 12, 128)), F.linear(x.expand(1, 12, 128), w4, lin.bias)) < 0.03
+        assert m4(x).dtype == torch.float32 and m4(x).shape == (1, 1, 48)
+    with pytest.raises(mu.MuError, match="multiple of 32"):
+        q8.Int4Linear(torch.randn(16, 40))
+
+
+def test_auto_format_and_split_format():
+    assert q8.split_format("int4") == ("fp32", "int4")
+    assert q8.split_format("bf16") == ("bf16", None)
+    assert q8.split_format(None) == (None, None)
+    auto = q8.auto_format("cpu")
+    assert auto == ("int8" if q8._fbgemm_available() else "fp32")
+    assert q8.split_format("auto", "cpu") == q8.split_format(auto)
+    with pytest.raises(mu.MuError, match="unknown dtype 'int3'"):
+        q8.check_format("int3")
+
+
+def test_load_model_quantizes_on_request_and_auto_picks_this_machines_format(tmp_path):
+    torch.manual_seed(0)
+    mu.build_model("tiny").save_pretrained(tmp_path / "m")
+    m4 = mu.load_model(tmp_path / "m", dtype="int4")
+    assert m4.quantization == "int4" and isinstance(m4.lm_head, q8.Int4Linear)
+    auto = mu.load_model(tmp_path / "m", dtype="auto")
+    picked = q8.auto_format("cpu")
+    assert (auto.quantization or "fp32") == picked
+    assert auto.generate(_ids(1, 5), max_new_tokens=3).shape == (1, 4)
+    with pytest.raises(mu.MuError, match="unknown dtype"):
+        mu.load_model(tmp_path / "m", dtype="int3")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+def test_cuda_generation_matches_cpu_and_bf16_runs():
+    torch.manual_seed(0)
+    cpu = mu.build_model("tiny").eval()
+    gpu = mu.build_model("tiny").eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to("cuda")
+    prompt = _ids(2, 9, seed=5)
+    assert gpu.generate(prompt.cuda(), max_new_tokens=6).cpu().tolist() == cpu.generate(prompt, max_new_tokens=6).tolist()
+    assert gpu.to(torch.bfloat16).generate(prompt.cuda(), max_new_tokens=6).shape == (2, 7)
+    assert q8.auto_format("cuda") in ("bf16", "fp32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs these)")
+def test_cuda_bench_runs_bf16():
+    from mu.bench import BenchConfig, run_benchmark
+
+    r = run_benchmark(BenchConfig(preset="tiny", input_lengths=(16,), new_tokens=3, batch_sizes=(1, 4), dtypes=("bf16",),
+                                  device="cuda", repeats=1, warmup=1, memory=False, flop_check=False, out=None,
+                                  plots=False, progress=False))
+    assert all(row["decode_tok_s"] > 0 for row in r["rows"])

@@ -41,6 +41,26 @@ class ModelSpec:
         return dict(arch=self.arch, preset=self.preset, model_dir=self.model_dir, mu_config=self.mu_config)
 
 
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step of a mu model reads: its decoder blocks (without the cross-attention
+    K/V projections, run once per request), ln_f and lm_head, each in its stored format (a quantized
+    module counts its codes and scales through `weight_bytes()`; tied weights count once)."""
+    skip = set()
+    if model.config.arch == "encdec":
+        for block in model.transformer.h:
+            skip |= {id(block.cross_attn.k_linear), id(block.cross_attn.v_linear)}
+    total, params = 0, []
+    for mod in (*model.decoder_blocks().modules(), *model.transformer.ln_f.modules(), *model.lm_head.modules()):
+        if id(mod) in skip:
+            continue
+        if hasattr(mod, "weight_bytes"):
+            total += mod.weight_bytes()
+            skip |= {id(m) for m in mod.modules()}  # e.g. an int4 layer's int8 prefill copy: not read by decode
+        else:
+            params += list(mod.parameters(recurse=False))
+    return total + _param_bytes(params)
+
+
 def _param_bytes(params) -> int:
     seen, total = set(), 0
     for p in params:
@@ -69,14 +89,7 @@ class MuRunner:
 
     def decode_weight_bytes(self) -> int:
         """Weights one decode step reads: the decoder stack (minus cross-attention K/V projections), ln_f, lm_head."""
-        m = self.model
-        skip = set()
-        if self.config.arch == "encdec":
-            for block in m.transformer.h:
-                skip |= {id(p) for p in block.cross_attn.k_linear.parameters()}
-                skip |= {id(p) for p in block.cross_attn.v_linear.parameters()}
-        params = [*m.decoder_blocks().parameters(), *m.transformer.ln_f.parameters(), *m.lm_head.parameters()]
-        return _param_bytes(p for p in params if id(p) not in skip)
+        return decode_weight_bytes(self.model)
 
     def prefill(self, input_ids: Tensor, new_tokens: int) -> tuple[Any, Tensor]:
         from mu.generation import prepare, sample_logits
@@ -201,9 +214,18 @@ def mu_config_for(spec: ModelSpec) -> MuConfig:
     return MuConfig.from_name(spec.preset, arch)
 
 
-def build_runner(spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+def build_runner(spec: ModelSpec, dtype, device: torch.device):
+    """A runner for `spec` in `dtype`: a torch.dtype or a format name (fp32, bf16, fp16, int8, int8wo, int4,
+    auto). A quantization format builds fp32 weights and quantizes a mu model (`mu.model.quantize`);
+    Hugging Face models stay in fp32 then."""
+    from mu.checkpoint import parse_dtype
+    from mu.model.quantize import split_format
+
+    dtype, mode = split_format(dtype, device)
+    dtype = parse_dtype(dtype)
     if spec.arch in MU_ARCHS:
-        return MuRunner(build_mu_model(spec, dtype, device), device)
+        model = build_mu_model(spec, dtype, device)
+        return MuRunner(model.quantize_(mode) if mode else model, device)
     if spec.arch in HF_ARCHS:
         return HFRunner(build_hf_model(spec.arch, mu_config_for(spec), dtype, device), spec.arch, device)
     raise MuError(f"unknown arch {spec.arch!r}; expected one of {MU_ARCHS + HF_ARCHS}")

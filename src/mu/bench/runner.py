@@ -68,7 +68,7 @@ class BenchConfig:
     new_tokens: int = 64  # tokens generated per sequence (prefill gives the first, then new_tokens-1 steps)
     batch_sizes: tuple[int, ...] = (1, 16)  # decode batch sizes, measured at `summary_length` (1 is always run)
     summary_length: Optional[int] = None  # length of the batch sweep and the summary (None: 1024 if listed, else max)
-    dtypes: tuple[str, ...] = ("fp32",)  # fp32 / bf16 / fp16, each a separate round of models
+    dtypes: tuple[str, ...] = ("fp32",)  # fp32 / bf16 / fp16 / int8 / int8wo / int4 / auto, a round of models each
     device: str = "auto"  # cpu, cuda[:N] or auto
     repeats: int = 3  # timed rounds; figures are medians over them
     warmup: int = 1  # untimed rounds first (shortest length, a few decode steps, every batch size)
@@ -84,7 +84,7 @@ class BenchConfig:
     progress: bool = True  # per-configuration lines with an ETA on stderr
 
     def __post_init__(self) -> None:
-        from mu.checkpoint import parse_dtype
+        from mu.model.quantize import check_format
 
         self.archs = tuple(self.archs)
         self.model_dirs = tuple(str(d) for d in self.model_dirs)
@@ -107,7 +107,7 @@ class BenchConfig:
         if len(set(self.dtypes)) != len(self.dtypes) or not self.dtypes:
             raise MuError(f"bench: dtypes must be a non-empty list without repeats, got {list(self.dtypes)}")
         for d in self.dtypes:
-            parse_dtype(d)
+            check_format(d)
         if self.prefill_batch not in PREFILL_MODES:
             raise MuError(f"bench: prefill_batch is {self.prefill_batch!r}; expected one of {PREFILL_MODES}")
         if self.summary_length is None:
@@ -236,6 +236,13 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if "auto" in cfg.dtypes:  # the format this machine runs fastest (mu.model.quantize.auto_format)
+        from dataclasses import replace
+
+        from mu.model.quantize import auto_format
+
+        picked = auto_format(device)
+        cfg = replace(cfg, dtypes=tuple(dict.fromkeys(picked if d == "auto" else d for d in cfg.dtypes)))
     seed_everything(cfg.seed)
     replicate = cfg.prefill_batch == "replicate" or (cfg.prefill_batch == "auto" and device.type == "cpu")
     specs = _specs(cfg)
@@ -271,12 +278,10 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
     models: dict[str, dict] = {}
     counted: dict[tuple[str, str], dict] = {}
     for dtype in cfg.dtypes:
-        from mu.checkpoint import parse_dtype
-
         runners = {}
         for a in archs:
             t0 = time.perf_counter()
-            runners[a] = build_runner(specs[a], parse_dtype(dtype), device)
+            runners[a] = build_runner(specs[a], dtype, device)
             models.setdefault(a, {}).update({dtype: runners[a].describe()})
             progress.note(f"built {a} ({dtype}) in {time.perf_counter() - t0:.1f}s: "
                           f"{models[a][dtype]['params'] / 1e6:.1f}M parameters")
@@ -467,9 +472,11 @@ def _assemble(cfg, specs, raw, models, counted, memory, bandwidth, device, repli
 
 
 def _dtype(name: str) -> torch.dtype:
+    """The float dtype of a format (a quantized model keeps activations and KV cache in fp32)."""
     from mu.checkpoint import parse_dtype
+    from mu.model.quantize import split_format
 
-    return parse_dtype(name)
+    return parse_dtype(split_format(name)[0])
 
 
 def _runner_kv_read(spec: ModelSpec, c: MuConfig, L: int, N: int, B: int, elsize: int) -> float:

@@ -21,13 +21,12 @@ def measure(job: dict) -> dict:
 
     from mu.bench.measure import current_rss, peak_rss, random_input_ids, synchronize, time_generation
     from mu.bench.models import ModelSpec, build_runner
-    from mu.checkpoint import parse_dtype
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     device = torch.device(job["device"])
     rss_start = current_rss()
-    runner = build_runner(ModelSpec(**job["spec"]), parse_dtype(job["dtype"]), device)
+    runner = build_runner(ModelSpec(**job["spec"]), job["dtype"], device)
     result = {"rss_start_bytes": rss_start, "rss_weights_bytes": current_rss()}
     # A tiny generation first, so what the model builds lazily on first use (fused projection weights,
     # kernel workspaces, thread pools) counts as the loaded model, not as this configuration's increment.

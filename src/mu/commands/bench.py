@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated decode batch sizes, run at the summary length (default 1,16)")
     p.add_argument("--summary-length", type=int, default=None,
                    help="input length of the batch sweep and the summary (default 1024 if listed, else the longest)")
-    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16, fp16 (default fp32)")
+    p.add_argument("--dtype", default="fp32",
+                   help="comma-separated: fp32, bf16, fp16, int8, int8wo, int4, or auto (the fastest format this "
+                        "machine supports: int8 on x86 CPUs, bf16 on GPUs with it) (default fp32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds, medians over them (default 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 1)")

@@ -12,10 +12,11 @@ from mu.data.tasks import fit_prompt
 from mu.errors import MuError
 from mu.eval.runner import default_max_source_len
 from mu.generation import CLI_NAMES, check_generation_args, new_tokens
-from mu.model.io import load_model, parse_dtype
+from mu.model.io import load_model
+from mu.model.quantize import check_format
 import mu.onnx
 from mu.tokenizer import load_tokenizer
-from mu.utils import pick_device
+from mu.utils import cpu_isa, pick_device
 
 
 def add_arguments(p) -> None:
@@ -33,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
+    p.add_argument("--dtype", help="fp32, bf16, fp16, int8, int8wo, int4 or auto (the fastest format this machine "
+                                   "supports: int8 on x86 CPUs, bf16 on GPUs with it) (default: as stored)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
 
 
@@ -60,7 +62,13 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None, device: Opti
             raise MuError("--dtype applies to --backend torch; an ONNX export is fp32 or int8 "
                           "(mu export onnx --quantize)")
         return mu.onnx.load(path, tokenizer=tok)
-    return load_model(path, device=pick_device(device), dtype=dtype, tokenizer=tok)
+    device = pick_device(device)
+    model = load_model(path, device=device, dtype=dtype, tokenizer=tok)
+    if dtype == "auto":
+        picked = model.quantization or str(model.dtype).replace("torch.", "")
+        print(f"--dtype auto: {picked} on {device}" + (f" ({cpu_isa()})" if device.type == "cpu" else ""),
+              file=sys.stderr)
+    return model
 
 
 def generate_text(model, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
@@ -83,7 +91,7 @@ def generate_text(model, prompt: str, max_new_tokens: int = 64, do_sample: bool 
 def run(args) -> int:
     check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
                           args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
-    parse_dtype(args.dtype)
+    check_format(args.dtype)
     pick_device(args.device)
     model = load_for_generation(args.model, args.tokenizer, args.device, args.dtype, args.backend)
     if model.tokenizer is None:

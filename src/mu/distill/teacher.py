@@ -59,7 +59,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def lora_target_modules(model: nn.Module) -> list[str]:
     """Names of the attention + MLP projections to adapt, chosen by which known family's names the model has."""
     leaf_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                  if type(m).__name__ in ("Linear", "Conv1D") and not name.endswith("lm_head")}
+                  if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not name.endswith("lm_head")}
     best = max(LORA_TARGETS.values(), key=lambda names: sum(n in leaf_names for n in names))
     found = [n for n in best if n in leaf_names]
     if len(found) < 2:

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.config import MuConfig
-from mu.errors import MuError
 from mu.model.cache import KVCache
 from mu.model.io import save_model
-from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, linear, rope_cos_sin, rope_scaled,
+from mu.model.layers import (causal_padding_mask, init_linear_and_embedding, rope_cos_sin, rope_scaled,
                              rope_table)
 
 
@@ -99,7 +98,7 @@ class MuModel(nn.Module):
         x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
         cache.advance(T)
         cache.positions += T
-        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
@@ -114,12 +113,9 @@ class MuModel(nn.Module):
         cos, sin = self._step_rope(cache, cache.positions[:, None], end)
         core = self._decode_core
         if cache.compiled:
-            if self.quantization:
-                raise MuError(f"compile=True needs a float model: this one is {self.quantization}-quantized and "
-                              "its kernels are opaque to torch.compile (quantized decoding runs eagerly)")
-            core = self.__dict__.get("_compiled_core")
-            if core is None:  # one compiled function per model; torch.compile caches a graph per shape
-                core = self.__dict__["_compiled_core"] = torch.compile(self._decode_core, dynamic=False)
+            from mu.model.fast import compile_decode_
+
+            core = compile_decode_(self)
         logits = core(self.transformer.wte(tokens), cos, sin, cache.valid[:, None, None, :], cache)
         cache.advance(1)
         cache.positions += 1
@@ -128,7 +124,7 @@ class MuModel(nn.Module):
     def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
         """The layers, final norm and lm_head of one static step: what `generate(compile=True)` compiles."""
         x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
-        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
     def _step_rope(self, cache: KVCache, positions: Tensor, end: int) -> tuple[Tensor, Tensor]:
         """cos/sin (B, T, 1, hd) at `positions` (B, T): indexed from the cache's table unless NTK scaling is on."""
@@ -142,16 +138,16 @@ class MuModel(nn.Module):
     # -- inference transforms ------------------------------------------------------------------
 
     def quantize_(self, mode: str = "int8", include_encoder: bool = True) -> "MuModel":
-        """Quantize the linear layers in place for CPU inference; see `mu.export.quantize`.
+        """Quantize the linear layers in place for CPU inference; see `mu.model.quantize`.
 
-        mode "int8": int8 weights (per-channel scales) run by fbgemm's dynamic int8 GEMM.
+        mode "int8": int8 weights (per-channel scales) run by fbgemm's dynamic int8 GEMM; "int8wo":
+        weight-only int8 for decode (`torch._weight_int8pack_mm`), dynamic int8 for the prefill; "int4":
+        group-wise int4 for decode (`torch._weight_int4pack_mm_for_cpu`), dynamic int8 for the prefill.
         `include_encoder=False` leaves the encoder in float (exact prefill). Save before quantizing.
         """
-        from mu.export.quantize import quantize_int8_
+        from mu.model.quantize import quantize_
 
-        if mode != "int8":
-            raise MuError(f"quantize_: unknown mode {mode!r}; expected 'int8'")
-        return quantize_int8_(self, include_encoder=include_encoder)
+        return quantize_(self, mode, include_encoder=include_encoder)
 
     # -- generation ----------------------------------------------------------------------------
 

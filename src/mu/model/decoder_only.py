@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.model.base import ModelOutput, MuModel, lm_loss
 from mu.model.cache import KVCache
-from mu.model.layers import RMSNorm, SelfAttentionBlock, causal_padding_mask, linear, rope_cos_sin
+from mu.model.fast import speed_up_
+from mu.model.layers import RMSNorm, SelfAttentionBlock, causal_padding_mask, rope_cos_sin
 
 
 class MuDecoderOnly(MuModel):
@@ -30,6 +31,7 @@ class MuDecoderOnly(MuModel):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
+        speed_up_(self)  # the CPU inference fast paths (mu.model.fast); parameters unchanged
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Uncached pass, positions 0..T-1 (right padding) -> hidden states (B, T, n_embd) after ln_f."""
@@ -68,7 +70,7 @@ class MuDecoderOnly(MuModel):
         x = self._run_decoder(x, rope, mask, all_valid, cache)
         cache.advance(T)
         cache.positions = valid.sum(-1)
-        return linear(self.lm_head, self.transformer.ln_f(x[:, -1]))
+        return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
     def _run_decoder(self, x, rope, self_mask, is_causal, cache):
         for block in self.transformer.h:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.model.base import ModelOutput, MuModel, lm_loss
 from mu.model.cache import KVCache
+from mu.model.fast import speed_up_
 from mu.model.layers import (DecoderBlock, RMSNorm, SelfAttentionBlock, causal_padding_mask, encoder_positions,
                              key_padding_mask, rope_cos_sin)
 
@@ -33,6 +34,7 @@ class MuEncoderDecoder(MuModel):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.init_weights()
+        speed_up_(self)  # the CPU inference fast paths (mu.model.fast); parameters unchanged
 
     def encode(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                inputs_embeds: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

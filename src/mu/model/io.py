@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from mu.atomic import atomic_directory
 from mu.config import SHAPE_FIELDS, MuConfig
 from mu.errors import MuError
+from mu.model.quantize import split_format
 from mu.tokenizer import has_tokenizer_files, load_tokenizer
 
 if TYPE_CHECKING:
@@ -158,10 +159,12 @@ def load_model(path: str | os.PathLike, device: Optional[str | torch.device] = N
                dtype: Optional[str | torch.dtype] = None, tokenizer: Any = None) -> "MuModel":
     """Load a model from our directory format or the paper's `.pt` file, in eval mode.
 
-    `dtype=None` keeps the stored dtype. A tokenizer saved in the directory is attached
-    as `model.tokenizer` (or pass one).
+    `dtype=None` keeps the stored dtype; "int8", "int8wo" or "int4" load fp32 weights and quantize them
+    (`mu.model.quantize`); "auto" picks the fastest format the device supports (`auto_format`). A
+    tokenizer saved in the directory is attached as `model.tokenizer` (or pass one).
     """
     path = Path(path)
+    dtype, quantization = split_format(dtype, device)
     dtype = parse_dtype(dtype)
     if path.is_dir():
         model = _load_directory(path)
@@ -177,6 +180,8 @@ def load_model(path: str | os.PathLike, device: Optional[str | torch.device] = N
         raise MuError(f"no model at {str(path)!r}: expected a directory written by `save_pretrained`/`mu train`, "
                       f"or a paper checkpoint (.pt)")
     model.to(device=device, dtype=dtype)
+    if quantization:
+        model.quantize_(quantization)
     model.tokenizer = tokenizer
     return model.eval()
 

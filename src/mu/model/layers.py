@@ -7,16 +7,14 @@ projections, a tanh-GELU MLP. The attention itself runs through
 `F.scaled_dot_product_attention` with the heads arranged by KV group (see
 `Attention.attend`), which keeps the paper's head mapping without copying K/V.
 
-Inference fast paths (used only when autograd is off, so training sees exactly the
-paper's modules and parameters): q/k/v (and cross-attention k/v) run as one GEMM on a
-concatenated weight built on first use and rebuilt whenever a source parameter changes
-(`Attention.fused_linear`); RoPE rotates q and k together.
+Inference fast paths are installed by swap functions (`mu.model.fast`, `mu.model.quantize`), not
+written into these layers; the layers only offer the hook `Attention.fused_linear` (q/k/v, and the
+cross-attention's k/v, as one GEMM when something fused them) and rotate q and k together.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -98,41 +96,6 @@ def rope_scaled(config: MuConfig, seq_len: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Few-row linear layers (decode steps) on CPU
-
-SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
-
-
-def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU.
-
-    A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
-    not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
-    product over row blocks of the weight runs one block per thread: the output rows are cut into 4 (or
-    2) equal blocks, a view of the weight, no copy. Falls back to `F.linear` whenever that does not apply
-    (autograd, torch.compile, accelerators, other dtypes, many rows, one thread).
-    """
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    out = weight.shape[0]
-    chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
-    if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or torch.get_num_threads() < 2):
-        return F.linear(x, weight, bias)
-    blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)
-    y = torch.bmm(x.reshape(1, rows, -1).expand(chunks, rows, -1), blocks)  # (chunks, rows, out/chunks)
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
-    return y if bias is None else y + bias
-
-
-def linear(module: nn.Module, x: Tensor) -> Tensor:
-    """`module(x)`, through `split_linear` when the module is a plain `nn.Linear` (not an adapter/int8)."""
-    if type(module) is nn.Linear:
-        return split_linear(x, module.weight, module.bias)
-    return module(x)
-
-
-# ---------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -161,38 +124,29 @@ class Attention(nn.Module):
         self.k_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.v_linear = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.out_linear = nn.Linear(config.qkv_embd, config.n_embd)
-        # name -> (key, fn): a plain dict, so the state dict keeps only the paper's parameters
-        self._fused: dict[str, tuple[Optional[tuple], Callable[[Tensor], Tensor]]] = {}
+        # name -> provider: () -> fn or None (`set_fused_provider`); a plain dict, so the state dict keeps
+        # only the paper's parameters
+        self._fused: dict[str, Callable[[], Optional[Callable[[Tensor], Tensor]]]] = {}
 
     def fused_linear(self, name: str) -> Optional[Callable[[Tensor], Tensor]]:
         """One linear over the concatenated weights of `FUSED[name]` (outputs in that order), or None.
 
-        None (use the separate projections) while autograd is on, inside `torch.compile` (the
-        compiler fuses on its own), or when a projection is not a plain `nn.Linear` (a LoRA adapter
-        from peft, say, whose output is more than its base weight). The concatenation is built on
-        first use and rebuilt when any source weight/bias is replaced or modified in place (checked
-        by storage pointer and version counter), so a model that trains between two generations
-        never uses stale weights. `set_fused` installs a fixed replacement (e.g. an int8 kernel).
+        None (use the separate projections) while autograd is on, inside `torch.compile` (the compiler
+        fuses on its own), when nothing installed a fused projection (`mu.model.fast.fuse_projections_`,
+        `mu.model.quantize.quantize_`), or when the installed provider declines (e.g. a LoRA adapter).
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        entry = self._fused.get(name)
-        if entry is not None and entry[0] is None:
-            return entry[1]
-        parts = [getattr(self, n) for n in self.FUSED[name]]
-        if any(type(p) is not nn.Linear for p in parts):
-            return None
-        key = tuple((t.data_ptr(), t._version) for p in parts for t in (p.weight, p.bias))
-        if entry is None or entry[0] != key:
-            weight = torch.cat([p.weight for p in parts])
-            bias = torch.cat([p.bias for p in parts])
-            entry = (key, partial(split_linear, weight=weight, bias=bias))
-            self._fused[name] = entry
-        return entry[1]
+        provider = self._fused.get(name)
+        return None if provider is None else provider()
+
+    def set_fused_provider(self, name: str, provider: Callable[[], Optional[Callable[[Tensor], Tensor]]]) -> None:
+        """From now on `fused_linear(name)` returns `provider()` (when autograd is off)."""
+        self._fused[name] = provider
 
     def set_fused(self, name: str, fn: Callable[[Tensor], Tensor]) -> None:
         """Use `fn` (x -> concatenated outputs of `FUSED[name]`) as the fused projection from now on."""
-        self._fused[name] = (None, fn)
+        self._fused[name] = lambda: fn
 
     def project_qkv_rope(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Self-attention q, k (rotated) and v, (B, T, heads, head_dim) each."""
@@ -209,7 +163,7 @@ class Attention(nn.Module):
 
     def project_q(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
-        return linear(self.q_linear, x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        return self.q_linear(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
 
     def project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
         B, S, _ = src.shape
@@ -252,7 +206,7 @@ class Attention(nn.Module):
                 qf = q.view(B, G, KV, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
             o = o if self.interleaved else o.transpose(1, 2)
-            return linear(self.out_linear, o.reshape(B, 1, self.n_head * hd))
+            return self.out_linear(o.reshape(B, 1, self.n_head * hd))
         qh = self._grouped(q).reshape(B, self.n_head, T, hd)  # (B, n_kv_head * groups, T, hd)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, dropout_p=dropout,
                                            is_causal=is_causal, enable_gqa=G > 1)
@@ -267,7 +221,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = linear(self.fc2, F.gelu(linear(self.fc1, x), approximate="tanh"))
+        x = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
         return self.dropout(x) if self.training else x
 
 

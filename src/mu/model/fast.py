@@ -1,0 +1,126 @@
+"""CPU inference fast paths, installed by swap functions (as `mu.model.quantize.quantize_` installs its kernels).
+
+The layers (`mu.model.layers`) hold the paper's modules only; what makes inference fast on a CPU lives
+here and is switched on by functions that change a built model in place, leaving its parameters and
+state dict untouched (training sees exactly the paper's modules and math: every path below steps aside
+while autograd is on):
+
+- `split_linear_(model)`: every plain `nn.Linear` of the transformer and the lm_head becomes a
+  `SplitLinear` (a class swap: same parameters, same state-dict keys), whose few-row fp32 products on a
+  multi-core CPU run `split_linear`.
+- `fuse_projections_(model)`: each attention's q/k/v (and the cross-attention's k/v) run as one GEMM over
+  a concatenation of their weights (`FusedProjection`), built on first use and rebuilt whenever a source
+  parameter changes.
+- `compile_decode_(model)`: the fixed-shape decode step `generate(compile=True)` runs, through
+  `torch.compile` (done on first use of such a step).
+
+`speed_up_(model)` applies the first two; every `MuEncoderDecoder` / `MuDecoderOnly` calls it when built.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu.errors import MuError
+
+SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
+
+
+def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU.
+
+    A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
+    not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
+    product over row blocks of the weight runs one block per thread: the output rows are cut into 4 (or
+    2) equal blocks, a view of the weight, no copy. Falls back to `F.linear` whenever that does not apply
+    (autograd, torch.compile, tracing/export, accelerators, other dtypes, many rows, one thread).
+    """
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    out = weight.shape[0]
+    chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
+    if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.get_num_threads() < 2):
+        return F.linear(x, weight, bias)
+    blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)
+    y = torch.bmm(x.reshape(1, rows, -1).expand(chunks, rows, -1), blocks)  # (chunks, rows, out/chunks)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
+    return y if bias is None else y + bias
+
+
+class SplitLinear(nn.Linear):
+    """An `nn.Linear` whose forward is `split_linear` (made by `split_linear_`, never constructed directly)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return split_linear(x, self.weight, self.bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """A linear layer that is its weight and bias and nothing more (not an adapter, not quantized)."""
+    return type(module) in (nn.Linear, SplitLinear)
+
+
+def split_linear_(model: nn.Module) -> nn.Module:
+    """Swap the class of every plain `nn.Linear` in `model.transformer` and `model.lm_head` to `SplitLinear`."""
+    for m in [*model.transformer.modules(), model.lm_head]:
+        if type(m) is nn.Linear:
+            m.__class__ = SplitLinear
+    return model
+
+
+class FusedProjection:
+    """x -> the concatenated outputs of `attn`'s projections `names`, as one `split_linear` GEMM.
+
+    Calling it returns that function, or None when a projection is not a plain linear layer (a LoRA
+    adapter from peft, say, whose output is more than its base weight). The concatenation is rebuilt when
+    any source weight/bias is replaced or modified in place (checked by storage pointer and version
+    counter), so a model that trains between two generations never uses stale weights.
+    """
+
+    def __init__(self, attn: nn.Module, names: tuple[str, ...]):
+        self.attn, self.names = attn, names
+        self.key: Optional[tuple] = None
+        self.fn: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __call__(self) -> Optional[Callable[[Tensor], Tensor]]:
+        parts = [getattr(self.attn, n) for n in self.names]
+        if not all(is_plain_linear(p) for p in parts):
+            return None
+        key = tuple((t.data_ptr(), t._version) for p in parts for t in (p.weight, p.bias))
+        if key != self.key:
+            weight = torch.cat([p.weight for p in parts])
+            bias = torch.cat([p.bias for p in parts])
+            self.key, self.fn = key, partial(split_linear, weight=weight, bias=bias)
+        return self.fn
+
+
+def fuse_projections_(model: nn.Module) -> nn.Module:
+    """Give every attention of `model` its fused projections (`Attention.FUSED`) as `FusedProjection`s."""
+    from mu.model.layers import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            for name, names in m.FUSED.items():
+                m.set_fused_provider(name, FusedProjection(m, names))
+    return model
+
+
+def speed_up_(model: nn.Module) -> nn.Module:
+    """The CPU fast paths every mu model gets when built: `split_linear_` and `fuse_projections_`."""
+    return fuse_projections_(split_linear_(model))
+
+
+def compile_decode_(model: nn.Module) -> Callable:
+    """`torch.compile` the model's fixed-shape decode step (`MuModel._decode_core`) once; returns it."""
+    if getattr(model, "quantization", None):
+        raise MuError(f"compile=True needs a float model: this one is {model.quantization}-quantized and "
+                      "its kernels are opaque to torch.compile (quantized decoding runs eagerly)")
+    core = model.__dict__.get("_compiled_core")
+    if core is None:  # one compiled function per model; torch.compile caches a graph per shape
+        core = model.__dict__["_compiled_core"] = torch.compile(model._decode_core, dynamic=False)
+    return core

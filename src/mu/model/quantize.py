@@ -1,0 +1,349 @@
+"""Reduced-precision linear layers for CPU inference: small modules and swap functions (gpt-fast style).
+
+    model = mu.load_model("runs/x/final")
+    model.quantize_("int8")          # = quantize_(model, "int8"); in place, inference only
+    model.generate(ids, max_new_tokens=128)
+
+Every `nn.Linear` of the transformer blocks, the fused q/k/v and cross-attention k/v projections
+(`Attention.set_fused`, one GEMM each) and the (untied) `lm_head` are swapped for one of these modules.
+The token embedding stays in the model dtype (a lookup reads one row). A quantized model has no
+trainable linear weights and cannot be saved: save before quantizing.
+
+Modes (`QUANT_MODES`); prefill (many rows) and decode (a few rows, `DECODE_MAX_ROWS`) may run
+different kernels over the same stored weights:
+
+- "int8" (`Int8Linear`): int8 weights, one symmetric scale per output channel, activations quantized
+  on the fly; both phases run fbgemm's dynamically quantized GEMM (`quantized::linear_dynamic`, the
+  kernel behind `torch.ao` dynamic quantisation): 1 byte per weight, u8 x s8 with int32 accumulation.
+  Activations use 7-bit codes with one scale and zero point per call (`reduce_range`, needed because
+  AVX2's int8 multiply-add saturates int16 with 8-bit codes): ~1-2% relative error per layer output on
+  random weights. Where fbgemm is unavailable (non-x86 builds) it dequantizes the same int8 weights
+  into a float matmul instead: same numbers to rounding, no speed-up.
+- "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): the same int8 weights; decode runs
+  `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs fbgemm's dynamic GEMM
+  over the same int8 values (the weight-only kernel is a GEMV kernel: 4x slower than fp32 at 512 rows).
+- "int4" (`Int4Linear`, group-wise weight-only int4, asymmetric, `group_size` 64 by default): decode runs
+  `torch._weight_int4pack_mm_for_cpu` (bf16 activations, 0.5 byte per weight + bf16 scale and zero
+  per group); prefill runs fbgemm's dynamic int8 GEMM over the dequantized int4 weights (re-rounded to
+  int8 per channel, so 1.5 bytes per weight are held in memory).
+
+Which is fastest depends on the CPU (docs/efficiency.md has the measurements): on the AVX2 development
+machine fbgemm's dynamic int8 wins both phases (the weight-only kernels decode ~2-3x slower), so
+`--dtype auto` (`mu.model.quantize.auto_format`) picks "int8" on x86 CPUs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu.errors import MuError
+
+DECODE_MAX_ROWS = 8  # at most this many input rows: a decode product (matrix-vector in effect)
+
+_linear_dynamic = torch.ops.quantized.linear_dynamic.default if hasattr(torch.ops.quantized, "linear_dynamic") else None
+
+
+def _fbgemm_available() -> bool:
+    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)) and _linear_dynamic is not None
+
+
+def int4_available() -> bool:
+    """True when this torch build has the CPU int4 weight-only kernels."""
+    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+
+def int8_weight_only_available() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def _per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: (codes (out, in) int8, scales (out,) fp32)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _check_inference(x: Tensor) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise MuError("this model is quantized (inference only); train the float model, quantize after")
+
+
+class _DynamicInt8:
+    """fbgemm's dynamic int8 GEMM over given int8 codes and per-channel scales (or a dequantizing fallback)."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
+        self.packed = None
+        if _fbgemm_available() and q.device.type == "cpu":
+            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the kernel is not
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+                self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and x.is_contiguous():  # the hot path: one call
+            return _linear_dynamic(x, self.packed, True)  # reduce_range=True: 7-bit activations
+        return _linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (per-output-channel symmetric scales); inference only."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = _per_channel_int8(weight)
+        b = None if bias is None else bias.detach().float().clone()
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", b, persistent=False)
+        gemm = _DynamicInt8(q, scale, b)
+        self._packed = gemm.packed
+        self._gemm = gemm if gemm.packed is not None else None
+        if self._packed is None:
+            self.register_buffer("weight_int8", q, persistent=False)
+
+    @classmethod
+    def from_linears(cls, linears: Iterable[nn.Linear], **kw) -> "Int8Linear":
+        """One quantized linear computing the concatenated outputs of `linears` (same input)."""
+        linears = list(linears)
+        bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+        return cls(torch.cat([m.weight for m in linears]), bias, **kw)
+
+    @property
+    def backend(self) -> str:
+        return "fbgemm" if self._packed is not None else "dequant"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x)
+        if self._gemm is not None:
+            return self._gemm(x)
+        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights (and scales, bias) one product reads."""
+        return self.out_features * self.in_features + 4 * self.out_features * (2 if self.bias is not None else 1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.numel() else 0
+
+
+class Int8WeightOnlyLinear(Int8Linear):
+    """Int8 weights, float activations for decode (`torch._weight_int8pack_mm`, bf16 in and out); the
+    prefill (more than `DECODE_MAX_ROWS` rows) runs fbgemm's dynamic int8 GEMM over the same int8 codes."""
+
+    act_dtype = torch.bfloat16  # the kernel's fast path on x86 (fp32 activations take a ~10x slower one)
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
+        super().__init__(weight, bias)
+        if self._packed is not None:  # the parent keeps only the fbgemm packing; decode needs the codes too
+            self.register_buffer("weight_int8", _per_channel_int8(weight)[0], persistent=False)
+        self.register_buffer("scale_act", self.scale.to(self.act_dtype), persistent=False)
+        self.register_buffer("bias_act", None if self.bias is None else self.bias.to(self.act_dtype),
+                             persistent=False)
+
+    @property
+    def backend(self) -> str:
+        return f"int8pack (decode) + {super().backend} (prefill)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x)
+        if 0 < _rows(x) <= DECODE_MAX_ROWS and x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.act_dtype), self.weight_int8,
+                                          self.scale_act)
+            if self.bias_act is not None:
+                y = y + self.bias_act
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return super().forward(x)
+
+
+def _int4_groups(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric group-wise 4-bit codes of `weight` (out, in): codes (out, in) int32 in 0..15, scales and
+    zeros (out, in/group), with w ~= (code - 8) * scale + zero (torch's int4pack convention)."""
+    n, k = weight.shape
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(n, k)
+    return codes, scale, lo + 8 * scale
+
+
+class Int4Linear(nn.Module):
+    """Group-wise int4 weights: decode through `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
+    prefill through fbgemm's dynamic int8 GEMM over the dequantized int4 weights."""
+
+    act_dtype = torch.bfloat16
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, group_size: int = 64):
+        super().__init__()
+        n, k = weight.shape
+        self.out_features, self.in_features = n, k
+        group = next((g for g in (group_size, 64, 32) if g <= group_size and k % g == 0), None)
+        if group is None:
+            raise MuError(f"int4: in_features {k} is not a multiple of 32 (group-wise int4 needs whole groups)")
+        self.group_size = group
+        codes, scale, zero = _int4_groups(weight, group)
+        dequant = ((codes.reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+        self._prefill = Int8Linear(dequant, self.bias)
+        if int4_available() and n % 16 == 0 and weight.device.type == "cpu":
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+                                 persistent=False)
+            sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in/group, out, 2)
+            self.register_buffer("scales_zeros", sz.to(self.act_dtype), persistent=False)
+            self.register_buffer("bias_act", None if bias is None else self.bias.to(self.act_dtype),
+                                 persistent=False)
+        else:  # no kernel (or out_features not a multiple of 16): the dequantized weights in bf16
+            self.register_buffer("packed", None, persistent=False)
+            self.register_buffer("weight_act", dequant.to(self.act_dtype), persistent=False)
+
+    @property
+    def backend(self) -> str:
+        decode = "int4pack" if self.packed is not None else "dequant"
+        return f"{decode} (decode) + {self._prefill.backend} (prefill)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_inference(x)
+        if not (0 < _rows(x) <= DECODE_MAX_ROWS and x.device.type == "cpu"):
+            return self._prefill(x)
+        xa = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
+        if self.packed is None:
+            y = F.linear(xa, self.weight_act, None if self.bias is None else self.bias.to(self.act_dtype))
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xa, self.packed, self.group_size, self.scales_zeros)
+            if self.bias_act is not None:
+                y = y + self.bias_act
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def weight_bytes(self) -> int:
+        groups = self.out_features * self.in_features // self.group_size
+        return self.out_features * self.in_features // 2 + 4 * groups + (4 * self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"backend={self.backend}")
+
+
+def _int8_weight_only(weight: Tensor, bias: Optional[Tensor] = None) -> nn.Module:
+    if not int8_weight_only_available():
+        raise MuError("int8wo needs torch._weight_int8pack_mm (torch >= 2.3); use 'int8'")
+    return Int8WeightOnlyLinear(weight, bias)
+
+
+def _int4(weight: Tensor, bias: Optional[Tensor] = None) -> nn.Module:
+    return Int4Linear(weight, bias)
+
+
+# mode -> factory(weight, bias) -> module
+QUANT_MODES: dict[str, Callable[..., nn.Module]] = {"int8": Int8Linear, "int8wo": _int8_weight_only, "int4": _int4}
+
+
+def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True) -> nn.Module:
+    """Swap every linear of the transformer blocks and the lm_head for the `mode` module, in place.
+
+    `include_encoder=False` keeps the encoder in its float dtype (an exact prefill; only the
+    decoder and lm_head, whose weight reads bound the decode steps, are quantized).
+    """
+    from mu.model.fast import is_plain_linear
+    from mu.model.layers import Attention, DecoderBlock
+
+    if mode not in QUANT_MODES:
+        raise MuError(f"quantize_: unknown mode {mode!r}; expected one of {sorted(QUANT_MODES)}")
+    if getattr(model, "quantization", None):
+        raise MuError(f"model is already quantized ({model.quantization})")
+    odd = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Attention)
+                  for n in ("q_linear", "k_linear", "v_linear", "out_linear") if not is_plain_linear(getattr(m, n))})
+    if odd:
+        raise MuError(f"quantize_: attention projections must be plain nn.Linear layers, found {odd} "
+                      "(merge LoRA adapters first, e.g. peft's merge_and_unload())")
+    make = QUANT_MODES[mode]
+    blocks = list(model.decoder_blocks())
+    if include_encoder and "e" in model.transformer:
+        blocks += list(model.transformer.e)
+    with torch.no_grad():
+        for block in blocks:
+            for name, attn in block.named_children():
+                if not isinstance(attn, Attention):
+                    continue
+                # the fused projection each attention runs without autograd: cross-attention
+                # projects k/v of the encoder output, self-attention q/k/v of its own input
+                fused = "kv" if isinstance(block, DecoderBlock) and name == "cross_attn" else "qkv"
+                parts = [getattr(attn, n) for n in attn.FUSED[fused]]
+                attn.set_fused(fused, make(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])))
+            for parent in block.modules():
+                for child_name, child in list(parent.named_children()):
+                    if is_plain_linear(child):
+                        setattr(parent, child_name, make(child.weight, child.bias))
+        model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
+    model.quantization = mode
+    return model
+
+
+def quantize_int8_(model: nn.Module, include_encoder: bool = True) -> nn.Module:
+    """`quantize_(model, "int8")`: fbgemm's dynamic int8 GEMM in both phases."""
+    return quantize_(model, "int8", include_encoder)
+
+
+def quantize_int8_weight_only_(model: nn.Module, include_encoder: bool = True) -> nn.Module:
+    """`quantize_(model, "int8wo")`: weight-only int8 for decode, dynamic int8 for the prefill."""
+    return quantize_(model, "int8wo", include_encoder)
+
+
+def quantize_int4_(model: nn.Module, include_encoder: bool = True) -> nn.Module:
+    """`quantize_(model, "int4")`: group-wise int4 for decode, dynamic int8 for the prefill."""
+    return quantize_(model, "int4", include_encoder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference formats: float dtypes, quantization modes, and "auto"
+
+FLOAT_FORMATS = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+
+
+def auto_format(device: torch.device | str | None = None) -> str:
+    """The fastest inference format this machine supports, by a rule measured in docs/efficiency.md.
+
+    CPU with fbgemm (x86): "int8" (dynamic int8 in both phases): the fastest first token and decode measured
+    on AVX2 (fp32, bf16, int8wo and int4 are all slower there) and on AVX-512 with bf16 (int8 0.73 s / 58
+    tokens/s against bf16 0.84 s / ~28 and fp32 1.9 s / ~27 at 330m). CPU without fbgemm: "fp32" (int8
+    would dequantize into a float matmul). Accelerators: "bf16" where supported, else "fp32".
+    """
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        return "int8" if _fbgemm_available() else "fp32"
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def split_format(name, device: torch.device | str | None = None) -> tuple[object, Optional[str]]:
+    """An inference format -> (the float dtype to load the weights in, the quantization mode or None).
+
+    "auto" becomes `auto_format(device)`; a quantization mode ("int8", "int8wo", "int4") loads fp32 weights
+    and quantizes them; anything else (a float dtype name, a torch.dtype, None) is returned unchanged.
+    """
+    if name == "auto":
+        name = auto_format(device)
+    if isinstance(name, str) and name in QUANT_MODES:
+        return "fp32", name
+    return name, None
+
+
+def format_names() -> list[str]:
+    """Every value `--dtype` accepts, for messages."""
+    return ["auto", "fp32", "bf16", "fp16", *QUANT_MODES]
+
+
+def check_format(name) -> None:
+    """A one-line MuError unless `name` is None, a torch.dtype or one of `format_names()`."""
+    if name is None or isinstance(name, torch.dtype) or name in FLOAT_FORMATS or name == "auto" or name in QUANT_MODES:
+        return
+    raise MuError(f"unknown dtype {name!r}; expected one of {format_names()}")
