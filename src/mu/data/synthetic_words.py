@@ -46,11 +46,23 @@ ORDERS = ("context_first", "question_first")
 NO_ANSWER = "unanswerable"  # = mu.data.tasks.NO_ANSWER (the target of an unanswerable question)
 
 
+NEGATIVES = ("absent_person", "absent_attribute", "other_person")  # kinds of unanswerable question
+
+
 def iter_word_paragraphs(seed: int = 0, entities: int = 2, facts_per_paragraph: int = 4,
                          questions_per_paragraph: int = 3, unanswerable: float = 1 / 3,
+                         negatives: tuple[str, ...] = ("absent_person", "absent_attribute"),
                          id_prefix: str = "word") -> Iterator[list[dict]]:
-    """Endless paragraphs, each as the list of its questions (SQuAD schema dicts)."""
+    """Endless paragraphs, each as the list of its questions (SQuAD schema dicts).
+
+    Unanswerable questions are drawn evenly from the kinds in `negatives`: "absent_person" (someone not in
+    the paragraph, about an attribute that is there), "absent_attribute" (a person of the paragraph, about an
+    attribute nobody there has), "other_person" (a person of the paragraph, about an attribute only someone
+    else has: the model must bind each value to its person; the hard kind, off by default)."""
     attrs = list(WORD_ATTRIBUTES)
+    negatives = tuple(negatives)
+    if not negatives or set(negatives) - set(NEGATIVES):
+        raise MuError(f"negatives {list(negatives)}: expected some of {list(NEGATIVES)}")
     if not 1 <= entities <= len(NAMES) // 2 or not entities <= facts_per_paragraph <= entities * len(attrs):
         raise MuError(f"need 1 <= entities <= {len(NAMES) // 2} and entities <= facts_per_paragraph <= "
                       f"{len(attrs)} x entities, got entities={entities}, facts_per_paragraph={facts_per_paragraph}")
@@ -77,13 +89,16 @@ def iter_word_paragraphs(seed: int = 0, entities: int = 2, facts_per_paragraph: 
         questions = []
         for q in range(questions_per_paragraph):
             if rng.random() < unanswerable:
-                if rng.random() < 0.5:  # an attribute this person lacks, preferably one someone else has
-                    person = rng.choice(people)
-                    missing = [a for a in attrs if (person, a) not in known]
-                    elsewhere = [a for a in missing if a in present]
-                    attr = rng.choice(elsewhere if elsewhere and rng.random() < 0.75 else missing)
-                else:  # a present attribute, asked about someone who is not in the paragraph
+                kind = rng.choice(negatives)
+                person = rng.choice(people)
+                if kind == "absent_person":
                     person, attr = rng.choice([n for n in NAMES if n not in people]), rng.choice(present)
+                else:
+                    pool = ([a for a in attrs if a not in present] if kind == "absent_attribute" else
+                            [a for a in present if (person, a) not in known])
+                    if not pool:  # every attribute is there / this person has all of them: ask another kind
+                        pool = [a for a in attrs if (person, a) not in known]
+                    attr = rng.choice(pool)
                 answers: list[str] = []
             else:
                 left = [k for k in fresh if k not in asked]

@@ -45,7 +45,7 @@ class DemoConfig:
     val_data: Optional[str] = None  # validation file (None: synthetic, or carved from train_data)
     test_data: Optional[str] = None  # test file (None: synthetic, or val_data when train_data is given)
     families: tuple[str, ...] = ("context_first",)  # task families of the built-in data (synthetic_words.ORDERS)
-    n_train: int = 12000  # synthetic training questions (a limit on train_data when that is given)
+    n_train: int = 50000  # synthetic training questions (a limit on train_data when that is given)
     n_val: int = 200  # synthetic validation questions (a limit on val_data): LR choice and curves
     n_test: int = 600  # synthetic test questions (a limit on test_data)
     synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic_words (difficulty)
@@ -59,7 +59,7 @@ class DemoConfig:
     weight_init: str = "fan_in"  # every model (N(0, 1/fan-in): tiny widths leave N(0, 0.02) at chance)
     # -- training -----------------------------------------------------------------------------
     batch_size: int = 32  # examples per optimizer step (every model)
-    teacher_examples: int = 96000  # training examples the teacher sees (steps = this / batch_size)
+    teacher_examples: int = 160000  # training examples the teacher sees (steps = this / batch_size)
     teacher_lr: float = 2e-3
     student_examples: int = 38400  # sets the students' FLOP budget: what the encoder-decoder needs for this many
     student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD students)
