@@ -59,7 +59,7 @@ class DemoConfig:
     weight_init: str = "fan_in"  # every model (N(0, 1/fan-in): tiny widths leave N(0, 0.02) at chance)
     # -- training -----------------------------------------------------------------------------
     batch_size: int = 32  # examples per optimizer step (every model)
-    teacher_examples: int = 160000  # training examples the teacher sees (steps = this / batch_size)
+    teacher_examples: int = 96000  # training examples the teacher sees (steps = this / batch_size)
     teacher_lr: float = 2e-3
     student_examples: int = 38400  # sets the students' FLOP budget: what the encoder-decoder needs for this many
     student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD students)

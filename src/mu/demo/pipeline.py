@@ -354,7 +354,7 @@ class Demo:
         total_cost += sum(self.est_cost(RunSpec(f, m, c.seed, c.lr_grid[0])) for f in c.families
                           for m in ("encdec", "deconly", "encdec_kd", "encdec_kd_on")) * (c.seeds - 1) + sum(
             self.est_cost(RunSpec(f, m, c.seed, c.lr_grid[0])) for f in c.families for m in ("encdec_kd", "encdec_kd_on"))
-        done_cost, t0 = 0.0, time.perf_counter()
+        done_cost, busy, t0 = 0.0, 0.0, time.perf_counter()
         pool = None
         try:
             while True:
@@ -391,8 +391,10 @@ class Demo:
                 spec = submitted.pop(key)[0]
                 self.records[key], self.status[key] = rec, "ran"
                 done_cost += self.est_cost(spec)
+                busy += rec["seconds"]
                 elapsed = time.perf_counter() - t0
-                eta = elapsed / done_cost * max(0.0, total_cost - done_cost) if done_cost else 0.0
+                # remaining cost at the finished runs' rate, shared by the workers (a rough guide)
+                eta = busy / done_cost * max(0.0, total_cost - done_cost) / max(1, c.workers)
                 _log(c.progress, f"  [{fmt_time(elapsed)}] {key}: {rec['train']['steps']} steps, val F1 "
                                  f"{rec['val']['f1']:.1f}, test F1 {rec['test']['f1']:.1f} (HasAns "
                                  f"{rec['test'].get('HasAns_f1', float('nan')):.1f}) in {fmt_time(rec['seconds'])}; "
