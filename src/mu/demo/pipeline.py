@@ -200,29 +200,29 @@ class Demo:
         return {"train": train[:c.n_train], "val": val, "test": test}
 
     def examples(self, family: str, split: str) -> list:
-        from mu.demo.runs import _examples
+        from mu.demo.runs import split_examples
 
-        return _examples({"data": self.split_paths(), "family": family}, split)
+        return split_examples({"data": self.split_paths(), "family": family}, split)
 
     def features(self, family: str) -> list[dict]:
         if family not in self._features:
             import warnings
 
             from mu.data.batching import TruncationWarning, encode_examples
-            from mu.demo.runs import _tokenizer
+            from mu.demo.runs import cached_tokenizer
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", TruncationWarning)
                 self._features[family] = encode_examples(self.examples(family, "train"),
-                                                         _tokenizer(str(self.tokenizer_dir)), self.cfg.max_source_len,
+                                                         cached_tokenizer(str(self.tokenizer_dir)), self.cfg.max_source_len,
                                                          self.cfg.max_target_len, task="squad_v2")
         return self._features[family]
 
     def vocab_size(self) -> int:
-        from mu.demo.runs import _tokenizer
+        from mu.demo.runs import cached_tokenizer
         from mu.train.trainer import model_vocab_size
 
-        return model_vocab_size(_tokenizer(str(self.tokenizer_dir)))
+        return model_vocab_size(cached_tokenizer(str(self.tokenizer_dir)))
 
     # -- budgets ------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def load_done(run_dir: str | Path, run_hash: str) -> dict[str, Any] | None:
     return record if record.get("hash") == run_hash else None
 
 
-def _examples(payload: dict[str, Any], split: str) -> list:
+def split_examples(payload: dict[str, Any], split: str) -> list:
     from mu.data.tasks import load_examples
 
     path, family = payload["data"][split], payload["family"]
@@ -47,7 +47,7 @@ def _examples(payload: dict[str, Any], split: str) -> list:
     return _CACHE[key]
 
 
-def _tokenizer(path: str):
+def cached_tokenizer(path: str):
     if path not in _CACHE:
         from mu.tokenizer import load_tokenizer
 
@@ -89,8 +89,8 @@ def execute_run(payload: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(payload["threads"])
     run_dir = Path(payload["train"]["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(payload["train"]["tokenizer"])
-    train_ex, val_ex, test_ex = (_examples(payload, s) for s in ("train", "val", "test"))
+    tok = cached_tokenizer(payload["train"]["tokenizer"])
+    train_ex, val_ex, test_ex = (split_examples(payload, s) for s in ("train", "val", "test"))
     times: dict[int, float] = {}
     t0 = time.perf_counter()
 
