@@ -62,7 +62,7 @@ def training_curves(rep: dict[str, Any], path: Path) -> None:
         ax1.set_ylabel("validation F1")
         ax1.set_title(f"{family}: validation F1 (one line per seed)")
         ax2.set_ylabel("validation cross-entropy on answer tokens")
-        ax2.set_title(f"{family}: answer CE (KD students: CE part)")
+        ax2.set_title(f"{family}: validation loss (CE students: answer CE; KD students: their KD loss)")
     _save(fig, path)
     plt.close(fig)
 
