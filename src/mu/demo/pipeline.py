@@ -370,6 +370,7 @@ class Demo:
                     rec = load_done(self.run_dir(spec), payload["hash"])
                     if rec is not None:
                         self.records[key], self.status[key] = rec, "reused"
+                        total_cost -= self.est_cost(spec)  # nothing left to do for it (the ETA)
                         reused = True
                         continue
                     if self.run_dir(spec).exists() and not _same_run(self.run_dir(spec), payload):
