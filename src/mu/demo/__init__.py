@@ -2,13 +2,12 @@
 
     from mu.demo import demo_config, run_demo
     result = run_demo(demo_config("demo_out", preset="default"))
-    result.report["comparisons"]   # encoder-decoder vs decoder-only, KD vs CE (F1 differences)
+    result.report["claims"]        # architecture and distillation: {"f1_diff", "ci95", "seeds"}
     result.files                   # report.md, report.json, training_curves.png, quality.png, latency.png
 
-    config.py    DemoConfig, its presets (quick, default, large), the demo's model shapes, deconly_twin
-    pipeline.py  the stages (data, teacher, encdec, deconly, encdec_kd, evaluate, bench, report) and run_demo
-    manifest.py  which stages are finished, with which settings (resume)
-    progress.py  the stage list with an overall ETA
+    config.py    DemoConfig, its presets (quick, default, full, large), the model shapes, deconly_twin
+    pipeline.py  the stages (data, train, bench, report), the runs (teacher, LR grid, seeds, KD) and run_demo
+    runs.py      one training run + its evaluation, as plain data (runs in worker processes)
     report.py    report.json / report.md and the reading generated from the numbers
     plots.py     the PNGs
 

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from mu.config import MuConfig
-from mu.data.synthetic import CLOSED_CLASS
 from mu.errors import MuError
 
 PARAM_TOLERANCE = 0.02  # the two students' parameter counts may differ by at most this fraction
@@ -25,55 +24,59 @@ def _width(n_embd: int, n_head: int, n_kv_head: int, hidden_mult: int = 4) -> di
     return dict(n_embd=n_embd, qkv_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, hidden_dim=hidden_mult * n_embd)
 
 
-# Model shapes. Encoder-decoder students keep the paper's 2/3 encoder, 1/3 decoder split; the teacher is a
-# decoder-only model several times the students' size. vocab_size comes from the tokenizer at run time.
-STUDENT_QUICK = dict(_width(32, 2, 1), n_encoder_layer=6, n_decoder_layer=3)
-TEACHER_QUICK = dict(_width(64, 2, 1), n_encoder_layer=0, n_decoder_layer=6)
-STUDENT_DEFAULT = dict(_width(128, 4, 2), n_encoder_layer=6, n_decoder_layer=3)
-TEACHER_DEFAULT = dict(_width(256, 4, 2), n_encoder_layer=0, n_decoder_layer=8)
+# Model shapes. The students use full multi-head attention and a 2x MLP, so an encoder-decoder with 2+2 layers
+# and a decoder-only model with 5 match within 0.1% of the parameters (4+2 <-> 7 and 3+2 <-> 6 match too): at
+# width 64 the shallow pair learns the default task several times faster per step than 6+3 <-> 10 (docs/demo.md).
+# The teacher is a wider decoder-only model. vocab_size comes from the tokenizer at run time.
+STUDENT_QUICK = dict(_width(32, 2, 2, 2), n_encoder_layer=2, n_decoder_layer=2)
+TEACHER_QUICK = dict(_width(48, 2, 1), n_encoder_layer=0, n_decoder_layer=3)
+STUDENT_DEFAULT = dict(_width(64, 4, 4, 2), n_encoder_layer=2, n_decoder_layer=2)
+TEACHER_DEFAULT = dict(_width(128, 4, 2), n_encoder_layer=0, n_decoder_layer=3)
 STUDENT_LARGE = dict(_width(256, 4, 2), n_encoder_layer=8, n_decoder_layer=4)
 TEACHER_LARGE = dict(_width(512, 8, 4), n_encoder_layer=0, n_decoder_layer=12)
 
 
 @dataclass
 class DemoConfig:
-    out: str  # output directory: data/, tokenizer/, one directory per stage, report.md/json, PNGs
+    out: str  # output directory: data/, tokenizer/, one directory per task family / model / seed, report, PNGs
     preset: str = "default"  # the preset these values came from (recorded in the report)
     # -- data ---------------------------------------------------------------------------------
-    train_data: Optional[str] = None  # squad_v2 file for training (None: built-in synthetic data)
+    train_data: Optional[str] = None  # squad_v2 file for training (None: built-in word-level synthetic data)
     val_data: Optional[str] = None  # validation file (None: synthetic, or carved from train_data)
     test_data: Optional[str] = None  # test file (None: synthetic, or val_data when train_data is given)
-    n_train: int = 12000  # synthetic training questions (a limit on train_data when that is given)
-    n_val: int = 300  # synthetic validation questions (a limit on val_data)
+    families: tuple[str, ...] = ("context_first",)  # task families of the built-in data (synthetic_words.ORDERS)
+    n_train: int = 50000  # synthetic training questions (a limit on train_data when that is given)
+    n_val: int = 200  # synthetic validation questions (a limit on val_data): LR choice and curves
     n_test: int = 600  # synthetic test questions (a limit on test_data)
-    synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic (difficulty)
-    vocab_size: int = 1024  # byte-level BPE trained on the training split
-    max_source_len: int = 256  # prompt tokens kept (both architectures, training and evaluation)
-    max_target_len: int = 24  # answer tokens kept (EOS on top)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic_words (difficulty)
+    vocab_size: int = 1024  # byte-level BPE trained on --train-data (the built-in data is word-level)
+    max_source_len: int = 64  # prompt tokens kept (both architectures, training and evaluation)
+    max_target_len: int = 4  # answer tokens kept (EOS on top)
     # -- models -------------------------------------------------------------------------------
     student: dict[str, Any] = field(default_factory=lambda: dict(STUDENT_DEFAULT))  # encoder-decoder student
     teacher: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_DEFAULT))  # decoder-only teacher
     dropout: float = 0.0  # all models (short runs on fresh data: no need for dropout)
+    weight_init: str = "fan_in"  # every model (N(0, 1/fan-in): tiny widths leave N(0, 0.02) at chance)
     # -- training -----------------------------------------------------------------------------
     batch_size: int = 32  # examples per optimizer step (every model)
-    teacher_examples: int = 24000  # training examples the teacher sees (steps = this / batch_size)
+    teacher_examples: int = 96000  # training examples the teacher sees (steps = this / batch_size)
     teacher_lr: float = 2e-3
-    student_examples: int = 12000  # sets the students' FLOP budget: what the encoder-decoder needs for this many
-    student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD student)
-    student_lr: float = 3e-3  # encoder-decoder students (CE and KD)
-    deconly_lr: float = 3e-3  # the decoder-only student
+    student_examples: int = 38400  # sets the students' FLOP budget: what the encoder-decoder needs for this many
+    student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD students)
+    lr_grid: tuple[float, ...] = (2e-3, 4e-3)  # peak learning rates tried for both students (seed 0, validation F1)
+    seeds: int = 3  # seeds per student (initialisation and data order; the same test set)
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.1
-    evals_per_run: int = 4  # validation points per training run (loss and F1 on the curves)
+    evals_per_run: int = 4  # validation points per training run (the learning curves)
     # -- distillation -------------------------------------------------------------------------
     kd_alpha: float = 0.9  # loss = alpha * KD + (1 - alpha) * CE (the paper's 0.9)
     kd_temperature: float = 1.0
     kd_divergence: str = "forward_kl"
-    kd_on_policy: float = 0.0  # probability that a batch's KD targets are sampled by the student
-    kd_topk: int = 0  # > 0: precompute the teacher's top-k logits once (pays off over several epochs)
+    kd_on_policy: float = 1.0  # the on-policy KD student: probability that a batch's targets are student samples
     # -- evaluation ---------------------------------------------------------------------------
-    eval_batch_size: int = 64
-    max_new_tokens: int = 24  # answer tokens generated (greedy)
+    eval_batch_size: int = 100
+    max_new_tokens: int = 4  # answer tokens generated (greedy)
+    bootstrap: int = 2000  # bootstrap resamples (over seeds and test questions) for the 95% intervals
     # -- efficiency benchmark -----------------------------------------------------------------
     bench_preset: str = "small"  # the students' architectures at a larger size (mu.config preset, random weights)
     bench_input_lengths: tuple[int, ...] = (128, 256, 512, 1024)
@@ -82,16 +85,19 @@ class DemoConfig:
     bench_memory: bool = True  # peak memory in fresh subprocesses (needed for memory_ratio)
     # -- run ----------------------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # trainer precision: auto (bf16 where native) | fp32 | bf16
-    threads: Optional[int] = None  # torch threads (None: torch's default)
-    seed: int = 0
-    progress: bool = True  # per-stage progress bars and the overall ETA on stderr
+    precision: str = "fp32"  # trainer precision: fp32 (tiny models train faster and better than in bf16) | auto | bf16
+    workers: int = 2  # training runs in parallel (separate processes)
+    threads: Optional[int] = None  # torch threads per worker (None: cores / workers)
+    seed: int = 0  # data seed; run seeds are seed .. seed + seeds - 1
+    progress: bool = True  # a line per finished run with the overall ETA on stderr
 
     def __post_init__(self) -> None:
         self.synthetic = dict(self.synthetic or {})
         self.student = dict(self.student)
         self.teacher = dict(self.teacher)
         self.bench_input_lengths = tuple(int(x) for x in self.bench_input_lengths)
+        self.lr_grid = tuple(float(x) for x in self.lr_grid)
+        self.families = tuple(self.families) if self.train_data is None else ("squad_v2",)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -99,15 +105,31 @@ class DemoConfig:
         positive = dict(n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, vocab_size=self.vocab_size,
                         max_source_len=self.max_source_len, max_target_len=self.max_target_len,
                         batch_size=self.batch_size, teacher_examples=self.teacher_examples,
-                        student_examples=self.student_examples, teacher_lr=self.teacher_lr,
-                        student_lr=self.student_lr, deconly_lr=self.deconly_lr, eval_batch_size=self.eval_batch_size,
+                        student_examples=self.student_examples, teacher_lr=self.teacher_lr, seeds=self.seeds,
+                        workers=self.workers, eval_batch_size=self.eval_batch_size, bootstrap=self.bootstrap,
                         max_new_tokens=self.max_new_tokens, bench_new_tokens=self.bench_new_tokens,
                         bench_repeats=self.bench_repeats, evals_per_run=self.evals_per_run)
         for name, value in positive.items():
             if not value > 0:
                 raise MuError(f"demo setting {name} must be > 0, got {value}")
-        if self.vocab_size < 300:
+        if not self.lr_grid or min(self.lr_grid) <= 0:
+            raise MuError(f"demo setting lr_grid must be positive learning rates, got {list(self.lr_grid)}")
+        if self.threads is not None and self.threads < 1:
+            raise MuError(f"demo setting threads must be >= 1, got {self.threads}")
+        if self.train_data is not None and self.vocab_size < 300:
             raise MuError(f"demo setting vocab_size must be >= 300 (a byte-level BPE), got {self.vocab_size}")
+        from mu.data.synthetic_words import ORDERS
+
+        bad = [f for f in self.families if f not in ORDERS + ("squad_v2",)]
+        if bad or not self.families:
+            raise MuError(f"demo setting families {list(self.families)}: expected some of {list(ORDERS)}")
+        from mu.model.layers import WEIGHT_INITS
+        from mu.train.config import PRECISIONS
+
+        if self.weight_init not in WEIGHT_INITS:
+            raise MuError(f"demo setting weight_init {self.weight_init!r}: expected one of {WEIGHT_INITS}")
+        if self.precision not in PRECISIONS:
+            raise MuError(f"demo setting precision {self.precision!r}: expected one of {PRECISIONS}")
         if self.student_flops is not None and not self.student_flops > 0:
             raise MuError(f"demo setting student_flops must be > 0, got {self.student_flops}")
         if not 0.0 <= self.kd_alpha <= 1.0:
@@ -152,6 +174,8 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bench_input_lengths"] = list(self.bench_input_lengths)
+        d["lr_grid"] = list(self.lr_grid)
+        d["families"] = list(self.families)
         return d
 
     def replace(self, **changes: Any) -> "DemoConfig":
@@ -181,25 +205,22 @@ def deconly_twin(encdec: MuConfig, tolerance: float = PARAM_TOLERANCE) -> MuConf
     return twin
 
 
-# Presets: field overrides of DemoConfig. Sizes and budgets of `default` are set for ~15 minutes on a
-# quiet 2-core laptop CPU (see docs/demo.md for the measurements behind them).
+# Presets: field overrides of DemoConfig. `default` is set for ~15 minutes on a 2-core CPU (2 workers x 1
+# thread), `full` runs both task families (~45 minutes); see docs/demo.md for the measurements behind them.
 PRESETS: dict[str, dict[str, Any]] = {
-    # End-to-end in well under a minute on a quiet machine: tests and a smoke check. Its numbers mean nothing.
-    "quick": dict(n_train=256, n_val=16, n_test=32, vocab_size=300, student=STUDENT_QUICK, teacher=TEACHER_QUICK,
-                  batch_size=8, teacher_examples=64, student_examples=64, teacher_lr=3e-3, student_lr=3e-3,
-                  deconly_lr=3e-3, evals_per_run=1, eval_batch_size=32, max_target_len=8, max_new_tokens=6,
-                  bench_preset="tiny", bench_input_lengths=(16, 32), bench_new_tokens=4, bench_repeats=1),
-    # `make demo`: the paper's comparison in ~15 minutes on a 2-core laptop CPU. The data is the easy end of
-    # the synthetic generator (two people, answers from fixed word lists, no distractors: ~70-token prompts),
-    # because models this small trained this briefly do not learn to read the full version (docs/demo.md).
-    "default": dict(synthetic=dict(attributes=list(CLOSED_CLASS), entities=2, facts_per_paragraph=4, distractors=0),
-                    max_source_len=128, max_target_len=8, max_new_tokens=8, n_train=12000,
-                    teacher=dict(_width(192, 4, 2), n_encoder_layer=0, n_decoder_layer=8),
-                    teacher_examples=9600, student_examples=10000),
-    # Bigger models and more data (a GPU, or an hour or more of CPU).
-    "large": dict(n_train=40000, n_val=500, n_test=2000, vocab_size=2048, student=STUDENT_LARGE,
-                  teacher=TEACHER_LARGE, batch_size=64, teacher_examples=160000, student_examples=80000,
-                  teacher_lr=1e-3, student_lr=1.5e-3, deconly_lr=1.5e-3, bench_preset="330m",
+    # End-to-end in well under a minute: tests and a smoke check. Its numbers mean nothing.
+    "quick": dict(n_train=512, n_val=24, n_test=48, student=STUDENT_QUICK, teacher=TEACHER_QUICK, batch_size=16,
+                  teacher_examples=160, student_examples=96, teacher_lr=3e-3, lr_grid=(2e-3, 5e-3), seeds=2,
+                  evals_per_run=2, eval_batch_size=48, bootstrap=200, bench_preset="tiny",
+                  bench_input_lengths=(16, 32), bench_new_tokens=4, bench_repeats=1),
+    # `make demo`: the first task family (question after the context), 3 seeds, a 2-rate grid.
+    "default": dict(),
+    # Both task families (question after / before the context).
+    "full": dict(families=("context_first", "question_first")),
+    # Bigger models and more data (a GPU, or many hours of CPU).
+    "large": dict(families=("context_first", "question_first"), n_train=40000, n_val=500, n_test=2000,
+                  student=STUDENT_LARGE, teacher=TEACHER_LARGE, batch_size=64, teacher_examples=320000,
+                  student_examples=160000, teacher_lr=1e-3, lr_grid=(5e-4, 1e-3, 2e-3), bench_preset="330m",
                   bench_input_lengths=(256, 512, 1024, 2048), bench_new_tokens=64, bench_repeats=3),
 }
 

@@ -1,4 +1,4 @@
-"""The demo's PNGs: students' training curves, quality bars, latency vs input length (matplotlib, Agg)."""
+"""The demo's PNGs from the report's plain data: learning curves, quality bars, latency (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 from mu.atomic import atomic_file
 
-COLORS = {"teacher": "#7f7f7f", "encdec": "#1f77b4", "deconly": "#d62728", "encdec_kd": "#2ca02c"}
+COLORS = {"teacher": "#7f7f7f", "encdec": "#1f77b4", "deconly": "#d62728", "encdec_kd": "#2ca02c",
+          "encdec_kd_on": "#9467bd"}
 SHORT = {"teacher": "teacher (dec-only)", "encdec": "enc-dec (CE)", "deconly": "dec-only (CE)",
-         "encdec_kd": "enc-dec (KD)"}
+         "encdec_kd": "enc-dec (KD off-policy)", "encdec_kd_on": "enc-dec (KD on-policy)"}
 
 
 def _save(fig, path: Path) -> None:
@@ -28,55 +29,62 @@ def _smooth(values: list[float], k: int) -> list[float]:
 
 
 def training_curves(rep: dict[str, Any], path: Path) -> None:
+    """Validation F1 and answer cross-entropy against training FLOPs: every model, every seed, every task family."""
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("encdec", "deconly", "encdec_kd"):
-        c = rep["curves"].get(name, {})
-        train = [r for r in c.get("train", []) if r.get("ce_loss") is not None]
-        if train:
-            k = max(1, len(train) // 20)
-            ax1.plot([r["flops"] for r in train], _smooth([r["ce_loss"] for r in train], k), color=COLORS[name],
-                     label=SHORT[name])
-        val = [r for r in c.get("val", []) if r.get("f1") is not None]
-        if val:
-            ax2.plot([r["flops"] for r in val], [r["f1"] for r in val], "o-", color=COLORS[name], label=SHORT[name])
-    budget = rep["models"]["encdec"].get("flops_budget")
-    for ax in (ax1, ax2):
-        if budget:
-            ax.axvline(budget, color="k", lw=0.8, ls=":")
-        ax.set_xlabel("training FLOPs (6 x params x tokens per stack)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax1.set_ylabel("training cross-entropy on answer tokens")
-    ax1.set_yscale("log")
-    ax1.set_title("students: training loss at equal FLOPs")
-    ax2.set_ylabel("validation F1")
-    ax2.set_title("students: validation F1 during training")
+    tasks = rep["tasks"]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 4.2 * len(tasks)), squeeze=False)
+    for row, (family, t) in enumerate(tasks.items()):
+        ax1, ax2 = axes[row]
+        for name, m in t["models"].items():
+            for k, c in enumerate(m["curves"]):
+                pts = [p for p in c["points"] if p.get("flops")]
+                label = SHORT.get(name, name) if k == 0 else None
+                ax1.plot([p["flops"] for p in pts], [p.get("f1") for p in pts], "o-", ms=3, lw=1, alpha=0.8,
+                         color=COLORS.get(name), label=label)
+                ax2.plot([p["flops"] for p in pts], [p.get("val_loss") for p in pts], "o-", ms=3, lw=1, alpha=0.8,
+                         color=COLORS.get(name), label=label)
+        budget = t.get("flops_budget")
+        for ax in (ax1, ax2):
+            if budget:
+                ax.axvline(budget, color="k", lw=0.8, ls=":")
+            ax.set_xscale("log")
+            ax.set_xlabel("training FLOPs (6 x params x tokens per stack)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        ax1.set_ylabel("validation F1")
+        ax1.set_title(f"{family}: validation F1 (one line per seed)")
+        ax2.set_ylabel("validation cross-entropy on answer tokens")
+        ax2.set_title(f"{family}: validation loss (CE students: answer CE; KD students: their KD loss)")
     _save(fig, path)
     plt.close(fig)
 
 
 def quality(rep: dict[str, Any], path: Path) -> None:
+    """Test F1 (mean over seeds, 95% bootstrap interval) and HasAns F1 of every model, per task family."""
     import matplotlib.pyplot as plt
 
-    keys = [("exact", "exact"), ("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1")]
-    names = list(rep["models"])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        m = rep["models"][name]["metrics"]
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(keys))]
-        ys = [m.get(k, 0.0) for k, _ in keys]
-        bars = ax.bar(xs, ys, width, color=COLORS[name], label=f"{SHORT[name]}, {rep['models'][name]['params'] / 1e6:.1f}M")
-        for b, y in zip(bars, ys):
-            ax.text(b.get_x() + b.get_width() / 2, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(keys)), [label for _, label in keys])
-    ax.set_ylim(0, 110)
-    ax.set_ylabel("test score (0-100)")
-    ax.set_title("quality on the test split (SQuAD 2.0 metrics)")
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
-    ax.grid(axis="y", alpha=0.3)
+    tasks = rep["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4), squeeze=False)
+    for ax, (family, t) in zip(axes[0], tasks.items()):
+        names = list(t["models"])
+        for j, (key, label) in enumerate((("f1", "F1"), ("HasAns_f1", "HasAns F1"))):
+            for i, name in enumerate(names):
+                m = t["models"][name]
+                x = j + (i - (len(names) - 1) / 2) * 0.8 / len(names)
+                y = m["metrics"].get(key) or 0.0
+                err = None
+                if key == "f1":
+                    lo, hi = m["f1_ci95"]
+                    err = [[max(0.0, y - lo)], [max(0.0, hi - y)]]
+                ax.bar(x, y, 0.8 / len(names), color=COLORS.get(name), yerr=err, capsize=2,
+                       label=SHORT.get(name, name) if j == 0 else None)
+                ax.text(x, y + 1, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks([0, 1], ["test F1 (95% CI)", "HasAns F1"])
+        ax.set_ylim(0, 110)
+        ax.set_title(f"{family}: mean over seeds")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
 
@@ -109,16 +117,14 @@ def latency(rep: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots(rep: dict[str, Any], out: Path) -> list[Path]:
+def write_plots(rep: dict[str, Any], paths: dict[str, Path]) -> list[Path]:
+    """Write the plots named in `paths` ({"training_curves" | "quality" | "latency": file})."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from mu.demo.report import PLOT_FILES
-
-    out = Path(out)
-    paths = []
+    done = []
     for name, fn in (("training_curves", training_curves), ("quality", quality), ("latency", latency)):
-        path = out / PLOT_FILES[name]
-        fn(rep, path)
-        paths.append(path)
-    return paths
+        if name in paths:
+            fn(rep, Path(paths[name]))
+            done.append(Path(paths[name]))
+    return done

@@ -120,7 +120,7 @@ def _load_student(cfg: DistillConfig, tokenizer_spec: Optional[str], teacher):
     seed_everything(cfg.train.seed)
     overrides = dict(cfg.train.model_overrides)
     overrides.setdefault("vocab_size", model_vocab_size(tokenizer))
-    return build_model(cfg.student_preset, arch="encdec", **overrides), tokenizer
+    return build_model(cfg.student_preset, arch="encdec", weight_init=cfg.train.weight_init, **overrides), tokenizer
 
 
 def _check_resume(cfg: DistillConfig, out: Path) -> None:
