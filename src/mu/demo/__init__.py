@@ -14,22 +14,7 @@
 See docs/demo.md.
 """
 
-_LAZY = {
-    "DemoConfig": "mu.demo.config",
-    "PRESETS": "mu.demo.config",
-    "demo_config": "mu.demo.config",
-    "deconly_twin": "mu.demo.config",
-    "run_demo": "mu.demo.pipeline",
-    "DemoResult": "mu.demo.pipeline",
-    "STAGES": "mu.demo.pipeline",
-}
+from mu.demo.config import PRESETS, DemoConfig, deconly_twin, demo_config
+from mu.demo.pipeline import DemoResult, Stage, run_demo
 
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mu.demo' has no attribute {name!r}")
+__all__ = ["DemoConfig", "PRESETS", "demo_config", "deconly_twin", "run_demo", "DemoResult", "Stage"]
