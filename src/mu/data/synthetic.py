@@ -267,14 +267,19 @@ def synthetic_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, **kno
     """Train/val/test lists drawn from one stream of paragraphs; no paragraph is in two splits.
 
     The stream fills test, then val, then train, so a bigger `n_train` leaves val and test unchanged."""
+    return split_stream(iter_synthetic(seed, **knobs), n_train, n_val, n_test)
+
+
+def split_stream(stream: Iterator[list[dict]], n_train: int, n_val: int, n_test: int) -> dict[str, list[dict]]:
+    """Fill test, then val, then train from a stream of paragraphs (lists of question records); a paragraph
+    never straddles two splits."""
     sizes = {"test": n_test, "val": n_val, "train": n_train}
     if any(v < 0 for v in sizes.values()):
         raise MuError(f"split sizes must be >= 0, got {sizes}")
     splits: dict[str, list[dict]] = {name: [] for name in sizes}  # filled in this order
-    stream = iter_synthetic(seed, **knobs)
     for name, size in sizes.items():
         while len(splits[name]) < size:
-            questions = next(stream)  # a paragraph never straddles two splits
+            questions = next(stream)
             splits[name].extend(questions[:size - len(splits[name])])
     return {name: splits[name] for name in ("train", "val", "test")}
 

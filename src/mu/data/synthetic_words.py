@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from mu.data.synthetic import split_stream
 from mu.errors import MuError
 
 NAMES = ["anna", "bruno", "clara", "dmitri", "elena", "felix", "greta", "hugo", "ines", "jonas", "karla", "leo",
@@ -119,15 +120,7 @@ def iter_word_paragraphs(seed: int = 0, entities: int = 2, facts_per_paragraph: 
 def word_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, **knobs) -> dict[str, list[dict]]:
     """Train/val/test from one stream of paragraphs (test first, then val, then train; no paragraph in two
     splits), so a bigger `n_train` leaves val and test unchanged."""
-    sizes = {"test": n_test, "val": n_val, "train": n_train}
-    if any(v < 0 for v in sizes.values()):
-        raise MuError(f"split sizes must be >= 0, got {sizes}")
-    out: dict[str, list[dict]] = {name: [] for name in sizes}
-    stream = iter_word_paragraphs(seed, **knobs)
-    for name, size in sizes.items():
-        while len(out[name]) < size:
-            out[name].extend(next(stream)[:size - len(out[name])])
-    return {name: out[name] for name in ("train", "val", "test")}
+    return split_stream(iter_word_paragraphs(seed, **knobs), n_train, n_val, n_test)
 
 
 def word_prompt(record: dict, order: str = "context_first") -> str:
