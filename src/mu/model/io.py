@@ -186,15 +186,20 @@ def load_model(path: str | os.PathLike, device: Optional[str | torch.device] = N
     return model.eval()
 
 
+def read_config_json(cfg_file: Path) -> Any:
+    """A model directory's config.json, parsed; not JSON is a one-line MuError naming the file."""
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MuError(f"{cfg_file}: not valid JSON ({e})") from None
+
+
 def _load_directory(path: Path) -> "MuModel":
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (cfg_file, weights):
         if not f.is_file():
             raise MuError(f"{path}: missing {f.name} (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MuError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = read_config_json(cfg_file)
     if not isinstance(raw, dict):
         raise MuError(f"{cfg_file}: expected a JSON object of MuConfig fields")
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "mu_format", *HF_KEYS)}

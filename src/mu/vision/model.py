@@ -17,7 +17,6 @@ runs the usual prefill + decode loop (greedy, sampling, beams, streaming).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.errors import MuError
 from mu.model.base import ModelOutput, lm_loss
-from mu.model.io import CONFIG_FILE, WEIGHTS_FILE, write_model_dir
+from mu.model.io import CONFIG_FILE, WEIGHTS_FILE, read_config_json, write_model_dir
 from mu.vision.config import PreprocessConfig, VisionTowerConfig, VLMConfig
 from mu.vision.preprocess import ImageProcessor
 from mu.vision.towers import build_projector, build_tower
@@ -274,10 +273,7 @@ def read_vlm_config(path: Path) -> tuple[MuConfig, VLMConfig]:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise MuError(f"{path}: missing {CONFIG_FILE} (a VLM directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MuError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = read_config_json(cfg_file)
     if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
         found = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
         raise MuError(f"{cfg_file}: model_type is {found!r}, expected {MODEL_TYPE!r} (a vision-language model "
