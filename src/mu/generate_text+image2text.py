@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -75,8 +74,6 @@ def prompts_from(args: argparse.Namespace) -> list[tuple[Path, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     check_generation_args(args.max_new_tokens, names={"max_new_tokens": "--max_new_tokens"})
     parse_dtype(args.dtype)
     prompts = prompts_from(args)
@@ -84,12 +81,8 @@ def run(args: argparse.Namespace) -> int:
         load_image(path)
     model = load_vlm(args.model, device=pick_device(args.device), dtype=args.dtype)
     for path, question in prompts:
-        t0 = time.perf_counter()
         image = load_image(path)
-        answer = model.answer([image], [question], max_new_tokens=args.max_new_tokens)[0]
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        seconds = time.perf_counter() - t0
+        answer, seconds = model.timed_answer(path, question, max_new_tokens=args.max_new_tokens)
         print(f"Image: {path} ({image.size[0]}x{image.size[1]})")
         print(f"Question: {question}")
         print(f"Response: {answer}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="VLM directory (written by train_vqa / save_pretrained)")
@@ -30,12 +28,7 @@ def run(args) -> int:
     image = load_image(args.image)  # checked before the model loads: a bad path fails fast
     model = load_vlm(args.model, device=pick_device(args.device), dtype=args.dtype)
     for question in args.question:
-        t0 = time.perf_counter()
-        answer = model.answer([image], [question], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0]
-        if model.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(model.device)
-        seconds = time.perf_counter() - t0
+        answer, seconds = model.timed_answer(image, question, max_new_tokens=args.max_new_tokens,
+                                             num_beams=args.num_beams)
         print(f"{answer}\t({seconds:.3f} s)" if args.time else answer, flush=True)
     return 0

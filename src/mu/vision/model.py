@@ -189,6 +189,17 @@ class MuVLM(nn.Module):
                             eos_token_id=eos, num_beams=num_beams)
         return [self.decode_answer(row) for row in out[:, 1:].tolist()]
 
+    def timed_answer(self, image: Any, question: str, **generate: Any) -> tuple[str, float]:
+        """(answer, seconds) for one question: what `mu vqa --time` and the seed script print. The time covers
+        preprocessing (and loading, for a path) and generation, with the GPU synchronised."""
+        import time
+
+        t0 = time.perf_counter()
+        answer = self.answer([image], [question], **generate)[0]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return answer, time.perf_counter() - t0
+
     def decode_answer(self, ids: Sequence[int]) -> str:
         eos = self.tokenizer.eos_token_id
         if eos in ids:
