@@ -436,3 +436,19 @@ def test_cuda_bench_runs_bf16():
                                   device="cuda", repeats=1, warmup=1, memory=False, flop_check=False, out=None,
                                   plots=False, progress=False))
     assert all(row["decode_tok_s"] > 0 for row in r["rows"])
+
+
+def test_inference_gelu_equals_tanh_gelu_and_training_uses_f_gelu():
+    """The no-autograd GELU (x * sigmoid(2z)) is the paper's tanh-GELU; with autograd it is F.gelu itself."""
+    x = torch.randn(3, 5, 4096) * 4
+    expected, before = layers.gelu_tanh_reference(x), x.clone()
+    with torch.no_grad():
+        fast = layers.gelu_tanh(x)
+    torch.testing.assert_close(fast, expected, atol=2e-6, rtol=1e-5)
+    assert torch.equal(x, before)  # the input is not modified
+    xg = x.clone().requires_grad_()
+    y = layers.gelu_tanh(xg)
+    assert y.grad_fn is not None and "Gelu" in type(y.grad_fn).__name__
+    with torch.no_grad():
+        xb = x.bfloat16()
+        torch.testing.assert_close(layers.gelu_tanh(xb), torch.nn.functional.gelu(xb, approximate="tanh"), atol=0, rtol=0)
