@@ -131,11 +131,12 @@ class Attention(nn.Module):
     def fused_linear(self, name: str) -> Optional[Callable[[Tensor], Tensor]]:
         """One linear over the concatenated weights of `FUSED[name]` (outputs in that order), or None.
 
-        None (use the separate projections) while autograd is on, inside `torch.compile` (the compiler
-        fuses on its own), when nothing installed a fused projection (`mu.model.fast.fuse_projections_`,
-        `mu.model.quantize.quantize_`), or when the installed provider declines (e.g. a LoRA adapter).
+        None (use the separate projections) while autograd is on, when nothing installed a fused projection
+        (`mu.model.fast.fuse_projections_`, `mu.model.quantize.quantize_`), or when the installed provider
+        declines (e.g. a LoRA adapter, or the float concatenation inside `torch.compile`, which fuses on its own;
+        a quantized model's fused kernels stay in use there).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
             return None
         provider = self._fused.get(name)
         return None if provider is None else provider()
