@@ -145,6 +145,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
         if self._gemm is not None:
+            if x.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling():
+                return _linear_dynamic(x, self._packed, True)  # the decode hot path: no further Python call
             return self._gemm(x)
         y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
