@@ -321,11 +321,18 @@ def test_int8_op_for_compiled_graphs_equals_the_eager_kernel():
         assert torch.equal(torch.ops.mu.int8_linear(x, lin._gemm.handle, 48), eager)
         traced = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(traced, eager)
-    handle = lin._gemm.handle
-    del lin
+    import copy
     import gc
+
+    twin = copy.deepcopy(lin)
+    handle = lin._gemm.handle
+    assert twin._gemm.handle != handle
+    del lin
     gc.collect()
-    assert handle not in q8._PACKED  # the packed weights leave with their layer
+    assert handle not in q8._PACKED  # the packed weights leave with their layer, the copy keeps its own
+    with torch.no_grad():
+        assert torch.equal(torch.ops.mu.int8_linear(x, twin._gemm.handle, 48), eager)
+        assert torch.equal(twin(x), eager)
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),

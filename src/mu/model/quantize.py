@@ -34,6 +34,7 @@ machine fbgemm's dynamic int8 wins both phases (the weight-only kernels decode ~
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 import weakref
@@ -103,9 +104,20 @@ class _DynamicInt8:
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, bias)
-            self.handle = next(_handles)
-            _PACKED[self.handle] = self.packed
-            weakref.finalize(self, _PACKED.pop, self.handle, None)
+            self._register()
+
+    def _register(self) -> None:
+        self.handle = next(_handles)
+        _PACKED[self.handle] = self.packed
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    def __deepcopy__(self, memo: dict) -> "_DynamicInt8":
+        """A copy with its own handle (a copied model outlives the original's entry in `_PACKED`)."""
+        new = copy.copy(self)
+        if self.packed is not None:
+            new.packed = copy.deepcopy(self.packed, memo)
+            new._register()
+        return new
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
