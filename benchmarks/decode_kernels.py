@@ -7,8 +7,10 @@ The weights of one decode token of the 330m encoder-decoder (10 decoder layers: 
 weights, random) are multiplied by one input row each, in order, through each kernel: fp32 `F.linear`, fp32
 `split_linear`, fbgemm dynamic int8 (`mu.model.quantize.Int8Linear`), `torch._weight_int8pack_mm` (fp32 and
 bf16 activations) and `torch._weight_int4pack_mm_for_cpu` (groups of 64, bf16 activations). Medians of 5
-passes; "GB/s" = the kernel's weight bytes per token / time. Also prints the streaming-read bandwidth (sum of a
-fp32 tensor the size of the fp32 weights) with the same threads, the ISA and the thread count.
+passes; "GB/s" = the kernel's weight bytes per token / time, and its fraction of the streaming read: the
+ceiling that kernel puts on a decode step's roofline fraction, whatever runs around it. Also prints the
+streaming-read bandwidth (sum of a fp32 tensor the size of the fp32 weights) with the same threads, the ISA and
+the thread count.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def main() -> None:
                 f(xs[k])
             times.append(time.perf_counter() - t0)
         t = statistics.median(times)
-        print(f"{name:34s} {t * 1e3:7.1f} ms/token {1 / t:7.1f} tok/s {n_weights * bytes_per_weight / t / 1e9:6.1f} GB/s",
-              flush=True)
+        rate = n_weights * bytes_per_weight / t
+        print(f"{name:34s} {t * 1e3:7.1f} ms/token {1 / t:7.1f} tok/s {rate / 1e9:6.1f} GB/s = {rate / bw:4.2f} of the "
+              f"streaming read", flush=True)
 
     a = torch.ones(n_weights)
     a.sum()

@@ -13,8 +13,8 @@ projections, + lm_head, in the engine's format) x decode tokens/s / bandwidth (1
 Engines (all random weights, greedy, batch 1, never stopping early):
   mu-encdec / mu-deconly  fp32, bf16, int8 (`model.quantize_("int8")`), int8wo, int4 (weight-only decode
                           kernels, `mu.model.quantize`): `model.generate` with a KV cache;
-                          "-compiled": generate(compile=True) (fixed-shape cache, torch.compile'd steps;
-                          compiled during the warm-up, which runs the full length for these)
+                          "-compiled" (fp32, int8): generate(compile=True) (fixed-shape cache, torch.compile'd
+                          steps; compiled during the warm-up, which runs the full length for these)
   mu-encdec uncached      the paper's `generate`: encode once, then every step re-runs the whole decoder
                           (and the lm_head) over the full prefix, no cache; built from the model's own
                           uncached `encode` / `decode`, so the kernels are the same
@@ -217,8 +217,8 @@ def build_mu(preset: str, arch: str, seed: int):
     return mu.build_model(preset, arch=arch).eval()
 
 
-SIDE_BY_SIDE = ("mu-encdec-fp32,mu-encdec-int8,mu-encdec-int8dec,mu-encdec-int8wo,mu-encdec-int4,ct2-t5-fp32,"
-                "ct2-t5-int8,hf-t5-fp32")
+SIDE_BY_SIDE = ("mu-encdec-fp32,mu-encdec-int8,mu-encdec-int8-compiled,mu-encdec-int8dec,mu-encdec-int8wo,"
+                "mu-encdec-int4,ct2-t5-fp32,ct2-t5-int8,hf-t5-fp32")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -236,7 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-ct2", action="store_true", help="skip CTranslate2")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd mu engines (minutes to compile)")
     p.add_argument("--side-by-side", action="store_true",
-                   help="issue 19's engines only: mu encdec fp32/int8/int8dec/int8wo/int4, CT2 fp32/int8, HF T5 fp32")
+                   help="issue 19's engines only: mu encdec fp32/int8/int8-compiled/int8dec/int8wo/int4, CT2 fp32/int8, "
+                        "HF T5 fp32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.side_by_side and args.engines == "all":
@@ -263,6 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # mu, both architectures; the bf16 and int8 copies are made from the same fp32 weights
     for arch in ("encdec", "deconly"):
+        if args.engines != "all" and not any(e.startswith(f"mu-{arch}-") for e in args.engines.split(",")):
+            continue  # no engine of this architecture asked for: do not build it
         base = build_mu(preset, arch, args.seed)
         add(f"mu-{arch}-fp32", arch, "fp32", lambda m=base: mu_engine(m, input_ids))
         if not args.no_compile:
@@ -273,6 +276,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if arch == "encdec":
             add("mu-encdec-bf16", arch, "bf16", lambda m=base: mu_engine(copy.deepcopy(m).to(torch.bfloat16), input_ids))
         add(f"mu-{arch}-int8", arch, "int8", lambda m=base: mu_engine(copy.deepcopy(m).quantize_("int8"), input_ids))
+        if not args.no_compile:
+            add(f"mu-{arch}-int8-compiled", arch, "int8",
+                lambda m=base: mu_engine(copy.deepcopy(m).quantize_("int8"), input_ids, compile=True), full_warmup=True)
         if arch == "encdec":
             for mode, label in (("int8wo", "int8 wo dec, int8 pre"), ("int4", "int4 g64 dec, int8 pre")):
                 add(f"mu-encdec-{mode}", arch, label,

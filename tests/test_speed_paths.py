@@ -303,10 +303,36 @@ def test_static_cache_steps_equal_growing_cache_steps(model):
     assert beams_static.tolist() == model.generate(prompt, max_new_tokens=5, num_beams=3)[:, w:].tolist()
 
 
-def test_compile_refuses_quantized_models(model):
-    m8 = _quantized_copy(model)
-    with pytest.raises(mu.MuError, match="float model"):
-        m8.generate(_ids(1, 5), max_new_tokens=3, compile=True)
+def test_compile_refuses_weight_only_quantized_models(model):
+    m4 = mu.build_model("tiny", arch=model.config.arch).eval().quantize_("int4")
+    with pytest.raises(mu.MuError, match="float and int8"):
+        m4.generate(_ids(1, 5), max_new_tokens=3, compile=True)
+
+
+@pytest.mark.skipif(not q8._fbgemm_available(), reason="needs fbgemm")
+def test_int8_op_for_compiled_graphs_equals_the_eager_kernel():
+    """`mu::int8_linear` (what a compiled decode step calls) is fbgemm's GEMM over the same packed weights,
+    and torch.compile traces it as one op (aot_eager: tracing only, no C++ compiler needed)."""
+    torch.manual_seed(0)
+    lin = q8.Int8Linear(torch.randn(48, 32), torch.randn(48))
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():
+        eager = lin(x)
+        assert torch.equal(torch.ops.mu.int8_linear(x, lin._gemm.handle, 48), eager)
+        traced = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(traced, eager)
+    import copy
+    import gc
+
+    twin = copy.deepcopy(lin)
+    handle = lin._gemm.handle
+    assert twin._gemm.handle != handle
+    del lin
+    gc.collect()
+    assert handle not in q8._PACKED  # the packed weights leave with their layer, the copy keeps its own
+    with torch.no_grad():
+        assert torch.equal(torch.ops.mu.int8_linear(x, twin._gemm.handle, 48), eager)
+        assert torch.equal(twin(x), eager)
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
@@ -318,6 +344,17 @@ def test_compiled_generation_equals_eager(model):
     compiled = model.generate(prompt, max_new_tokens=6, compile=True)
     assert compiled.tolist() == eager.tolist()
     assert model.generate(prompt, max_new_tokens=6, compile=True, num_beams=2).shape == eager.shape
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
+                    reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
+@pytest.mark.skipif(not q8._fbgemm_available(), reason="needs fbgemm")
+def test_compiled_int8_generation_equals_eager_int8(model):
+    m8 = _quantized_copy(model)
+    prompt = _ids(2, 9, seed=9)
+    prompt[0, 7:] = 0
+    eager = m8.generate(prompt, max_new_tokens=6)
+    assert m8.generate(prompt, max_new_tokens=6, compile=True).tolist() == eager.tolist()
 
 
 def test_split_linear_equals_linear_and_falls_back():
@@ -436,3 +473,19 @@ def test_cuda_bench_runs_bf16():
                                   device="cuda", repeats=1, warmup=1, memory=False, flop_check=False, out=None,
                                   plots=False, progress=False))
     assert all(row["decode_tok_s"] > 0 for row in r["rows"])
+
+
+def test_inference_gelu_equals_tanh_gelu_and_training_uses_f_gelu():
+    """The no-autograd GELU (x * sigmoid(2z)) is the paper's tanh-GELU; with autograd it is F.gelu itself."""
+    x = torch.randn(3, 5, 4096) * 4
+    expected, before = layers.gelu_tanh_reference(x), x.clone()
+    with torch.no_grad():
+        fast = layers.gelu_tanh(x)
+    torch.testing.assert_close(fast, expected, atol=2e-6, rtol=1e-5)
+    assert torch.equal(x, before)  # the input is not modified
+    xg = x.clone().requires_grad_()
+    y = layers.gelu_tanh(xg)
+    assert y.grad_fn is not None and "Gelu" in type(y.grad_fn).__name__
+    with torch.no_grad():
+        xb = x.bfloat16()
+        torch.testing.assert_close(layers.gelu_tanh(xb), torch.nn.functional.gelu(xb, approximate="tanh"), atol=0, rtol=0)

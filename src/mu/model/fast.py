@@ -89,7 +89,7 @@ class FusedProjection:
 
     def __call__(self) -> Optional[Callable[[Tensor], Tensor]]:
         parts = [getattr(self.attn, n) for n in self.names]
-        if not all(is_plain_linear(p) for p in parts):
+        if torch.compiler.is_compiling() or not all(is_plain_linear(p) for p in parts):
             return None
         key = tuple((t.data_ptr(), t._version) for p in parts for t in (p.weight, p.bias))
         if key != self.key:
@@ -116,10 +116,14 @@ def speed_up_(model: nn.Module) -> nn.Module:
 
 
 def compile_decode_(model: nn.Module) -> Callable:
-    """`torch.compile` the model's fixed-shape decode step (`MuModel._decode_core`) once; returns it."""
-    if getattr(model, "quantization", None):
-        raise MuError(f"compile=True needs a float model: this one is {model.quantization}-quantized and "
-                      "its kernels are opaque to torch.compile (quantized decoding runs eagerly)")
+    """`torch.compile` the model's fixed-shape decode step (`MuModel._decode_core`) once; returns it.
+
+    Float models and "int8"-quantized ones (fbgemm's GEMM stays one opaque op per linear, `mu::int8_linear`;
+    the compiler fuses the norms, RoPE, residuals, GELU and cache writes around it into a few C++ kernels).
+    """
+    if getattr(model, "quantization", None) not in (None, "int8"):
+        raise MuError(f"compile=True supports float and int8 models: this one is {model.quantization}-quantized "
+                      "(its decode runs eagerly)")
     core = model.__dict__.get("_compiled_core")
     if core is None:  # one compiled function per model; torch.compile caches a graph per shape
         core = model.__dict__["_compiled_core"] = torch.compile(model._decode_core, dynamic=False)

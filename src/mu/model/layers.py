@@ -131,11 +131,12 @@ class Attention(nn.Module):
     def fused_linear(self, name: str) -> Optional[Callable[[Tensor], Tensor]]:
         """One linear over the concatenated weights of `FUSED[name]` (outputs in that order), or None.
 
-        None (use the separate projections) while autograd is on, inside `torch.compile` (the compiler
-        fuses on its own), when nothing installed a fused projection (`mu.model.fast.fuse_projections_`,
-        `mu.model.quantize.quantize_`), or when the installed provider declines (e.g. a LoRA adapter).
+        None (use the separate projections) while autograd is on, when nothing installed a fused projection
+        (`mu.model.fast.fuse_projections_`, `mu.model.quantize.quantize_`), or when the installed provider
+        declines (e.g. a LoRA adapter, or the float concatenation inside `torch.compile`, which fuses on its own;
+        a quantized model's fused kernels stay in use there).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
             return None
         provider = self._fused.get(name)
         return None if provider is None else provider()
@@ -213,6 +214,22 @@ class Attention(nn.Module):
         return self.out_linear(self._ungrouped(o.view(B, KV, G, T, hd)))
 
 
+_GELU_C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(_GELU_C * (x + 0.044715 x^3))
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """tanh-GELU; without autograd, fp32 runs it as x * sigmoid(2z) (= 0.5 x (1 + tanh z), the same function).
+
+    On CPU that form is ~2x faster than `F.gelu(approximate="tanh")` (one new tensor, five in-place passes;
+    7.3 -> 3.6 ms for a 512 x 4096 prefill activation, one AVX2 thread) and agrees to ~5e-7. Training (it would
+    save more for backward), other dtypes and `torch.compile` (which fuses either) use `F.gelu`.
+    """
+    if x.dtype != torch.float32 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    u = x.square()
+    return u.mul_(0.044715 * _GELU_C).add_(_GELU_C).mul_(x).sigmoid_().mul_(x)
+
+
 class MLP(nn.Module):
     def __init__(self, config: MuConfig):
         super().__init__()
@@ -221,7 +238,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        x = self.fc2(gelu_tanh(self.fc1(x)))
         return self.dropout(x) if self.training else x
 
 

@@ -34,7 +34,10 @@ machine fbgemm's dynamic int8 wins both phases (the weight-only kernels decode ~
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
+import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -73,18 +76,52 @@ def _check_inference(x: Tensor) -> None:
         raise MuError("this model is quantized (inference only); train the float model, quantize after")
 
 
+# fbgemm's packed weights are a TorchScript object, which `torch.compile` cannot pass to an op; a compiled
+# decode step (`generate(compile=True)`) reaches them through `mu::int8_linear` by an integer handle instead:
+# the same kernel, called from the compiled graph as an opaque op. Entries leave with their `_DynamicInt8`.
+_PACKED: dict[int, object] = {}
+_handles = itertools.count()
+
+
+@torch.library.custom_op("mu::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return _linear_dynamic(x.contiguous(), _PACKED[handle], True)
+
+
+@_int8_linear_op.register_fake
+def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class _DynamicInt8:
     """fbgemm's dynamic int8 GEMM over given int8 codes and per-channel scales (or a dequantizing fallback)."""
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
         self.packed = None
+        self.out_features = q.shape[0]
         if _fbgemm_available() and q.device.type == "cpu":
             with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the kernel is not
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+            self._register()
+
+    def _register(self) -> None:
+        self.handle = next(_handles)
+        _PACKED[self.handle] = self.packed
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+    def __deepcopy__(self, memo: dict) -> "_DynamicInt8":
+        """A copy with its own handle (a copied model outlives the original's entry in `_PACKED`)."""
+        new = copy.copy(self)
+        if self.packed is not None:
+            new.packed = copy.deepcopy(self.packed, memo)
+            new._register()
+        return new
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return _int8_linear_op(x.float(), self.handle, self.out_features).to(x.dtype)
         if x.dtype == torch.float32 and x.is_contiguous():  # the hot path: one call
             return _linear_dynamic(x, self.packed, True)  # reduce_range=True: 7-bit activations
         return _linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
@@ -120,6 +157,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
         if self._gemm is not None:
+            if x.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling():
+                return _linear_dynamic(x, self._packed, True)  # the decode hot path: no further Python call
             return self._gemm(x)
         y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
