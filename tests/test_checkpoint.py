@@ -122,6 +122,21 @@ def test_cli_info_and_generate(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
 
 
+def test_cli_generate_compiled_equals_eager(tmp_path, capsys):
+    """`mu generate --compile` (a torch.compile'd decode step, int8 weights) prints the eager command's text."""
+    torch.manual_seed(0)
+    model = mu.build_model("tiny")
+    model.tokenizer = byte_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    argv = ["generate", "--model", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "8", "--dtype", "int8"]
+    assert cli_main(argv) == 0
+    eager = capsys.readouterr().out
+    assert cli_main(argv + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager
+    assert cli_main(argv[:-2] + ["--compile", "--backend", "onnx"]) == 2
+    assert "--compile applies to --backend torch" in capsys.readouterr().err
+
+
 def test_seed_entry_point_without_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mu.generate_text2text", "--model_path", str(tmp_path / "model.pt"),
                         "--device", "cpu"], capture_output=True, text=True, timeout=120)
