@@ -62,7 +62,7 @@ class SplitLinear(nn.Linear):
 
 def is_plain_linear(module: nn.Module) -> bool:
     """A linear layer that is its weight and bias and nothing more (not an adapter, not quantized)."""
-    return type(module) in (nn.Linear, SplitLinear)
+    return type(module) in (nn.Linear, SplitLinear, PackedLinear)
 
 
 def split_linear_(model: nn.Module) -> nn.Module:
@@ -113,6 +113,41 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
 def speed_up_(model: nn.Module) -> nn.Module:
     """The CPU fast paths every mu model gets when built: `split_linear_` and `fuse_projections_`."""
     return fuse_projections_(split_linear_(model))
+
+
+class PackedLinear(SplitLinear):
+    """A linear layer that multiplies by a copy of its weight packed once for oneDNN (made by `pack_lm_head_`).
+
+    A vocabulary projection's weight (32064 x 384 for `small`, 49 MB in fp32) is read in full by every
+    decode step. PyTorch's own product of a few rows by it reads that weight poorly on a CPU (measured at
+    16 rows on our 2-core AVX2 machine: 11.4 ms through `F.linear`, 4.4 ms through oneDNN on a packed
+    copy; 2.3 vs 2.0 ms at one row). The packed copy is made on first use and made again whenever the
+    weight is replaced or changed in place (storage pointer, version counter), so training in between
+    never uses a stale copy; it is a plain attribute, not part of the state dict. Falls back to
+    `split_linear` where oneDNN's path does not apply (autograd, torch.compile, tracing, accelerators,
+    other dtypes).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() < 2
+                or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or not torch.backends.mkldnn.is_available()):
+            return split_linear(x, w, self.bias)
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_packed"] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16))
+        return torch.ops.mkldnn._linear_pointwise(x, cached[1], self.bias, "none", [], "")
+
+
+def pack_lm_head_(model: nn.Module) -> nn.Module:
+    """Make `model.lm_head` (a plain linear layer) a `PackedLinear`: decode steps of many rows (a server's
+    batch) multiply by a oneDNN-packed copy of its weight. Costs one more copy of that weight in memory.
+    A quantized or adapted head is left as it is."""
+    if is_plain_linear(model.lm_head):
+        model.lm_head.__class__ = PackedLinear
+    return model
 
 
 def compile_decode_(model: nn.Module) -> Callable:
