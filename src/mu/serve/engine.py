@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mu.errors import MuError
 from mu.generation import DEFAULT_BOS_ID, _special_id, left_pad, sample_logits
-from mu.model.fast import pack_lm_head_
+from mu.model.fast import pack_linears_
 from mu.serve.detok import TextStream
 from mu.serve.slots import SlotCache
 
@@ -147,8 +147,9 @@ class TorchBackend:
         self.model = model
         self.config = model.config
         self.max_batch = max_batch
-        # a batch's decode step spends most of its time in the vocabulary projection: give it a packed weight
-        pack_lm_head_(getattr(model, "lm", model))
+        # a batch's decode step is mostly products of its rows by the head's and the decoder's weights: run them
+        # on packed copies of those weights (mu.model.fast.pack_linears_)
+        pack_linears_(getattr(model, "lm", model))
         self.encdec = model.config.arch == "encdec"
         self.device = model.device
         self.bos = _special_id(model, "bos_token_id", None, DEFAULT_BOS_ID)
