@@ -13,7 +13,6 @@ while autograd is on):
   parameter changes.
 - `compile_decode_(model)`: the fixed-shape decode step `generate(compile=True)` runs, through
   `torch.compile` (done on first use of such a step).
-
 - `pack_linears_(model)`: for batched decoding (`mu serve` applies it), the lm_head and the decoder's linear
   layers run `packed_linear` (oneDNN on a copy of the weight packed once) for a band of row counts.
 
