@@ -106,10 +106,11 @@ def get(port: int, path: str):
 
 
 def metric_sums(port: int) -> dict[str, float]:
-    """_sum and _count of the batch-size and time-to-first-token histograms."""
+    """_sum and _count of the engine's histograms: decode batch and step time, prefill batch and time, TTFT."""
     text = get(port, "/metrics")
     out = {}
-    for name in ("mu_batch_size", "mu_time_to_first_token_seconds"):
+    for name in ("mu_batch_size", "mu_decode_step_seconds", "mu_prefill_batch_size", "mu_prefill_seconds",
+                 "mu_time_to_first_token_seconds"):
         for part in ("sum", "count"):
             m = re.search(rf"^{name}_{part} (\S+)$", text, re.M)
             out[f"{name}_{part}"] = float(m.group(1)) if m else 0.0
@@ -171,10 +172,17 @@ def run_level(port: int, clients: int, requests_per_client: int, prompt_tokens: 
         return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))] if lat else float("nan")
 
     steps = delta["mu_batch_size_count"]
+    prefills = delta["mu_prefill_seconds_count"]
     return {"clients": clients, "requests": len(lat), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall,
             "latency_p50_s": pct(0.50), "latency_p99_s": pct(0.99),
             "mean_decode_batch": delta["mu_batch_size_sum"] / steps if steps else 0.0,
+            # where the engine thread's time went: prefills, decode steps (model step + picking tokens +
+            # handing them out), and the rest of the wall time (waiting for requests, admitting them)
+            "prefill_s": delta["mu_prefill_seconds_sum"], "decode_s": delta["mu_decode_step_seconds_sum"],
+            "mean_prefill_batch": delta["mu_prefill_batch_size_sum"] / prefills if prefills else 0.0,
+            "mean_prefill_s": delta["mu_prefill_seconds_sum"] / prefills if prefills else float("nan"),
+            "mean_step_s": delta["mu_decode_step_seconds_sum"] / steps if steps else float("nan"),
             "mean_ttft_s": (delta["mu_time_to_first_token_seconds_sum"] / delta["mu_time_to_first_token_seconds_count"]
                             if delta["mu_time_to_first_token_seconds_count"] else float("nan"))}
 
@@ -223,7 +231,11 @@ def main() -> None:
                     results[arch].append(r)
                     print(f"{arch:8s} clients {clients:3d}: {r['requests']:4d} requests, {r['tokens_per_s']:8.1f} "
                           f"tokens/s, latency p50 {r['latency_p50_s']:6.2f} s p99 {r['latency_p99_s']:6.2f} s, "
-                          f"mean batch {r['mean_decode_batch']:5.1f}, mean TTFT {r['mean_ttft_s']:.3f} s"
+                          f"mean batch {r['mean_decode_batch']:5.1f}, mean TTFT {r['mean_ttft_s']:.3f} s; engine: "
+                          f"prefill {r['prefill_s'] / r['wall_s']:.0%} (mean {r['mean_prefill_batch']:.1f} prompts, "
+                          f"{r['mean_prefill_s'] * 1e3:.0f} ms), decode {r['decode_s'] / r['wall_s']:.0%} "
+                          f"(mean step {r['mean_step_s'] * 1e3:.1f} ms), other "
+                          f"{1 - (r['prefill_s'] + r['decode_s']) / r['wall_s']:.0%}"
                           + (f", {r['errors']} errors ({r['first_error']})" if r["errors"] else ""), flush=True)
             finally:
                 server.stop()

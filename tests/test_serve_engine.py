@@ -275,3 +275,27 @@ def test_generate_is_untouched_by_slot_caches(model):
     ids = _prompt(7, 3)
     assert isinstance(model.new_cache(1, 4), KVCache) and not isinstance(model.new_cache(1, 4), SlotCache)
     assert reference(model, ids, 6) == reference(model, ids, 6)
+
+
+def test_backend_packs_the_head_and_keeps_its_logits(tok):
+    """The backend gives the model's head (and decoder linears) oneDNN-packed weights: the same logits for 1
+    to 16 rows, the same state dict, a weight changed in place is seen at the next call, and training still
+    gets gradients."""
+    model = printable_model("encdec", tok)
+    keys = set(model.state_dict())
+    x = torch.randn(16, model.config.n_embd)
+    expected = torch.nn.functional.linear(x, model.lm_head.weight.detach())
+    TorchBackend(model, max_batch=2)
+    assert type(model.lm_head).__name__ == "PackedLinear"
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        for rows in (1, 3, 16):
+            torch.testing.assert_close(model.lm_head(x[:rows]), expected[:rows], atol=1e-5, rtol=1e-5)
+        model.lm_head.weight.mul_(2)  # in place: the packed copy must be made again
+        torch.testing.assert_close(model.lm_head(x), 2 * expected, atol=1e-5, rtol=1e-5)
+        fc1 = model.transformer.h[0].mlp.fc1
+        assert type(fc1).__name__ == "PackedLinear"
+        torch.testing.assert_close(fc1(x), torch.nn.functional.linear(x, fc1.weight, fc1.bias), atol=1e-5, rtol=1e-5)
+    out = model.lm_head(x)  # autograd on: the plain product
+    out.sum().backward()
+    assert model.lm_head.weight.grad is not None

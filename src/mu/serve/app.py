@@ -101,16 +101,24 @@ def _sse(obj: Any) -> str:
 
 
 class _Generation:
-    """The engine requests of one HTTP request (one per prompt), their events merged into the event loop."""
+    """The engine requests of one HTTP request (one per prompt), their events merged into the event loop.
 
-    def __init__(self, engine: Engine, prompts: Sequence[Prompt], params: SamplingParams):
+    Streamed, every event goes to the loop as it comes. Not streamed, the text of each choice is gathered in
+    the engine's thread (`texts`) and only the choices' ends wake the loop, so a batch's decode step does not
+    hand the loop one call per row."""
+
+    def __init__(self, engine: Engine, prompts: Sequence[Prompt], params: SamplingParams, stream: bool = True):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.total = len(prompts) * params.n
+        self.texts = [""] * self.total  # not streamed: each choice's text so far (written by the engine's thread)
         self.handles = []
         loop = asyncio.get_running_loop()
 
         def listener(offset: int) -> Callable[[Event], None]:
             def on_event(event: Event) -> None:
+                if not stream and event.kind == "token":
+                    self.texts[offset + event.index] += event.text
+                    return
                 with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
                     loop.call_soon_threadsafe(self.queue.put_nowait, (offset, event))
             return on_event
@@ -123,7 +131,8 @@ class _Generation:
             raise
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(choice index, event) until every choice is done; an engine error raises ApiError."""
+        """(choice index, event) until every choice is done (not streamed: "done" events only); an engine error
+        raises ApiError."""
         remaining = self.total
         while remaining:
             offset, event = await self.queue.get()
@@ -417,12 +426,12 @@ class Server:
 
     # -- running a generation ---------------------------------------------------------------------------
 
-    def _start(self, prompts: list[Prompt], params: SamplingParams) -> _Generation:
+    def _start(self, prompts: list[Prompt], params: SamplingParams, stream: bool) -> _Generation:
         if self.inflight >= self.config.max_concurrent:
             raise ApiError(429, f"too many requests in flight (limit {self.config.max_concurrent}, "
                                 f"--max-concurrent); retry later", code="server_busy")
         try:
-            generation = _Generation(self.engine, prompts, params)
+            generation = _Generation(self.engine, prompts, params, stream)
         except QueueFull as e:
             raise ApiError(429, f"{e}; retry later", code="queue_full") from None
         except MuError as e:
@@ -442,7 +451,7 @@ class Server:
 
     async def _respond(self, request: Request, endpoint: str, prompts: list[Prompt], params: SamplingParams,
                        stream: bool, include_usage: bool, fmt: "_Format") -> Response:
-        generation = self._start(prompts, params)
+        generation = self._start(prompts, params, stream)
         self.metrics.prompt_tokens.inc(sum(self._prompt_tokens(p) for p in prompts))
         t0 = time.perf_counter()
         head = {"id": f"{fmt.prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.config.model_name}
@@ -460,14 +469,11 @@ class Server:
             return _EventStream(self._stream(generation, prompts, fmt, head, include_usage), close)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
-            texts, reasons, tokens = [""] * generation.total, [None] * generation.total, 0
+            reasons, tokens = [None] * generation.total, 0
             async for index, event in generation.events():
-                if event.kind == "token":
-                    texts[index] += event.text
-                else:
-                    reasons[index] = event.finish_reason
-                    tokens += event.completion_tokens
-            return JSONResponse(fmt.response(head, texts, reasons, self._usage(prompts, tokens)))
+                reasons[index] = event.finish_reason
+                tokens += event.completion_tokens
+            return JSONResponse(fmt.response(head, generation.texts, reasons, self._usage(prompts, tokens)))
         finally:
             watcher.cancel()
             close()

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from mu.errors import MuError
 from mu.generation import DEFAULT_BOS_ID, _special_id, left_pad, sample_logits
+from mu.model.fast import pack_linears_
 from mu.serve.detok import TextStream
 from mu.serve.slots import SlotCache
 
@@ -81,6 +82,8 @@ class EngineStats:
     """What the engine reports as it runs; the server's Prometheus metrics implement it (no-ops here)."""
 
     def step(self, batch_size: int, seconds: float) -> None: ...
+
+    def prefill(self, prompts: int, seconds: float) -> None: ...
 
     def first_token(self, seconds: float) -> None: ...
 
@@ -144,6 +147,9 @@ class TorchBackend:
         self.model = model
         self.config = model.config
         self.max_batch = max_batch
+        # a batch's decode step is mostly products of its rows by the head's and the decoder's weights: run them
+        # on packed copies of those weights (mu.model.fast.pack_linears_)
+        pack_linears_(getattr(model, "lm", model))
         self.encdec = model.config.arch == "encdec"
         self.device = model.device
         self.bos = _special_id(model, "bos_token_id", None, DEFAULT_BOS_ID)
@@ -322,11 +328,13 @@ class Engine:
         for group in groups:
             if not group:
                 continue
+            t0 = time.perf_counter()
             try:
                 logits, cache = self.backend.prefill([h.prompt for h in group])
             except Exception as e:
                 self._fail(group, e)
                 continue
+            self.stats.prefill(len(group), time.perf_counter() - t0)
             first = len(self._rows)
             sources: list[int] = []  # the prefill row of each new slot
             try:

@@ -26,6 +26,10 @@ class ServerMetrics(EngineStats):
         self.batch_size = Histogram("mu_batch_size", "rows in each decode step", buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram("mu_decode_step_seconds", "time of one decode step of the whole batch",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_seconds = Histogram("mu_prefill_seconds", "time of one prefill (the prompts admitted together)",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_batch = Histogram("mu_prefill_batch_size", "prompts prefilled together", buckets=BATCH_BUCKETS,
+                                       registry=r)
         self.ttft = Histogram("mu_time_to_first_token_seconds", "request received by the engine -> first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("mu_request_latency_seconds", "generation request latency, end to end, by endpoint",
@@ -35,6 +39,10 @@ class ServerMetrics(EngineStats):
     def step(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)
         self.step_seconds.observe(seconds)
+
+    def prefill(self, prompts: int, seconds: float) -> None:
+        self.prefill_batch.observe(prompts)
+        self.prefill_seconds.observe(seconds)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
