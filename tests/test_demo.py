@@ -144,6 +144,25 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     assert {m for m, h in hashes(n_train=600).items() if h != base[m]} == set(MODELS)
 
 
+def test_family_budget_scale_is_the_same_for_every_student(tmp_path):
+    from mu.demo import demo_config
+    from mu.demo.pipeline import Demo, RunSpec
+
+    d = Demo(demo_config(str(tmp_path), "quick", progress=False, families=("context_first", "question_first"),
+                         family_budget_scale={"question_first": 2.0}))
+    d.run_data()
+    one, two = d.student_budget("context_first"), d.student_budget("question_first")
+    per_example = d.flops_per_example("question_first", "encdec") / d.flops_per_example("context_first", "encdec")
+    assert two == pytest.approx(2.0 * one * per_example)
+    for model in STUDENTS:  # every student of the family trains on that one budget
+        assert d.payload(RunSpec("question_first", model, 0, 2e-3))["train"]["max_flops"] == two
+        assert d.payload(RunSpec("context_first", model, 0, 2e-3))["train"]["max_flops"] == one
+    assert d.est_steps(RunSpec("question_first", "deconly", 0, 2e-3)) > d.est_steps(RunSpec("context_first", "deconly",
+                                                                                            0, 2e-3))
+    with pytest.raises(MuError, match="family_budget_scale"):
+        demo_config(str(tmp_path), "quick", family_budget_scale={"question_first": 0})
+
+
 def test_decoder_only_twin_matches_parameters_or_refuses():
     from mu.config import MuConfig
     from mu.demo.config import STUDENT_DEFAULT, deconly_twin

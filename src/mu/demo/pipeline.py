@@ -236,10 +236,11 @@ class Demo:
         return training_flops(config, enc, dec)
 
     def student_budget(self, family: str) -> float:
-        """The students' FLOP budget: explicit, or what the encoder-decoder spends on `student_examples`."""
+        """The students' FLOP budget: explicit, or what the encoder-decoder spends on the family's
+        `student_examples` (`DemoConfig.student_examples_for`)."""
         if self.cfg.student_flops:
             return float(self.cfg.student_flops)
-        return self.flops_per_example(family, "encdec") * self.cfg.student_examples
+        return self.flops_per_example(family, "encdec") * self.cfg.student_examples_for(family)
 
     def est_steps(self, spec: RunSpec) -> int:
         c = self.cfg
