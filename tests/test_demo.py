@@ -46,6 +46,9 @@ def test_every_student_has_its_seeds_and_means(report):
         lo, hi = m["f1_ci95"]
         assert 0.0 <= lo <= hi <= 100.0
         assert len(m["curves"]) == len(seeds) and all(c["points"] for c in m["curves"])
+        kinds = m["by_kind"]  # F1 per kind of test question: the parts add up to the whole
+        assert sum(k["n"] for k in kinds.values()) == m["metrics"]["total"]
+        assert sum(k["n"] * k["f1"] for k in kinds.values()) / m["metrics"]["total"] == pytest.approx(m["metrics"]["f1"])
         assert all(p["flops"] > 0 and p["val_loss"] is not None for c in m["curves"] for p in c["points"])
 
 

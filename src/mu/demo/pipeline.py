@@ -213,6 +213,15 @@ class Demo:
                                                          self.cfg.max_target_len, task="squad_v2")
         return self._features[family]
 
+    def question_kinds(self) -> dict[str, str]:
+        """{test question id: its kind} (mu.data.synthetic_words.question_kind) for the built-in data, else {}."""
+        if self.cfg.train_data is not None:
+            return {}
+        from mu.data.synthetic_words import question_kind
+        from mu.data.tasks import iter_jsonl
+
+        return {str(r["id"]): question_kind(r) for _, r in iter_jsonl(self.split_paths()["test"])}
+
     def vocab_size(self) -> int:
         from mu.demo.runs import cached_tokenizer
         from mu.train.trainer import model_vocab_size
@@ -495,6 +504,7 @@ class Demo:
             "runs": list(self.records.values()), "bench": self.outputs["bench"],
             "chosen_lr": {f: {m: self.chosen_lr(f, m) for m in ("encdec", "deconly")} for f in c.families},
             "budgets": {f: self.student_budget(f) for f in c.families},
+            "question_kinds": self.question_kinds(),
             "labels": LABELS, "models": list(MODELS),
             "timing": {**self.timing, "status": dict(self.status)},
             "machine": {"cpu_count": os.cpu_count(), "isa": cpu_isa(), "workers": c.workers,

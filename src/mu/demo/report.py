@@ -116,8 +116,19 @@ def _final_runs(runs: list[dict], family: str, model: str, lr: Optional[float], 
     return out
 
 
+def by_kind(runs: list[dict], kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Test F1 per kind of question (mu.data.synthetic_words.question_kind), mean over seeds: {kind: {n, f1}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds.values())):
+        ids = [i for i, k in kinds.items() if k == kind]
+        f1 = _mean([100.0 * sum(r["test_f1_by_id"][i] for i in ids) / len(ids) for r in runs
+                    if all(i in r["test_f1_by_id"] for i in ids)])
+        out[kind] = {"n": len(ids), "f1": f1}
+    return out
+
+
 def _model_block(name: str, runs: list[dict], config: dict[str, Any], labels: dict[str, str],
-                 resamples: int) -> dict[str, Any]:
+                 resamples: int, kinds: Optional[dict[str, str]] = None) -> dict[str, Any]:
     arch = "encdec" if name.startswith("encdec") else "deconly"
     shape = config["teacher"] if name == "teacher" else config["student"]
     per_seed = []
@@ -143,6 +154,8 @@ def _model_block(name: str, runs: list[dict], config: dict[str, Any], labels: di
              "train_seconds": _mean([p["train_seconds"] for p in per_seed]),
              "curves": [{"seed": r["spec"]["seed"], "points": r.get("curve", [])} for r in runs],
              "model_dirs": [r.get("model_dir") for r in runs]}
+    if kinds:
+        block["by_kind"] = by_kind(runs, kinds)
     if name.startswith("encdec_kd"):
         block["teacher_forward_flops"] = _mean([r["train"].get("teacher_forward_flops") for r in runs])
     return block
@@ -157,7 +170,8 @@ def family_block(inputs: dict[str, Any], family: str) -> dict[str, Any]:
            "encdec_kd": chosen["encdec"], "encdec_kd_on": chosen["encdec"]}
     final = {m: _final_runs(runs, family, m, lrs[m], seeds if m != "teacher" else [cfg["seed"]])
              for m in inputs["models"]}
-    models = {m: _model_block(m, final[m], cfg, inputs["labels"], resamples) for m in inputs["models"] if final[m]}
+    models = {m: _model_block(m, final[m], cfg, inputs["labels"], resamples, inputs.get("question_kinds"))
+              for m in inputs["models"] if final[m]}
     claims = {}
     for name, (a, b, target, text) in CLAIMS.items():
         if a not in models or b not in models:
@@ -436,6 +450,17 @@ def family_markdown(t: dict[str, Any]) -> list[str]:
     lines.append("Validation F1 of the two CE students in three views (encoder-decoder read off its curve where "
                  "the decoder-only run ended):\n")
     lines.append(_table(["view", "encoder-decoder", "decoder-only"], rows))
+    from mu.data.synthetic_words import QUESTION_KINDS
+
+    kinds = sorted({k for r in t["models"].values() for k in r.get("by_kind", {})}, key=QUESTION_KINDS.index)
+    if kinds:
+        counts = next(r["by_kind"] for r in t["models"].values() if r.get("by_kind"))
+        lines.append("Test F1 by kind of question (mean over seeds): *shared* = both people have the asked attribute, "
+                     "so the value must be bound to its person; *absent person* = someone not in the paragraph, "
+                     "*absent attribute* = an attribute nobody there has (both unanswerable):\n")
+        lines.append(_table(["model"] + [f"{k.replace('_', ' ')} ({counts[k]['n']})" for k in kinds],
+                            [[r["label"]] + [_f(r["by_kind"].get(k, {}).get("f1")) for k in kinds]
+                             for r in t["models"].values() if r.get("by_kind")]))
     return lines
 
 
