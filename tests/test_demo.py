@@ -147,6 +147,32 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     assert {m for m, h in hashes(n_train=600).items() if h != base[m]} == set(MODELS)
 
 
+def test_teacher_data_changes_only_the_teacher_and_its_students(tmp_path):
+    from mu.data.tasks import iter_jsonl
+    from mu.demo import demo_config
+    from mu.demo.pipeline import Demo, RunSpec
+
+    def demo(**kw):
+        d = Demo(demo_config(str(tmp_path), "quick", progress=False, **kw))
+        d.run_data()
+        return d
+
+    plain = demo()
+    specs = [plain.teacher_spec("context_first")] + [RunSpec("context_first", m, 0, 2e-3) for m in STUDENTS]
+    before = {s.model: plain.payload(s) for s in specs}
+    hard = demo(teacher_synthetic={"facts_per_paragraph": 6, "negatives": ["absent_person", "other_person"]})
+    after = {s.model: hard.payload(s) for s in specs}
+    assert {m for m in before if before[m]["hash"] != after[m]["hash"]} == {"teacher", "encdec_kd", "encdec_kd_on"}
+    assert after["teacher"]["data"]["train"].endswith("teacher_train.jsonl")
+    assert all(after[m]["data"] == before[m]["data"] for m in STUDENTS)
+    held_out = {r["context"] for s in ("val", "test") for _, r in iter_jsonl(after["teacher"]["data"][s])}
+    teacher_rows = [r for _, r in iter_jsonl(after["teacher"]["data"]["train"])]
+    assert len(teacher_rows) > 0.9 * hard.cfg.n_train and not {r["context"] for r in teacher_rows} & held_out
+    assert all(len(r["context"].split(" . ")) == 6 for r in teacher_rows)  # the teacher's knobs, not the students'
+    with pytest.raises(MuError, match="teacher_synthetic"):
+        demo_config(str(tmp_path), "quick", train_data="x.jsonl", teacher_synthetic={})
+
+
 def test_family_budget_scale_is_the_same_for_every_student(tmp_path):
     from mu.demo import demo_config
     from mu.demo.pipeline import Demo, RunSpec

@@ -49,6 +49,8 @@ class DemoConfig:
     n_val: int = 200  # synthetic validation questions (a limit on val_data): LR choice and curves
     n_test: int = 600  # synthetic test questions (a limit on test_data)
     synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic_words (difficulty)
+    teacher_synthetic: Optional[dict[str, Any]] = None  # knobs (on top of `synthetic`) of the teacher's own
+    #   training split, n_train questions from the same generator (None: the students' training split)
     vocab_size: int = 1024  # byte-level BPE trained on --train-data (the built-in data is word-level)
     max_source_len: int = 64  # prompt tokens kept (both architectures, training and evaluation)
     max_target_len: int = 4  # answer tokens kept (EOS on top)
@@ -96,6 +98,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         self.synthetic = dict(self.synthetic or {})
+        self.teacher_synthetic = None if self.teacher_synthetic is None else dict(self.teacher_synthetic)
         self.student = dict(self.student)
         self.teacher = dict(self.teacher)
         self.family_budget_scale = {str(k): float(v) for k, v in (self.family_budget_scale or {}).items()}
@@ -143,6 +146,8 @@ class DemoConfig:
             raise MuError(f"demo setting kd_alpha must be in [0, 1], got {self.kd_alpha}")
         if not 0.0 <= self.kd_on_policy <= 1.0:
             raise MuError(f"demo setting kd_on_policy must be in [0, 1], got {self.kd_on_policy}")
+        if self.teacher_synthetic is not None and self.train_data:
+            raise MuError("demo setting teacher_synthetic applies to the built-in data, not to --train-data")
         if self.test_data and not self.train_data:
             raise MuError("--test-data needs --train-data (the built-in data has its own test split)")
         if self.val_data and not self.train_data:
