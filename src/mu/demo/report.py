@@ -499,7 +499,12 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"* Training: AdamW, batch {cfg['batch_size']}, cosine schedule, warmup {cfg['warmup']}, weight decay "
                  f"{cfg['weight_decay']}, {cfg['weight_init']} init, {cfg['precision']}; learning-rate grid "
                  f"{', '.join(f'{x:g}' for x in cfg['lr_grid'])} for both students; teacher lr {cfg['teacher_lr']:g}, "
-                 f"{cfg['teacher_examples']} examples. Students: one FLOP budget (6 x parameters x tokens per stack).")
+                 f"{cfg['teacher_examples']} examples"
+                 + (f" of its own training split (knobs {cfg['teacher_synthetic']})" if cfg.get("teacher_synthetic")
+                    else "") + ". Students: one FLOP budget per task family (6 x parameters x tokens per stack), what "
+                 f"the encoder-decoder spends on {cfg['student_examples']} examples"
+                 + "".join(f", x{x:g} for {f}" for f, x in (cfg.get("family_budget_scale") or {}).items()
+                           if f in cfg["families"]) + ".")
     lines.append(f"* Distillation: {cfg['kd_alpha']} x {cfg['kd_divergence']} (temperature {cfg['kd_temperature']}) + "
                  f"{1 - cfg['kd_alpha']:.1f} x CE; off-policy (gold targets) and on-policy (student samples scored by "
                  f"the teacher, fraction {cfg['kd_on_policy']}). The teacher's forward passes are outside the budget.")
