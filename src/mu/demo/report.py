@@ -351,6 +351,12 @@ def family_reading(t: dict[str, Any]) -> list[str]:
         if gap < TEACHER_LEAD_F1:
             text += (f" The teacher leads the CE student by only {gap:+.1f} F1 (target +{TEACHER_LEAD_F1:.0f}), so it "
                      f"has little to teach on this budget.")
+            hard = [k for k in ("answerable_shared", "absent_person") if k in teacher.get("by_kind", {})
+                    and k in e.get("by_kind", {})]
+            if hard:
+                text += (" On the questions that need each value bound to its person the teacher scores "
+                         + ", ".join(f"{_f(teacher['by_kind'][k]['f1'])} ({k.replace('_', ' ')}; the student "
+                                     f"{_f(e['by_kind'][k]['f1'])})" for k in hard) + ".")
         paras.append(text)
     abstainers = [x["label"] for x in m.values() if always_abstains(x["metrics"])]
     if abstainers:
