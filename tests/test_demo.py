@@ -46,6 +46,9 @@ def test_every_student_has_its_seeds_and_means(report):
         lo, hi = m["f1_ci95"]
         assert 0.0 <= lo <= hi <= 100.0
         assert len(m["curves"]) == len(seeds) and all(c["points"] for c in m["curves"])
+        kinds = m["by_kind"]  # F1 per kind of test question: the parts add up to the whole
+        assert sum(k["n"] for k in kinds.values()) == m["metrics"]["total"]
+        assert sum(k["n"] * k["f1"] for k in kinds.values()) / m["metrics"]["total"] == pytest.approx(m["metrics"]["f1"])
         assert all(p["flops"] > 0 and p["val_loss"] is not None for c in m["curves"] for p in c["points"])
 
 
@@ -142,6 +145,51 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     assert {m for m, h in hashes(kd_alpha=0.5).items() if h != base[m]} == {"encdec_kd", "encdec_kd_on"}
     assert {m for m, h in hashes(teacher_lr=1e-3).items() if h != base[m]} == {"teacher", "encdec_kd", "encdec_kd_on"}
     assert {m for m, h in hashes(n_train=600).items() if h != base[m]} == set(MODELS)
+
+
+def test_teacher_data_changes_only_the_teacher_and_its_students(tmp_path):
+    from mu.data.tasks import iter_jsonl
+    from mu.demo import demo_config
+    from mu.demo.pipeline import Demo, RunSpec
+
+    def demo(**kw):
+        d = Demo(demo_config(str(tmp_path), "quick", progress=False, **kw))
+        d.run_data()
+        return d
+
+    plain = demo()
+    specs = [plain.teacher_spec("context_first")] + [RunSpec("context_first", m, 0, 2e-3) for m in STUDENTS]
+    before = {s.model: plain.payload(s) for s in specs}
+    hard = demo(teacher_synthetic={"facts_per_paragraph": 6, "negatives": ["absent_person", "other_person"]})
+    after = {s.model: hard.payload(s) for s in specs}
+    assert {m for m in before if before[m]["hash"] != after[m]["hash"]} == {"teacher", "encdec_kd", "encdec_kd_on"}
+    assert after["teacher"]["data"]["train"].endswith("teacher_train.jsonl")
+    assert all(after[m]["data"] == before[m]["data"] for m in STUDENTS)
+    held_out = {r["context"] for s in ("val", "test") for _, r in iter_jsonl(after["teacher"]["data"][s])}
+    teacher_rows = [r for _, r in iter_jsonl(after["teacher"]["data"]["train"])]
+    assert len(teacher_rows) > 0.9 * hard.cfg.n_train and not {r["context"] for r in teacher_rows} & held_out
+    assert all(len(r["context"].split(" . ")) == 6 for r in teacher_rows)  # the teacher's knobs, not the students'
+    with pytest.raises(MuError, match="teacher_synthetic"):
+        demo_config(str(tmp_path), "quick", train_data="x.jsonl", teacher_synthetic={})
+
+
+def test_family_budget_scale_is_the_same_for_every_student(tmp_path):
+    from mu.demo import demo_config
+    from mu.demo.pipeline import Demo, RunSpec
+
+    d = Demo(demo_config(str(tmp_path), "quick", progress=False, families=("context_first", "question_first"),
+                         family_budget_scale={"question_first": 2.0}))
+    d.run_data()
+    one, two = d.student_budget("context_first"), d.student_budget("question_first")
+    per_example = d.flops_per_example("question_first", "encdec") / d.flops_per_example("context_first", "encdec")
+    assert two == pytest.approx(2.0 * one * per_example)
+    for model in STUDENTS:  # every student of the family trains on that one budget
+        assert d.payload(RunSpec("question_first", model, 0, 2e-3))["train"]["max_flops"] == two
+        assert d.payload(RunSpec("context_first", model, 0, 2e-3))["train"]["max_flops"] == one
+    assert d.est_steps(RunSpec("question_first", "deconly", 0, 2e-3)) > d.est_steps(RunSpec("context_first", "deconly",
+                                                                                            0, 2e-3))
+    with pytest.raises(MuError, match="family_budget_scale"):
+        demo_config(str(tmp_path), "quick", family_budget_scale={"question_first": 0})
 
 
 def test_decoder_only_twin_matches_parameters_or_refuses():

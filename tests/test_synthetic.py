@@ -92,6 +92,24 @@ def test_word_level_task_is_single_token_and_deterministic():
         word_example(rows[0], "sideways")
 
 
+def test_question_kinds_follow_the_paragraph():
+    from mu.data.synthetic_words import NEGATIVES, QUESTION_KINDS, paragraph_facts, question_kind, word_splits
+
+    ctx = "anna plays the harp . anna plays golf on weekends . leo plays the cello . leo works as a chef ."
+    assert paragraph_facts(ctx) == {("anna", "instrument"): "harp", ("anna", "sport"): "golf",
+                                    ("leo", "instrument"): "cello", ("leo", "job"): "chef"}
+    ask = lambda q, answers: question_kind({"context": ctx, "question": q, "answers": answers})  # noqa: E731
+    assert ask("what instrument does anna play ?", ["harp"]) == "answerable_shared"  # leo plays one too
+    assert ask("what sport does anna play ?", ["golf"]) == "answerable"
+    assert ask("what sport does mira play ?", []) == "absent_person"
+    assert ask("what pet does leo have ?", []) == "absent_attribute"
+    assert ask("what sport does leo play ?", []) == "other_person"
+    rows = word_splits(0, 600, 0, seed=4, negatives=NEGATIVES)["val"]
+    kinds = [question_kind(r) for r in rows]
+    assert set(kinds) == set(QUESTION_KINDS)
+    assert all((k.startswith("answerable")) == bool(r["answers"]) for k, r in zip(kinds, rows))
+
+
 def test_default_task_is_learnable_in_a_fixed_number_of_steps():
     """A 2-layer decoder-only model (width 64) leaves the abstain baseline on the demo's default task within
     400 steps of batch 32: answerable F1 >= 30 (abstaining scores 0 there). Counted in steps, not seconds."""

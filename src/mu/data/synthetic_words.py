@@ -117,6 +117,39 @@ def iter_word_paragraphs(seed: int = 0, entities: int = 2, facts_per_paragraph: 
         yield questions
 
 
+QUESTION_KINDS = ("answerable", "answerable_shared") + NEGATIVES  # what `question_kind` returns
+
+
+def paragraph_facts(context: str) -> dict[tuple[str, str], str]:
+    """{(person, attribute): value} of a paragraph written by `iter_word_paragraphs`."""
+    facts = {}
+    for sentence in context.split(" . "):
+        words = sentence.rstrip(" .").split()
+        for attr, (values, statement, _) in WORD_ATTRIBUTES.items():
+            pattern = statement.rstrip(" .").split()
+            if len(words) == len(pattern) and all(p in ("{n}", "{v}") or p == w for p, w in zip(pattern, words)):
+                facts[(words[pattern.index("{n}")], attr)] = words[pattern.index("{v}")]
+                break
+    return facts
+
+
+def question_kind(record: dict) -> str:
+    """What a question asks of a model (one of `QUESTION_KINDS`): "answerable" (only the asked person has the
+    attribute), "answerable_shared" (the other person has it too: the value must be bound to its person), or
+    the kind of unanswerable question (`NEGATIVES`)."""
+    facts = paragraph_facts(record["context"])
+    words = record["question"].split()
+    person = next(w for w in words if w in NAMES)
+    attr = next(a for a, (_, _, q) in WORD_ATTRIBUTES.items()
+                if len(q.split()) == len(words) and all(p == "{n}" or p == w for p, w in zip(q.split(), words)))
+    holders = {n for (n, a) in facts if a == attr}
+    if record["answers"]:
+        return "answerable_shared" if len(holders) > 1 else "answerable"
+    if person not in {n for n, _ in facts}:
+        return "absent_person"
+    return "other_person" if holders else "absent_attribute"
+
+
 def word_splits(n_train: int, n_val: int, n_test: int, seed: int = 0, **knobs) -> dict[str, list[dict]]:
     """Train/val/test from one stream of paragraphs (test first, then val, then train; no paragraph in two
     splits), so a bigger `n_train` leaves val and test unchanged."""

@@ -49,6 +49,8 @@ class DemoConfig:
     n_val: int = 200  # synthetic validation questions (a limit on val_data): LR choice and curves
     n_test: int = 600  # synthetic test questions (a limit on test_data)
     synthetic: dict[str, Any] = field(default_factory=dict)  # knobs of mu.data.synthetic_words (difficulty)
+    teacher_synthetic: Optional[dict[str, Any]] = None  # knobs (on top of `synthetic`) of the teacher's own
+    #   training split, n_train questions from the same generator (None: the students' training split)
     vocab_size: int = 1024  # byte-level BPE trained on --train-data (the built-in data is word-level)
     max_source_len: int = 64  # prompt tokens kept (both architectures, training and evaluation)
     max_target_len: int = 4  # answer tokens kept (EOS on top)
@@ -62,6 +64,9 @@ class DemoConfig:
     teacher_examples: int = 96000  # training examples the teacher sees (steps = this / batch_size)
     teacher_lr: float = 2e-3
     student_examples: int = 38400  # sets the students' FLOP budget: what the encoder-decoder needs for this many
+    family_budget_scale: dict[str, float] = field(default_factory=lambda: {"question_first": 2.0})  # per task
+    #   family: student_examples x this there, for every student alike (the decoder-only student learns the
+    #   question-first prompts more slowly: at 1x its validation curve was still rising; docs/demo.md)
     student_flops: Optional[float] = None  # an explicit FLOP budget instead (both students and the KD students)
     lr_grid: tuple[float, ...] = (2e-3, 4e-3)  # peak learning rates tried for both students (seed 0, validation F1)
     seeds: int = 3  # seeds per student (initialisation and data order; the same test set)
@@ -93,8 +98,10 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         self.synthetic = dict(self.synthetic or {})
+        self.teacher_synthetic = None if self.teacher_synthetic is None else dict(self.teacher_synthetic)
         self.student = dict(self.student)
         self.teacher = dict(self.teacher)
+        self.family_budget_scale = {str(k): float(v) for k, v in (self.family_budget_scale or {}).items()}
         self.bench_input_lengths = tuple(int(x) for x in self.bench_input_lengths)
         self.lr_grid = tuple(float(x) for x in self.lr_grid)
         self.families = tuple(self.families) if self.train_data is None else ("squad_v2",)
@@ -112,6 +119,9 @@ class DemoConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise MuError(f"demo setting {name} must be > 0, got {value}")
+        for family, scale in self.family_budget_scale.items():
+            if not scale > 0:
+                raise MuError(f"demo setting family_budget_scale[{family!r}] must be > 0, got {scale}")
         if not self.lr_grid or min(self.lr_grid) <= 0:
             raise MuError(f"demo setting lr_grid must be positive learning rates, got {list(self.lr_grid)}")
         if self.threads is not None and self.threads < 1:
@@ -136,6 +146,8 @@ class DemoConfig:
             raise MuError(f"demo setting kd_alpha must be in [0, 1], got {self.kd_alpha}")
         if not 0.0 <= self.kd_on_policy <= 1.0:
             raise MuError(f"demo setting kd_on_policy must be in [0, 1], got {self.kd_on_policy}")
+        if self.teacher_synthetic is not None and self.train_data:
+            raise MuError("demo setting teacher_synthetic applies to the built-in data, not to --train-data")
         if self.test_data and not self.train_data:
             raise MuError("--test-data needs --train-data (the built-in data has its own test split)")
         if self.val_data and not self.train_data:
@@ -155,6 +167,10 @@ class DemoConfig:
         return self
 
     # -- models ---------------------------------------------------------------------------------
+
+    def student_examples_for(self, family: str) -> int:
+        """The examples that set the students' FLOP budget in task `family`."""
+        return round(self.student_examples * self.family_budget_scale.get(family, 1.0))
 
     def model_config(self, role: str, vocab_size: int) -> MuConfig:
         """The MuConfig of "teacher", "encdec" (both encoder-decoder students) or "deconly"."""
@@ -176,6 +192,7 @@ class DemoConfig:
         d["bench_input_lengths"] = list(self.bench_input_lengths)
         d["lr_grid"] = list(self.lr_grid)
         d["families"] = list(self.families)
+        d["family_budget_scale"] = dict(self.family_budget_scale)
         return d
 
     def replace(self, **changes: Any) -> "DemoConfig":

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 from mu.demo.config import DemoConfig, settings_hash
 from mu.demo.report import fmt_time
-from mu.demo.runs import execute_run, load_done
+from mu.demo.runs import execute_run, load_done, split_examples
 from mu.errors import MuError
 from mu.atomic import atomic_directory, atomic_write_text
 
@@ -96,6 +96,8 @@ class Demo:
         self.records: dict[str, dict[str, Any]] = {}  # run key -> run.json record
         self._features: dict[str, list[dict]] = {}
         self.data_hash = settings_hash("data", self.data_settings())
+        self.teacher_data_hash = (None if cfg.teacher_synthetic is None else
+                                  settings_hash("teacher-data", self.data_hash, cfg.teacher_synthetic))
         self.timing: dict[str, float] = {}
 
     # -- data ---------------------------------------------------------------------------------------
@@ -118,12 +120,19 @@ class Demo:
     def split_paths(self) -> dict[str, str]:
         return {s: str(self.data_dir / f"{s}.jsonl") for s in ("train", "val", "test")}
 
+    def teacher_split_paths(self) -> dict[str, str]:
+        """The teacher's data: the students' splits, with its own training split when `teacher_synthetic` is set."""
+        paths = self.split_paths()
+        if self.teacher_data_hash is not None:
+            paths["train"] = str(self.data_dir / "teacher_train.jsonl")
+        return paths
+
     def run_data(self) -> dict[str, Any]:
         """Write data/{train,val,test}.jsonl and tokenizer/ (reused when data/data.json has the same hash)."""
         info = self.data_dir / "data.json"
         if info.is_file() and (self.tokenizer_dir / "tokenizer.json").is_file():
             summary = json.loads(info.read_text())
-            if summary.get("hash") == self.data_hash:
+            if summary.get("hash") == self.data_hash and summary.get("teacher_hash") == self.teacher_data_hash:
                 self.status["data"] = "reused"
                 return summary
         c = self.cfg
@@ -132,6 +141,11 @@ class Demo:
             from mu.data.synthetic_words import word_splits, word_tokenizer
 
             splits = word_splits(c.n_train, c.n_val, c.n_test, seed=c.seed, **c.synthetic)
+            if c.teacher_synthetic is not None:
+                held_out = {r["context"] for s in ("val", "test") for r in splits[s]}
+                teacher = word_splits(c.n_train, c.n_val, c.n_test, seed=c.seed,
+                                      **{**c.synthetic, **c.teacher_synthetic})["train"]
+                splits["teacher_train"] = [r for r in teacher if r["context"] not in held_out]
             tok = word_tokenizer()
             tokenizer_note = f"word-level, {len(tok)} tokens (one per word of the generator)"
         else:
@@ -144,7 +158,8 @@ class Demo:
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         with atomic_directory(self.tokenizer_dir) as tmp:
             tok.save_pretrained(tmp)
-        summary: dict[str, Any] = {"hash": self.data_hash, "tokenizer": tokenizer_note,
+        summary: dict[str, Any] = {"hash": self.data_hash, "teacher_hash": self.teacher_data_hash,
+                                   "tokenizer": tokenizer_note,
                                    "source": (self.split_paths() if c.train_data is None else
                                               {"train": c.train_data, "val": c.val_data or "held out from train",
                                                "test": c.test_data or c.val_data or "held out from train"})}
@@ -158,6 +173,10 @@ class Demo:
                 block[split] = {"examples": len(exs), "unanswerable": sum(not e.references for e in exs),
                                 "mean_source_tokens": sum(map(len, src)) / len(src),
                                 "mean_target_tokens": sum(map(len, tgt)) / len(tgt) + 1}  # + EOS
+            if self.teacher_data_hash is not None:
+                exs = split_examples({"data": self.teacher_split_paths(), "family": family}, "train")
+                block["teacher_train"] = {"examples": len(exs), "unanswerable": sum(not e.references for e in exs),
+                                          "knobs": c.teacher_synthetic}
             block["example"] = {"prompt": self.examples(family, "test")[0].source,
                                 "answer": self.examples(family, "test")[0].target}
             summary[family] = block
@@ -195,8 +214,6 @@ class Demo:
         return {"train": train[:c.n_train], "val": val, "test": test}
 
     def examples(self, family: str, split: str) -> list:
-        from mu.demo.runs import split_examples
-
         return split_examples({"data": self.split_paths(), "family": family}, split)
 
     def features(self, family: str) -> list[dict]:
@@ -212,6 +229,15 @@ class Demo:
                                                          cached_tokenizer(str(self.tokenizer_dir)), self.cfg.max_source_len,
                                                          self.cfg.max_target_len, task="squad_v2")
         return self._features[family]
+
+    def question_kinds(self) -> dict[str, str]:
+        """{test question id: its kind} (mu.data.synthetic_words.question_kind) for the built-in data, else {}."""
+        if self.cfg.train_data is not None:
+            return {}
+        from mu.data.synthetic_words import question_kind
+        from mu.data.tasks import iter_jsonl
+
+        return {str(r["id"]): question_kind(r) for _, r in iter_jsonl(self.split_paths()["test"])}
 
     def vocab_size(self) -> int:
         from mu.demo.runs import cached_tokenizer
@@ -236,10 +262,11 @@ class Demo:
         return training_flops(config, enc, dec)
 
     def student_budget(self, family: str) -> float:
-        """The students' FLOP budget: explicit, or what the encoder-decoder spends on `student_examples`."""
+        """The students' FLOP budget: explicit, or what the encoder-decoder spends on the family's
+        `student_examples` (`DemoConfig.student_examples_for`)."""
         if self.cfg.student_flops:
             return float(self.cfg.student_flops)
-        return self.flops_per_example(family, "encdec") * self.cfg.student_examples
+        return self.flops_per_example(family, "encdec") * self.cfg.student_examples_for(family)
 
     def est_steps(self, spec: RunSpec) -> int:
         c = self.cfg
@@ -282,11 +309,13 @@ class Demo:
         else:
             train["max_flops"] = self.student_budget(spec.family)
         payload: dict[str, Any] = {
-            "spec": spec.to_dict(), "family": spec.family, "data": self.split_paths(), "train": train,
+            "spec": spec.to_dict(), "family": spec.family, "train": train,
+            "data": self.teacher_split_paths() if spec.model == "teacher" else self.split_paths(),
             "kind": "kd" if spec.model.startswith("encdec_kd") else "ce", "threads": self.threads_per_worker(),
             "eval": {"batch_size": c.eval_batch_size, "max_new_tokens": c.max_new_tokens,
                      "max_source_len": c.max_source_len}}
-        depends = [self.data_hash]
+        depends = [self.data_hash] + ([self.teacher_data_hash] if spec.model == "teacher" and self.teacher_data_hash
+                                      else [])
         if payload["kind"] == "kd":
             teacher = self.teacher_spec(spec.family)
             payload["kd"] = dict(teacher=str(self.run_dir(teacher) / "final"), alpha=c.kd_alpha,
@@ -494,6 +523,7 @@ class Demo:
             "runs": list(self.records.values()), "bench": self.outputs["bench"],
             "chosen_lr": {f: {m: self.chosen_lr(f, m) for m in ("encdec", "deconly")} for f in c.families},
             "budgets": {f: self.student_budget(f) for f in c.families},
+            "question_kinds": self.question_kinds(),
             "labels": LABELS, "models": list(MODELS),
             "timing": {**self.timing, "status": dict(self.status)},
             "machine": {"cpu_count": os.cpu_count(), "isa": cpu_isa(), "workers": c.workers,

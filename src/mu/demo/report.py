@@ -116,8 +116,19 @@ def _final_runs(runs: list[dict], family: str, model: str, lr: Optional[float], 
     return out
 
 
+def by_kind(runs: list[dict], kinds: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Test F1 per kind of question (mu.data.synthetic_words.question_kind), mean over seeds: {kind: {n, f1}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds.values())):
+        ids = [i for i, k in kinds.items() if k == kind]
+        f1 = _mean([100.0 * sum(r["test_f1_by_id"][i] for i in ids) / len(ids) for r in runs
+                    if all(i in r["test_f1_by_id"] for i in ids)])
+        out[kind] = {"n": len(ids), "f1": f1}
+    return out
+
+
 def _model_block(name: str, runs: list[dict], config: dict[str, Any], labels: dict[str, str],
-                 resamples: int) -> dict[str, Any]:
+                 resamples: int, kinds: Optional[dict[str, str]] = None) -> dict[str, Any]:
     arch = "encdec" if name.startswith("encdec") else "deconly"
     shape = config["teacher"] if name == "teacher" else config["student"]
     per_seed = []
@@ -143,6 +154,8 @@ def _model_block(name: str, runs: list[dict], config: dict[str, Any], labels: di
              "train_seconds": _mean([p["train_seconds"] for p in per_seed]),
              "curves": [{"seed": r["spec"]["seed"], "points": r.get("curve", [])} for r in runs],
              "model_dirs": [r.get("model_dir") for r in runs]}
+    if kinds:
+        block["by_kind"] = by_kind(runs, kinds)
     if name.startswith("encdec_kd"):
         block["teacher_forward_flops"] = _mean([r["train"].get("teacher_forward_flops") for r in runs])
     return block
@@ -157,7 +170,8 @@ def family_block(inputs: dict[str, Any], family: str) -> dict[str, Any]:
            "encdec_kd": chosen["encdec"], "encdec_kd_on": chosen["encdec"]}
     final = {m: _final_runs(runs, family, m, lrs[m], seeds if m != "teacher" else [cfg["seed"]])
              for m in inputs["models"]}
-    models = {m: _model_block(m, final[m], cfg, inputs["labels"], resamples) for m in inputs["models"] if final[m]}
+    models = {m: _model_block(m, final[m], cfg, inputs["labels"], resamples, inputs.get("question_kinds"))
+              for m in inputs["models"] if final[m]}
     claims = {}
     for name, (a, b, target, text) in CLAIMS.items():
         if a not in models or b not in models:
@@ -337,6 +351,12 @@ def family_reading(t: dict[str, Any]) -> list[str]:
         if gap < TEACHER_LEAD_F1:
             text += (f" The teacher leads the CE student by only {gap:+.1f} F1 (target +{TEACHER_LEAD_F1:.0f}), so it "
                      f"has little to teach on this budget.")
+            hard = [k for k in ("answerable_shared", "absent_person") if k in teacher.get("by_kind", {})
+                    and k in e.get("by_kind", {})]
+            if hard:
+                text += (" On the questions that need each value bound to its person the teacher scores "
+                         + ", ".join(f"{_f(teacher['by_kind'][k]['f1'])} ({k.replace('_', ' ')}; the student "
+                                     f"{_f(e['by_kind'][k]['f1'])})" for k in hard) + ".")
         paras.append(text)
     abstainers = [x["label"] for x in m.values() if always_abstains(x["metrics"])]
     if abstainers:
@@ -436,6 +456,17 @@ def family_markdown(t: dict[str, Any]) -> list[str]:
     lines.append("Validation F1 of the two CE students in three views (encoder-decoder read off its curve where "
                  "the decoder-only run ended):\n")
     lines.append(_table(["view", "encoder-decoder", "decoder-only"], rows))
+    from mu.data.synthetic_words import QUESTION_KINDS
+
+    kinds = sorted({k for r in t["models"].values() for k in r.get("by_kind", {})}, key=QUESTION_KINDS.index)
+    if kinds:
+        counts = next(r["by_kind"] for r in t["models"].values() if r.get("by_kind"))
+        lines.append("Test F1 by kind of question (mean over seeds): *shared* = both people have the asked attribute, "
+                     "so the value must be bound to its person; *absent person* = someone not in the paragraph, "
+                     "*absent attribute* = an attribute nobody there has (both unanswerable):\n")
+        lines.append(_table(["model"] + [f"{k.replace('_', ' ')} ({counts[k]['n']})" for k in kinds],
+                            [[r["label"]] + [_f(r["by_kind"].get(k, {}).get("f1")) for k in kinds]
+                             for r in t["models"].values() if r.get("by_kind")]))
     return lines
 
 
@@ -474,7 +505,12 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"* Training: AdamW, batch {cfg['batch_size']}, cosine schedule, warmup {cfg['warmup']}, weight decay "
                  f"{cfg['weight_decay']}, {cfg['weight_init']} init, {cfg['precision']}; learning-rate grid "
                  f"{', '.join(f'{x:g}' for x in cfg['lr_grid'])} for both students; teacher lr {cfg['teacher_lr']:g}, "
-                 f"{cfg['teacher_examples']} examples. Students: one FLOP budget (6 x parameters x tokens per stack).")
+                 f"{cfg['teacher_examples']} examples"
+                 + (f" of its own training split (knobs {cfg['teacher_synthetic']})" if cfg.get("teacher_synthetic")
+                    else "") + ". Students: one FLOP budget per task family (6 x parameters x tokens per stack), what "
+                 f"the encoder-decoder spends on {cfg['student_examples']} examples"
+                 + "".join(f", x{x:g} for {f}" for f, x in (cfg.get("family_budget_scale") or {}).items()
+                           if f in cfg["families"]) + ".")
     lines.append(f"* Distillation: {cfg['kd_alpha']} x {cfg['kd_divergence']} (temperature {cfg['kd_temperature']}) + "
                  f"{1 - cfg['kd_alpha']:.1f} x CE; off-policy (gold targets) and on-policy (student samples scored by "
                  f"the teacher, fraction {cfg['kd_on_policy']}). The teacher's forward passes are outside the budget.")
