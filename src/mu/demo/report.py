@@ -349,8 +349,9 @@ def family_reading(t: dict[str, Any]) -> list[str]:
                 f"{k['ci95'][1]:+.1f}]; {_claim_verdict(k['f1_diff'], k['ci95'], k['target'])}.")
         gap = teacher["metrics"]["f1"] - e["metrics"]["f1"]
         if gap < TEACHER_LEAD_F1:
-            text += (f" The teacher leads the CE student by only {gap:+.1f} F1 (target +{TEACHER_LEAD_F1:.0f}), so it "
-                     f"has little to teach on this budget.")
+            lead = f"leads the CE student by only {gap:.1f}" if gap >= 0 else f"trails the CE student by {-gap:.1f}"
+            text += (f" The teacher {lead} F1 (target: leads by {TEACHER_LEAD_F1:.0f}), so it has little to teach on "
+                     f"this budget.")
             hard = [k for k in ("answerable_shared", "absent_person") if k in teacher.get("by_kind", {})
                     and k in e.get("by_kind", {})]
             if hard:
