@@ -24,6 +24,23 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _assert_cached_decode_matches_forward(m):
+    """A quantized model's cached decode (prefill + one decode_step per token) against its own uncached forward."""
+    prompt = _ids(1, 10, seed=2)
+    out = m.generate(prompt, max_new_tokens=6)
+    cache = m.new_cache(1, 20)
+    with torch.no_grad():
+        if m.config.arch == "encdec":
+            full = m(encoder_input_ids=prompt, decoder_input_ids=out).logits[0]
+            steps = [m.prefill(prompt, None, cache, out[:, :1])]
+            steps += [m.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
+        else:
+            full = m(input_ids=out).logits[0, 9:]
+            steps = [m.prefill(prompt, None, cache)]
+            steps += [m.decode_step(out[:, t:t + 1], cache) for t in range(10, out.shape[1])]
+    assert _rel(torch.cat(steps), full) < 0.05
+
+
 @pytest.fixture(params=["encdec", "deconly"])
 def model(request):
     torch.manual_seed(0)
@@ -151,19 +168,7 @@ def test_int8_logits_close_to_float_and_cached_close_to_uncached(model):
     valid = torch.cat([enc, dec], 1) != 0 if model.config.arch == "deconly" else dec != 0
     assert _rel(got[valid], ref[valid]) < 0.08
     # the cached decode of the int8 model against its own uncached forward
-    prompt = _ids(1, 10, seed=2)
-    out = m8.generate(prompt, max_new_tokens=6)
-    cache = m8.new_cache(1, 20)
-    with torch.no_grad():
-        if model.config.arch == "encdec":
-            full = m8(encoder_input_ids=prompt, decoder_input_ids=out).logits[0]
-            steps = [m8.prefill(prompt, None, cache, out[:, :1])]
-            steps += [m8.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
-        else:
-            full = m8(input_ids=out).logits[0, 9:]
-            steps = [m8.prefill(prompt, None, cache)]
-            steps += [m8.decode_step(out[:, t:t + 1], cache) for t in range(10, out.shape[1])]
-    assert _rel(torch.cat(steps), full) < 0.05
+    _assert_cached_decode_matches_forward(m8)
 
 
 def test_int8_decoder_only_quantization_keeps_the_encoder_exact():
@@ -391,19 +396,7 @@ def test_weight_only_modes_close_to_float_and_cached_close_to_uncached(model, mo
         ref, got = _logits(model, enc, dec), _logits(mq, enc, dec)
     valid = torch.cat([enc, dec], 1) != 0 if model.config.arch == "deconly" else dec != 0
     assert _rel(got[valid], ref[valid]) < tol
-    prompt = _ids(1, 10, seed=2)
-    out = mq.generate(prompt, max_new_tokens=6)
-    cache = mq.new_cache(1, 20)
-    with torch.no_grad():
-        if model.config.arch == "encdec":
-            full = mq(encoder_input_ids=prompt, decoder_input_ids=out).logits[0]
-            steps = [mq.prefill(prompt, None, cache, out[:, :1])]
-            steps += [mq.decode_step(out[:, t:t + 1], cache) for t in range(1, out.shape[1])]
-        else:
-            full = mq(input_ids=out).logits[0, 9:]
-            steps = [mq.prefill(prompt, None, cache)]
-            steps += [mq.decode_step(out[:, t:t + 1], cache) for t in range(10, out.shape[1])]
-    assert _rel(torch.cat(steps), full) < 0.05  # decode (weight-only kernel) vs prefill (dynamic int8) path
+    _assert_cached_decode_matches_forward(mq)  # decode (weight-only kernel) vs prefill (dynamic int8) path
 
 
 def test_weight_only_kernels_equal_their_dequantized_weights():
