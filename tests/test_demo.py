@@ -131,6 +131,27 @@ def test_rerun_reuses_every_run(demo):
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def _teachers_done(d, val_f1=(50.0,)):
+    """Mark the demo's teacher runs finished with these validation F1s (so KD payloads can name their teacher)."""
+    for family in d.cfg.families:
+        for spec, f1 in zip(d.teacher_specs(family), val_f1):
+            d.records[spec.key] = {"val": {"f1": f1}, "train": {"val_loss": 1.0}}
+
+
+def test_teacher_with_the_best_validation_f1_teaches(tmp_path):
+    from mu.demo import demo_config
+    from mu.demo.pipeline import Demo, RunSpec
+
+    d = Demo(demo_config(str(tmp_path), "quick", progress=False, teacher_seeds=3))
+    d.run_data()
+    assert [s.seed for s in d.teacher_specs("context_first")] == [0, 1, 2]
+    assert d.teacher_spec("context_first") is None  # KD waits for every teacher
+    _teachers_done(d, (70.0, 88.0, 88.0))
+    assert d.teacher_spec("context_first").seed == 1  # best validation F1; ties go to the lower seed
+    kd = d.payload(RunSpec("context_first", "encdec_kd", 0, 2e-3))
+    assert kd["kd"]["teacher"].endswith(str(d.run_dir(d.teacher_specs("context_first")[1]) / "final"))
+
+
 def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     from mu.demo import demo_config
     from mu.demo.pipeline import Demo, RunSpec
@@ -138,6 +159,7 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     def hashes(**kw):
         d = Demo(demo_config(str(tmp_path), "quick", progress=False, **kw))
         d.run_data()
+        _teachers_done(d)
         specs = [d.teacher_spec("context_first")] + [RunSpec("context_first", m, 0, 2e-3) for m in STUDENTS]
         return {s.model: d.payload(s)["hash"] for s in specs}
 
@@ -145,6 +167,19 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     assert {m for m, h in hashes(kd_alpha=0.5).items() if h != base[m]} == {"encdec_kd", "encdec_kd_on"}
     assert {m for m, h in hashes(teacher_lr=1e-3).items() if h != base[m]} == {"teacher", "encdec_kd", "encdec_kd_on"}
     assert {m for m, h in hashes(n_train=600).items() if h != base[m]} == set(MODELS)
+    assert {m for m, h in hashes(teacher_documents=False).items() if h != base[m]} == {"teacher", "encdec_kd",
+                                                                                      "encdec_kd_on"}
+
+
+def test_teacher_learns_from_documents_and_students_from_single_questions(demo):
+    def scored_per_sequence(model):
+        (path,) = demo.glob(f"context_first/{model}/seed0-*/run.json") if model == "teacher" else \
+            sorted(demo.glob(f"context_first/{model}/seed0-*/run.json"))[:1]
+        t = json.loads(path.read_text())["train"]
+        return t["loss_tokens"] / t["examples"]
+
+    assert scored_per_sequence("teacher") > 20  # a paragraph and its questions, every token after the first
+    assert scored_per_sequence("encdec") == scored_per_sequence("deconly") == 2  # the answer word and EOS
 
 
 def test_teacher_data_changes_only_the_teacher_and_its_students(tmp_path):
@@ -155,6 +190,7 @@ def test_teacher_data_changes_only_the_teacher_and_its_students(tmp_path):
     def demo(**kw):
         d = Demo(demo_config(str(tmp_path), "quick", progress=False, **kw))
         d.run_data()
+        _teachers_done(d)
         return d
 
     plain = demo()
@@ -180,6 +216,7 @@ def test_family_budget_scale_is_the_same_for_every_student(tmp_path):
     d = Demo(demo_config(str(tmp_path), "quick", progress=False, families=("context_first", "question_first"),
                          family_budget_scale={"question_first": 2.0}))
     d.run_data()
+    _teachers_done(d)
     one, two = d.student_budget("context_first"), d.student_budget("question_first")
     per_example = d.flops_per_example("question_first", "encdec") / d.flops_per_example("context_first", "encdec")
     assert two == pytest.approx(2.0 * one * per_example)

@@ -314,6 +314,10 @@ class Demo:
             "kind": "kd" if spec.model.startswith("encdec_kd") else "ce", "threads": self.threads_per_worker(),
             "eval": {"batch_size": c.eval_batch_size, "max_new_tokens": c.max_new_tokens,
                      "max_source_len": c.max_source_len}}
+        if spec.model == "teacher":
+            payload["documents"] = c.teacher_documents and c.train_data is None
+            if payload["documents"]:  # batches of like-length documents hold like questions: shuffle plainly
+                train["group_by_length"] = False
         depends = [self.data_hash] + ([self.teacher_data_hash] if spec.model == "teacher" and self.teacher_data_hash
                                       else [])
         if payload["kind"] == "kd":
@@ -334,8 +338,20 @@ class Demo:
             return self.cfg.threads
         return max(1, (os.cpu_count() or 1) // max(1, self.cfg.workers))
 
-    def teacher_spec(self, family: str) -> RunSpec:
-        return RunSpec(family, "teacher", self.cfg.seed, self.cfg.teacher_lr)
+    def teacher_specs(self, family: str) -> list[RunSpec]:
+        c = self.cfg
+        return [RunSpec(family, "teacher", s, c.teacher_lr) for s in range(c.seed, c.seed + c.teacher_seeds)]
+
+    def teacher_spec(self, family: str) -> Optional[RunSpec]:
+        """The teacher run with the best validation F1 (ties: lower validation loss, then the lower seed);
+        None until every teacher run of the family is done."""
+        results = []
+        for spec in self.teacher_specs(family):
+            rec = self.records.get(spec.key)
+            if rec is None:
+                return None
+            results.append((-rec["val"]["f1"], rec["train"].get("val_loss") or 0.0, spec.seed, spec))
+        return min(results, key=lambda r: r[:3])[3]
 
     def grid_specs(self, family: str) -> list[RunSpec]:
         return [RunSpec(family, m, self.cfg.seed, lr, grid=True) for lr in self.cfg.lr_grid
@@ -362,7 +378,7 @@ class Demo:
             if lr is not None:
                 specs += [RunSpec(family, model, s, lr, grid=(s == c.seed)) for s in seeds]
         lr = self.chosen_lr(family, "encdec")
-        if lr is not None and self.teacher_spec(family).key in self.records:
+        if lr is not None and self.teacher_spec(family) is not None:
             specs += [RunSpec(family, m, s, lr) for m in ("encdec_kd", "encdec_kd_on") for s in seeds]
         return specs
 
@@ -371,7 +387,7 @@ class Demo:
         c = self.cfg
         pending: dict[str, RunSpec] = {}
         for family in c.families:
-            for spec in [self.teacher_spec(family)] + self.grid_specs(family):
+            for spec in self.teacher_specs(family) + self.grid_specs(family):
                 pending[spec.key] = spec
         submitted: dict[str, Any] = {}
         total_cost = sum(self.est_cost(s) for s in pending.values())
@@ -522,6 +538,7 @@ class Demo:
             "config": c.to_dict(), "device": str(self.device), "data": self.outputs["data"],
             "runs": list(self.records.values()), "bench": self.outputs["bench"],
             "chosen_lr": {f: {m: self.chosen_lr(f, m) for m in ("encdec", "deconly")} for f in c.families},
+            "teacher_seed": {f: self.teacher_spec(f).seed for f in c.families},
             "budgets": {f: self.student_budget(f) for f in c.families},
             "question_kinds": self.question_kinds(),
             "labels": LABELS, "models": list(MODELS),

@@ -168,7 +168,7 @@ def family_block(inputs: dict[str, Any], family: str) -> dict[str, Any]:
     resamples = cfg.get("bootstrap", 2000)
     lrs = {"teacher": cfg["teacher_lr"], "encdec": chosen["encdec"], "deconly": chosen["deconly"],
            "encdec_kd": chosen["encdec"], "encdec_kd_on": chosen["encdec"]}
-    final = {m: _final_runs(runs, family, m, lrs[m], seeds if m != "teacher" else [cfg["seed"]])
+    final = {m: _final_runs(runs, family, m, lrs[m], seeds if m != "teacher" else [inputs["teacher_seed"][family]])
              for m in inputs["models"]}
     models = {m: _model_block(m, final[m], cfg, inputs["labels"], resamples, inputs.get("question_kinds"))
               for m in inputs["models"] if final[m]}
@@ -506,7 +506,11 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"* Training: AdamW, batch {cfg['batch_size']}, cosine schedule, warmup {cfg['warmup']}, weight decay "
                  f"{cfg['weight_decay']}, {cfg['weight_init']} init, {cfg['precision']}; learning-rate grid "
                  f"{', '.join(f'{x:g}' for x in cfg['lr_grid'])} for both students; teacher lr {cfg['teacher_lr']:g}, "
-                 f"{cfg['teacher_examples']} examples"
+                 + (f"{cfg['teacher_examples']} documents (a language model on each paragraph with its questions "
+                    "packed after it, every token scored)" if cfg.get("teacher_documents") and not cfg.get("train_data")
+                    else f"{cfg['teacher_examples']} examples")
+                 + (f", the best of {cfg['teacher_seeds']} seeds on validation F1" if cfg.get("teacher_seeds", 1) > 1
+                    else "")
                  + (f" of its own training split (knobs {cfg['teacher_synthetic']})" if cfg.get("teacher_synthetic")
                     else "") + ". Students: one FLOP budget per task family (6 x parameters x tokens per stack), what "
                  f"the encoder-decoder spends on {cfg['student_examples']} examples"
