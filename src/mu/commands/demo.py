@@ -64,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "context_first (question after the context), question_first")
     g.add_argument("--max-source-len", type=int, help="prompt tokens kept")
     g = p.add_argument_group("training")
-    g.add_argument("--teacher-examples", type=int, help="training examples the teacher sees")
+    g.add_argument("--teacher-examples", type=int,
+                   help="training sequences the teacher sees (documents: a paragraph with its questions)")
+    g.add_argument("--teacher-seeds", type=int, help="teachers trained; the best on validation F1 teaches (default 2)")
     g.add_argument("--student-examples", type=int,
                    help="the students' FLOP budget, as what the encoder-decoder spends on this many examples")
     g.add_argument("--max-flops", type=number(float), dest="student_flops",
@@ -93,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SETTINGS = ("train_data", "val_data", "test_data", "families", "n_train", "n_val", "n_test", "vocab_size",
-            "max_source_len", "teacher_examples", "student_examples", "student_flops", "batch_size", "teacher_lr",
+            "max_source_len", "teacher_examples", "teacher_seeds", "student_examples", "student_flops", "batch_size", "teacher_lr",
             "lr_grid", "seeds", "kd_alpha", "kd_temperature", "kd_on_policy", "bench_preset", "bench_input_lengths",
             "bench_new_tokens", "device", "workers", "threads", "seed")
 
