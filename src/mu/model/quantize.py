@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import warnings
 import weakref
 from typing import Callable, Iterable, Optional
@@ -96,16 +97,21 @@ _handles = itertools.count()
 # Defined with `torch.library.Library` and a CPU kernel rather than `torch.library.custom_op`, whose wrapper
 # costs more per call: 61 such calls from a compiled graph (inductor's C++ wrapper) took 995 vs 604 us, the
 # kernels called directly 424 us (tiny weights, one thread, docs/efficiency.md).
-_LIB = torch.library.Library("mu", "DEF")
-_LIB.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
-_LIB.impl("int8_linear", lambda x, handle, out_features: _PACKED[handle](x.contiguous()), "CPU")
+# Defined once per process: a second import of this module (after its removal from `sys.modules`) finds the
+# op, and the kernel looks the handle up in whichever copy of the module `sys.modules` holds now.
+def _int8_linear_kernel(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return sys.modules[__name__]._PACKED[handle](x.contiguous())
 
 
-@torch.library.register_fake("mu::int8_linear")
-def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+def _int8_linear_fake(x: Tensor, handle: int, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+if not hasattr(torch.ops.mu, "int8_linear"):
+    _LIB = torch.library.Library("mu", "DEF")
+    _LIB.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
+    _LIB.impl("int8_linear", _int8_linear_kernel, "CPU")
+    torch.library.register_fake("mu::int8_linear", _int8_linear_fake, lib=_LIB)
 _int8_linear_op = torch.ops.mu.int8_linear.default
 
 
