@@ -5,7 +5,9 @@
 The weights of one decode token of the 330m encoder-decoder (10 decoder layers: fused q/k/v 768x1024, out
 1024x384, cross q 384x1024, cross out 1024x384, fc1 4096x1024, fc2 1024x4096; lm_head 32128x1024; 139M
 weights, random) are multiplied by one input row each, in order, through each kernel: fp32 `F.linear`, fp32
-`split_linear`, fbgemm dynamic int8 (`mu.model.quantize.Int8Linear`), `torch._weight_int8pack_mm` (fp32 and
+`split_linear`, fbgemm's int8 GEMM as `mu.model.quantize.Int8Linear` runs it (aten's tensor-only
+`fbgemm_linear_int8_weight_fp32_activation`) and through `quantized::linear_dynamic` (what it ran before),
+`torch._weight_int8pack_mm` (fp32 and
 bf16 activations) and `torch._weight_int4pack_mm_for_cpu` (groups of 64, bf16 activations). Medians of 5
 passes; "GB/s" = the kernel's weight bytes per token / time, and its fraction of the streaming read: the
 ceiling that kernel puts on a decode step's roofline fraction, whatever runs around it. Also prints the
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mu.model.fast import split_linear
-from mu.model.quantize import Int4Linear, Int8Linear, Int8WeightOnlyLinear
+from mu.model.quantize import Int4Linear, Int8Linear, Int8WeightOnlyLinear, _DynamicInt8, _per_channel_int8
 from mu.utils import cpu_isa
 
 SHAPES = [(768, 1024), (1024, 384), (384, 1024), (1024, 384), (4096, 1024), (1024, 4096)] * 10 + [(32128, 1024)]
@@ -68,7 +70,9 @@ def main() -> None:
     with torch.inference_mode():
         bench("fp32 F.linear", [lambda x, w=w: F.linear(x, w) for w in weights], 4)
         bench("fp32 split_linear", [lambda x, w=w: split_linear(x, w, None) for w in weights], 4)
-        bench("int8 fbgemm dynamic", [Int8Linear(w) for w in weights], 1)
+        bench("int8 fbgemm (Int8Linear)", [Int8Linear(w) for w in weights], 1)
+        bench("int8 fbgemm, quantized::linear_dynamic",
+              [_DynamicInt8(*_per_channel_int8(w), None).raw for w in weights], 1)
         wo = [Int8WeightOnlyLinear(w) for w in weights]
         bench("int8 _weight_int8pack_mm, bf16 act", wo, 1)
         bench("int8 _weight_int8pack_mm, fp32 act",

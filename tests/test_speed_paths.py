@@ -187,15 +187,20 @@ def test_int8_dequant_fallback_matches_fbgemm(monkeypatch):
     lin = torch.nn.Linear(64, 48)
     x = torch.randn(3, 5, 64)
     fast = q8.Int8Linear(lin.weight, lin.bias)
+    with monkeypatch.context() as m:  # torch without the tensor-only op: fbgemm's dynamic-quantization op
+        m.setattr(q8, "_linear_int8", None)
+        dynamic = q8.Int8Linear(lin.weight, lin.bias)
     monkeypatch.setattr(q8, "_fbgemm_available", lambda: False)
     slow = q8.Int8Linear(lin.weight, lin.bias)
     assert slow.backend == "dequant"
     with torch.no_grad():
         ref = lin(x)
         assert _rel(slow(x), ref) < 0.02
-        if fast.backend == "fbgemm":
-            assert _rel(fast(x), ref) < 0.03  # activations are quantized too (7-bit, per call)
-        assert fast(x).shape == ref.shape == (3, 5, 48)
+        for quantized in (fast, dynamic):
+            if quantized.backend.startswith("fbgemm"):
+                assert _rel(quantized(x), ref) < 0.03  # activations are quantized too (per call)
+            assert quantized(x).shape == ref.shape == (3, 5, 48)
+        assert dynamic.backend in ("fbgemm-dynamic", "dequant")
 
 
 def test_int8_model_refuses_training_saving_and_double_quantization(model, tmp_path):
@@ -318,26 +323,57 @@ def test_compile_refuses_weight_only_quantized_models(model):
 def test_int8_op_for_compiled_graphs_equals_the_eager_kernel():
     """`mu::int8_linear` (what a compiled decode step calls) is fbgemm's GEMM over the same packed weights,
     and torch.compile traces it as one op (aot_eager: tracing only, no C++ compiler needed)."""
-    torch.manual_seed(0)
-    lin = q8.Int8Linear(torch.randn(48, 32), torch.randn(48))
-    x = torch.randn(2, 1, 32)
-    with torch.no_grad():
-        eager = lin(x)
-        assert torch.equal(torch.ops.mu.int8_linear(x, lin._gemm.handle, 48), eager)
-        traced = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
-    assert torch.equal(traced, eager)
     import copy
     import gc
 
+    torch.manual_seed(0)
+    lin = q8.Int8Linear(torch.randn(48, 32), torch.randn(48))
+    x = torch.randn(2, 1, 32)
+
+    def op(layer):
+        y = torch.ops.mu.int8_linear(x, layer._gemm.handle, 48)
+        return y * layer.scale if layer._gemm.scale_outside else y
+
+    with torch.no_grad():
+        eager = lin(x)
+        assert torch.equal(op(lin), eager)
+        traced = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(traced, eager)
     twin = copy.deepcopy(lin)
     handle = lin._gemm.handle
-    assert twin._gemm.handle != handle
     del lin
     gc.collect()
-    assert handle not in q8._PACKED  # the packed weights leave with their layer, the copy keeps its own
+    assert twin._gemm.handle in q8._PACKED  # a copy keeps packed weights it can reach (its own or shared)
     with torch.no_grad():
-        assert torch.equal(torch.ops.mu.int8_linear(x, twin._gemm.handle, 48), eager)
+        assert torch.equal(op(twin), eager)
         assert torch.equal(twin(x), eager)
+    if twin._gemm.handle != handle:
+        assert handle not in q8._PACKED  # the original's own packing left with it
+    del twin
+    gc.collect()
+    assert handle not in q8._PACKED
+
+
+def test_fbgemm_int8_kernel_matches_float_and_does_not_saturate():
+    """The tensor-only fbgemm kernel (8-bit activation codes, 7-bit weight codes) against the float product,
+    on random data and on the worst case for AVX2's int16 pair sums: every weight at its channel's maximum and
+    activations at the top of their range. Its bias goes in divided by the per-channel scales."""
+    if q8._linear_int8 is None or not q8._fbgemm_available():
+        pytest.skip("needs fbgemm's tensor-only int8 op")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    fast = q8.Int8Linear(lin.weight, lin.bias)
+    assert fast.backend == "fbgemm"
+    x = torch.randn(4, 3, 256)
+    with torch.no_grad():
+        assert _rel(fast(x), lin(x)) < 0.02
+        assert _rel(fast(x[:1, :1]), lin(x[:1, :1])) < 0.02  # one row (decode)
+        assert fast(x[:0]).shape == (0, 3, 64)
+        worst = q8.Int8Linear(torch.full((16, 256), 0.5))
+        xs = torch.rand(1, 256) * 0.1 + 0.9
+        xs[0, 0] = -1.0  # activation codes: -1 -> 0, the rest near 255
+        assert _rel(worst(xs), xs @ torch.full((256, 16), 0.5)) < 0.01
+        assert _rel(worst(xs.double()).float(), xs @ torch.full((256, 16), 0.5)) < 0.01  # other dtypes: converted
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),

@@ -13,15 +13,17 @@ Modes (`QUANT_MODES`); prefill (many rows) and decode (a few rows, `DECODE_MAX_R
 different kernels over the same stored weights:
 
 - "int8" (`Int8Linear`): int8 weights, one symmetric scale per output channel, activations quantized
-  on the fly; both phases run fbgemm's dynamically quantized GEMM (`quantized::linear_dynamic`, the
-  kernel behind `torch.ao` dynamic quantisation): 1 byte per weight, u8 x s8 with int32 accumulation.
-  Activations use 7-bit codes with one scale and zero point per call (`reduce_range`, needed because
-  AVX2's int8 multiply-add saturates int16 with 8-bit codes): ~1-2% relative error per layer output on
-  random weights. Where fbgemm is unavailable (non-x86 builds) it dequantizes the same int8 weights
-  into a float matmul instead: same numbers to rounding, no speed-up.
-- "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): the same int8 weights; decode runs
-  `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs fbgemm's dynamic GEMM
-  over the same int8 values (the weight-only kernel is a GEMV kernel: 4x slower than fp32 at 512 rows).
+  on the fly; both phases run fbgemm's int8 GEMM (u8 x s8, int32 accumulation) through aten's tensor-only
+  `fbgemm_linear_int8_weight_fp32_activation` (`_FbgemmInt8`): 8-bit activation codes with one scale and
+  zero point per call, 7-bit weight codes (|q| <= 63, so AVX2's int16 pair sums cannot saturate), the
+  per-channel scales applied to its output. Where that op is missing it runs `quantized::linear_dynamic`
+  (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind `torch.ao` dynamic
+  quantisation, whose calls cost ~25 us more each (docs/efficiency.md). ~1-2% relative error per layer
+  output on random weights either way. Where fbgemm is unavailable (non-x86 builds) it dequantizes the
+  same int8 weights into a float matmul instead: same numbers to rounding, no speed-up.
+- "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
+  `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s fbgemm GEMM over
+  its own codes of the same weights (the weight-only kernel is a GEMV kernel: 4x slower than fp32 at 512 rows).
 - "int4" (`Int4Linear`, group-wise weight-only int4, asymmetric, `group_size` 64 by default): decode runs
   `torch._weight_int4pack_mm_for_cpu` (bf16 activations, 0.5 byte per weight + bf16 scale and zero
   per group); prefill runs fbgemm's dynamic int8 GEMM over the dequantized int4 weights (re-rounded to
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import warnings
 import weakref
 from typing import Callable, Iterable, Optional
@@ -49,10 +52,18 @@ from mu.errors import MuError
 DECODE_MAX_ROWS = 8  # at most this many input rows: a decode product (matrix-vector in effect)
 
 _linear_dynamic = torch.ops.quantized.linear_dynamic.default if hasattr(torch.ops.quantized, "linear_dynamic") else None
+# fbgemm's int8 GEMM behind tensor-only arguments (aten's `fbgemm_linear_int8_weight_fp32_activation`)
+_linear_int8 = getattr(torch, "fbgemm_linear_int8_weight_fp32_activation", None)
+FBGEMM_WEIGHT_MAX = 63  # 7-bit weight codes for `_linear_int8`: its activations use all 8 bits (see `_FbgemmInt8`)
+
+
+def _fbgemm_engine() -> bool:
+    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines))
 
 
 def _fbgemm_available() -> bool:
-    return bool({"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines)) and _linear_dynamic is not None
+    """True when fbgemm's int8 GEMM is reachable (tensor-only op, or the dynamic-quantization op)."""
+    return _fbgemm_engine() and (_linear_int8 is not None or _linear_dynamic is not None)
 
 
 def int4_available() -> bool:
@@ -64,11 +75,11 @@ def int8_weight_only_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
-def _per_channel_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: (codes (out, in) int8, scales (out,) fp32)."""
+def _per_channel_int8(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel codes in -qmax..qmax: (codes (out, in) int8, scales (out,) fp32)."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / qmax
+    return torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
 
 
 def _check_inference(x: Tensor) -> None:
@@ -76,55 +87,104 @@ def _check_inference(x: Tensor) -> None:
         raise MuError("this model is quantized (inference only); train the float model, quantize after")
 
 
-# fbgemm's packed weights are a TorchScript object, which `torch.compile` cannot pass to an op; a compiled
-# decode step (`generate(compile=True)`) reaches them through `mu::int8_linear` by an integer handle instead:
-# the same kernel, called from the compiled graph as an opaque op. Entries leave with their `_DynamicInt8`.
+# A compiled decode step (`generate(compile=True)`) reaches fbgemm through one opaque op, `mu::int8_linear`, which
+# finds the layer's packed weights by an integer handle (fbgemm's packed weights are no ordinary tensor or are a
+# TorchScript object, which `torch.compile` cannot take as an argument). Entries leave with their GEMM object.
 _PACKED: dict[int, object] = {}
 _handles = itertools.count()
 
 
-@torch.library.custom_op("mu::int8_linear", mutates_args=())
-def _int8_linear_op(x: Tensor, handle: int, out_features: int) -> Tensor:
-    return _linear_dynamic(x.contiguous(), _PACKED[handle], True)
+# Defined with `torch.library.Library` and a CPU kernel rather than `torch.library.custom_op`, whose wrapper
+# costs more per call: 61 such calls from a compiled graph (inductor's C++ wrapper) took 995 vs 604 us, the
+# kernels called directly 424 us (tiny weights, one thread, docs/efficiency.md).
+# Defined once per process: a second import of this module (after its removal from `sys.modules`) finds the
+# op, and the kernel looks the handle up in whichever copy of the module `sys.modules` holds now.
+def _int8_linear_kernel(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return sys.modules[__name__]._PACKED[handle](x.contiguous())
 
 
-@_int8_linear_op.register_fake
-def _(x: Tensor, handle: int, out_features: int) -> Tensor:
+def _int8_linear_fake(x: Tensor, handle: int, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-class _DynamicInt8:
-    """fbgemm's dynamic int8 GEMM over given int8 codes and per-channel scales (or a dequantizing fallback)."""
+if not hasattr(torch.ops.mu, "int8_linear"):
+    _LIB = torch.library.Library("mu", "DEF")
+    _LIB.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
+    _LIB.impl("int8_linear", _int8_linear_kernel, "CPU")
+    torch.library.register_fake("mu::int8_linear", _int8_linear_fake, lib=_LIB)
+_int8_linear_op = torch.ops.mu.int8_linear.default
+
+
+class _Int8Gemm:
+    """fbgemm's int8 GEMM over one layer's int8 codes; `raw(x)` (fp32 x) is the product, times `Int8Linear.scale`
+    when `scale_outside`. `_PACKED` holds `raw` (a function of the packed weights, not of this object)."""
+
+    scale_outside = False
+    raw: Callable[[Tensor], Tensor]
+
+    def _register(self, raw: Callable[[Tensor], Tensor]) -> None:
+        self.raw = raw
+        self.handle = next(_handles)
+        _PACKED[self.handle] = raw
+        weakref.finalize(self, _PACKED.pop, self.handle, None)
+
+
+def _bind_int8(codes: Tensor, packed: Tensor, col_offsets: Tensor, bias: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda x: _linear_int8(x, codes, packed, col_offsets, 1.0, 0, bias)
+
+
+class _FbgemmInt8(_Int8Gemm):
+    """`_linear_int8`: u8 activation codes chosen per call (the input's min..max over 0..255), s8 weights packed
+    once, int32 accumulation, float output. All its arguments are tensors, so a call from Python costs a few
+    microseconds; `quantized::linear_dynamic` takes fbgemm's packed weights as a TorchScript object, and each call's
+    argument check looks up `__torch_function__` on it, which raises (and catches) a C++ exception: ~25 us of a
+    40 us product at one row (docs/efficiency.md).
+
+    The op takes one weight scale for the whole matrix: it gets 1.0, and the per-channel scales multiply its output
+    (the bias is passed divided by them). AVX2's u8 x s8 multiply-add sums pairs of products in int16, which
+    saturates for 8-bit activation codes times 8-bit weights (2 x 255 x 127 > 32767), so the weights use 7-bit
+    codes (|q| <= 63: 2 x 255 x 63 < 32767).
+    """
+
+    scale_outside = True
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
-        self.packed = None
-        self.out_features = q.shape[0]
-        if _fbgemm_available() and q.device.type == "cpu":
-            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the kernel is not
-                warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-                self.packed = torch.ops.quantized.linear_prepack(qw, bias)
-            self._register()
+        self.codes = q.new_empty(1).expand(q.shape)  # the op reads only the shape of its `weight`
+        self.col_offsets = q.sum(1, dtype=torch.int32)
+        self.bias = torch.zeros_like(scale) if bias is None else bias.float() / scale
+        with warnings.catch_warnings():  # the aten ops are marked deprecated (they warn once per process, here)
+            warnings.simplefilter("ignore")
+            self.packed = torch.fbgemm_pack_quantized_matrix(q.contiguous())
+            self._register(_bind_int8(self.codes, self.packed, self.col_offsets, self.bias))
+            self.raw(scale.new_zeros(1, q.shape[1]))
 
-    def _register(self) -> None:
-        self.handle = next(_handles)
-        _PACKED[self.handle] = self.packed
-        weakref.finalize(self, _PACKED.pop, self.handle, None)
+    def __deepcopy__(self, memo: dict) -> "_FbgemmInt8":
+        """Copies share it: the weights are read-only, and the packed tensor's storage is an fbgemm object, not
+        bytes that copying could duplicate."""
+        return self
+
+
+def _bind_dynamic(packed: object) -> Callable[[Tensor], Tensor]:
+    return lambda x: _linear_dynamic(x, packed, True)  # reduce_range=True: 7-bit activations
+
+
+class _DynamicInt8(_Int8Gemm):
+    """`quantized::linear_dynamic` (where `_linear_int8` is missing): 7-bit activation codes per call
+    (`reduce_range`, for the same int16 saturation), 8-bit per-channel weights, scales and bias inside."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
+        with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the kernel is not
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+        self._register(_bind_dynamic(self.packed))
 
     def __deepcopy__(self, memo: dict) -> "_DynamicInt8":
         """A copy with its own handle (a copied model outlives the original's entry in `_PACKED`)."""
         new = copy.copy(self)
-        if self.packed is not None:
-            new.packed = copy.deepcopy(self.packed, memo)
-            new._register()
+        new.packed = copy.deepcopy(self.packed, memo)
+        new._register(_bind_dynamic(new.packed))
         return new
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            return _int8_linear_op(x.float(), self.handle, self.out_features).to(x.dtype)
-        if x.dtype == torch.float32 and x.is_contiguous():  # the hot path: one call
-            return _linear_dynamic(x, self.packed, True)  # reduce_range=True: 7-bit activations
-        return _linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -133,14 +193,17 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        q, scale = _per_channel_int8(weight)
         b = None if bias is None else bias.detach().float().clone()
-        self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("bias", b, persistent=False)
-        gemm = _DynamicInt8(q, scale, b)
-        self._packed = gemm.packed
-        self._gemm = gemm if gemm.packed is not None else None
-        if self._packed is None:
+        fbgemm = _fbgemm_available() and weight.device.type == "cpu"
+        if fbgemm and _linear_int8 is not None:
+            q, scale = _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
+            self._gemm: Optional[_Int8Gemm] = _FbgemmInt8(q, scale, b)
+        else:
+            q, scale = _per_channel_int8(weight)
+            self._gemm = _DynamicInt8(q, scale, b) if fbgemm and _linear_dynamic is not None else None
+        self.register_buffer("scale", scale, persistent=False)
+        if self._gemm is None:
             self.register_buffer("weight_int8", q, persistent=False)
 
     @classmethod
@@ -152,16 +215,21 @@ class Int8Linear(nn.Module):
 
     @property
     def backend(self) -> str:
-        return "fbgemm" if self._packed is not None else "dequant"
+        return {_FbgemmInt8: "fbgemm", _DynamicInt8: "fbgemm-dynamic"}.get(type(self._gemm), "dequant")
 
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
-        if self._gemm is not None:
-            if x.dtype == torch.float32 and x.is_contiguous() and not torch.compiler.is_compiling():
-                return _linear_dynamic(x, self._packed, True)  # the decode hot path: no further Python call
-            return self._gemm(x)
-        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        g = self._gemm
+        if g is None:
+            y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        if torch.compiler.is_compiling():
+            y = _int8_linear_op(x.float(), g.handle, self.out_features)
+            return (y * self.scale if g.scale_outside else y).to(x.dtype)
+        if x.dtype == torch.float32 and x.is_contiguous():  # the decode hot path: two calls into C++
+            return g.raw(x).mul_(self.scale) if g.scale_outside else g.raw(x)
+        y = g.raw(x.float().contiguous())
+        return (y.mul_(self.scale) if g.scale_outside else y).to(x.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of weights (and scales, bias) one product reads."""
@@ -182,10 +250,10 @@ class Int8WeightOnlyLinear(Int8Linear):
     act_dtype = torch.bfloat16  # the kernel's fast path on x86 (fp32 activations take a ~10x slower one)
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
-        super().__init__(weight, bias)
-        if self._packed is not None:  # the parent keeps only the fbgemm packing; decode needs the codes too
-            self.register_buffer("weight_int8", _per_channel_int8(weight)[0], persistent=False)
-        self.register_buffer("scale_act", self.scale.to(self.act_dtype), persistent=False)
+        super().__init__(weight, bias)  # the prefill's kernel (its own codes)
+        q, scale = _per_channel_int8(weight)  # decode's 8-bit codes
+        self.register_buffer("weight_int8", q, persistent=False)
+        self.register_buffer("scale_act", scale.to(self.act_dtype), persistent=False)
         self.register_buffer("bias_act", None if self.bias is None else self.bias.to(self.act_dtype),
                              persistent=False)
 
