@@ -92,7 +92,8 @@ def encode_examples(examples: Sequence[Any], tokenizer, max_source_len: int, max
     return features
 
 
-def pack_documents(features: Sequence[dict], groups: Sequence[Any], shared: Optional[Sequence[int]] = None) -> list[dict]:
+def pack_documents(features: Sequence[dict], groups: Sequence[Any],
+                   shared: Optional[Sequence[int]] = None) -> list[dict]:
     """Decoder-only language-model documents: the features that share a group key (e.g. the questions about
     one paragraph) joined into one sequence, scored on every token but the first.
 
