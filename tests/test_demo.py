@@ -179,6 +179,9 @@ def test_teacher_learns_from_documents_and_students_from_single_questions(demo):
         return t["loss_tokens"] / t["examples"]
 
     assert scored_per_sequence("teacher") > 20  # a paragraph and its questions, every token after the first
+    (teacher,) = demo.glob("context_first/teacher/seed0-*/run.json")
+    curve = json.loads(teacher.read_text())["curve"]  # validated on single questions: answer loss and F1
+    assert curve and all(p["val_loss"] is not None and p["f1"] is not None for p in curve)
     assert scored_per_sequence("encdec") == scored_per_sequence("deconly") == 2  # the answer word and EOS
 
 

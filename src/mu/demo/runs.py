@@ -47,23 +47,20 @@ def split_examples(payload: dict[str, Any], split: str) -> list:
     return _CACHE[key]
 
 
-def document_datasets(payload: dict[str, Any], tokenizer, train_examples: list, val_examples: list):
+def teacher_documents(payload: dict[str, Any], tokenizer, examples: list):
     """The training split as language-model documents (built-in data): one per paragraph, its questions
-    packed after it (`mu.data.batching.pack_documents`; a context-first prompt's paragraph is read once);
-    validation stays one question per sequence."""
+    packed after it (`mu.data.batching.pack_documents`; a context-first prompt's paragraph is read once)."""
     from mu.data.batching import encode_examples, pack_documents
     from mu.data.tasks import iter_jsonl
     from mu.train.objectives import FeatureDataset
 
     t = payload["train"]
     contexts = [record["context"] for _, record in iter_jsonl(payload["data"]["train"])]
-    train = encode_examples(train_examples, tokenizer, t["max_source_len"], t["max_target_len"], task=t["task"])
+    features = encode_examples(examples, tokenizer, t["max_source_len"], t["max_target_len"], task=t["task"])
     shared = None
     if payload["family"] == "context_first":  # the prompt starts with the paragraph's words
         shared = [len(ids) for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
-    val = encode_examples(val_examples[:t["val_limit"]], tokenizer, t["max_source_len"], t["max_target_len"],
-                          task=t["task"])
-    return FeatureDataset(pack_documents(train, contexts, shared)), FeatureDataset(val)
+    return FeatureDataset(pack_documents(features, contexts, shared))
 
 
 def cached_tokenizer(path: str):
@@ -125,9 +122,8 @@ def execute_run(payload: dict[str, Any]) -> dict[str, Any]:
             dc = DistillConfig(train=tc, student_preset="tiny", **payload["kd"])
             result = distill(dc, train_examples=train_ex, val_examples=val_ex, on_step=on_step)
         elif payload.get("documents"):
-            docs, val = document_datasets(payload, tok, train_ex, val_ex)
-            result = train(tc, tokenizer=tok, train_dataset=docs, val_dataset=val, val_examples=val_ex,
-                           on_step=on_step)
+            result = train(tc, tokenizer=tok, train_dataset=teacher_documents(payload, tok, train_ex),
+                           val_examples=val_ex, on_step=on_step)
         else:
             result = train(tc, tokenizer=tok, train_examples=train_ex, val_examples=val_ex, on_step=on_step)
     train_s = time.perf_counter() - t0

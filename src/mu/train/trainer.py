@@ -183,11 +183,13 @@ def _tokenize_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, vocab_size: int, train_source, val_source):
-    """Examples/texts -> datasets of features for `cfg.objective`."""
+    """Examples/texts -> datasets of features for `cfg.objective` (None for a split without a source)."""
     eos = tokenizer.eos_token_id
     if cfg.objective == "seq2seq":
-        train = FeatureDataset(encode_examples(train_source, tokenizer, cfg.max_source_len, cfg.max_target_len,
-                                               eos, task=cfg.task, what="training examples"))
+        train = None
+        if train_source is not None:
+            train = FeatureDataset(encode_examples(train_source, tokenizer, cfg.max_source_len, cfg.max_target_len,
+                                                   eos, task=cfg.task, what="training examples"))
         val = None
         if val_source is not None:
             val = FeatureDataset(encode_examples(val_source[:cfg.val_limit], tokenizer, cfg.max_source_len,
@@ -247,9 +249,12 @@ class Trainer:
         if cfg.objective == "span" and len(self.tokenizer) > self.config.vocab_size - NUM_SENTINELS:
             raise MuError(f"span corruption needs {NUM_SENTINELS} free ids at the top of the vocabulary: the model has "
                           f"{self.config.vocab_size} and the tokenizer {len(self.tokenizer)}")
-        if train_dataset is None:
-            train_dataset, built_val = build_datasets(cfg, self.tokenizer, self.config.vocab_size, train_src, val_src)
-            val_dataset = val_dataset if val_dataset is not None else built_val
+        if train_dataset is None or (val_dataset is None and val_src is not None):  # what was not given ready
+            built_train, built_val = build_datasets(cfg, self.tokenizer, self.config.vocab_size,
+                                                    train_src if train_dataset is None else None,
+                                                    val_src if val_dataset is None else None)
+            train_dataset = built_train if train_dataset is None else train_dataset
+            val_dataset = built_val if val_dataset is None else val_dataset
         self.train_data, self.val_data = train_dataset, val_dataset
         if len(self.train_data) == 0:
             raise MuError("the training data is empty")
