@@ -199,3 +199,24 @@ def test_training_forward_backward_both_archs():
         assert model.lm_head.weight is model.transformer.wte.weight  # tied: one tensor, updated by both uses
         no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
         assert not no_grad, f"{arch}: the loss does not reach {no_grad}"  # e.g. a detached encoder or block
+
+
+def test_encdec_decoder_rows_may_share_encoded_sources():
+    # on-policy distillation runs gold and sampled targets of the same prompts: the prompts are encoded once
+    torch.manual_seed(0)
+    model = mu.build_model("tiny", arch="encdec", dropout=0.0).train()
+    src, dec = _ids(2, 7), _ids(4, 5, seed=1)
+    src[1, 5:] = 0  # padding in one source
+    mask = src != 0
+    shared = model(encoder_input_ids=src, decoder_input_ids=dec, encoder_attention_mask=mask).logits
+    shared.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    twice = model(encoder_input_ids=torch.cat([src, src]), decoder_input_ids=dec,
+                  encoder_attention_mask=torch.cat([mask, mask])).logits
+    twice.square().mean().backward()
+    torch.testing.assert_close(shared, twice)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+    with pytest.raises(ValueError, match="whole multiple"):
+        model(encoder_input_ids=src, decoder_input_ids=dec[:3])

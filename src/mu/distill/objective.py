@@ -5,7 +5,7 @@ Per batch (a collated encoder-decoder batch from `mu.data.batching.Collator`):
 1. choose the KD targets: the gold ones, or, with probability `on_policy` (lambda, GKD-style; 1.0 is the
    paper's setting), targets the student samples itself (eval mode, cached generation, no gradients);
 2. run the student (one forward; with sampled targets and alpha < 1 the gold and sampled decoder
-   inputs go through together, as 2B rows);
+   inputs go through together, as 2B decoder rows over the B prompts encoded once);
 3. get the teacher's log-probabilities at the aligned positions: from the top-k cache for gold targets
    when one was built, else a teacher forward on source + target;
 4. loss = alpha * tau^2 * D(teacher || student) + (1 - alpha) * CE(gold), padding masked out of both.
@@ -83,14 +83,13 @@ class DistillObjective:
                                        self.bos_token_id, self.pad_token_id, self.sampling.temperature,
                                        self.sampling.top_k, self.vocab, self.unk_token_id)
             kd_targets, kd_mask = s.targets, s.target_mask
-            if alpha < 1.0:  # gold rows (for CE) and sampled rows (for KD) in one forward
+            if alpha < 1.0:  # gold rows (for CE) and sampled rows (for KD) in one forward, the prompts encoded once
                 width = max(gold.shape[1], kd_targets.shape[1])
                 dec = torch.cat([_pad_to(batch["decoder_input_ids"], width, self.pad_token_id),
                                  _pad_to(s.decoder_input_ids, width, self.pad_token_id)])
                 dec_mask = torch.cat([_pad_to(batch["decoder_attention_mask"].bool(), width, False),
                                       _pad_to(s.decoder_attention_mask, width, False)])
-                logits = model(encoder_input_ids=torch.cat([enc, enc]), decoder_input_ids=dec,
-                               encoder_attention_mask=torch.cat([enc_mask, enc_mask]),
+                logits = model(encoder_input_ids=enc, decoder_input_ids=dec, encoder_attention_mask=enc_mask,
                                decoder_attention_mask=dec_mask).logits
                 gold_logits, kd_logits = logits[:B, :gold.shape[1]], logits[B:, :kd_targets.shape[1]]
             else:

@@ -74,10 +74,16 @@ class MuEncoderDecoder(MuModel):
     def forward(self, encoder_input_ids: Tensor, decoder_input_ids: Tensor, targets: Optional[Tensor] = None,
                 encoder_attention_mask: Optional[Tensor] = None,
                 decoder_attention_mask: Optional[Tensor] = None) -> ModelOutput:
-        if encoder_input_ids.shape[0] != decoder_input_ids.shape[0]:
-            raise ValueError(f"batch size mismatch: encoder {encoder_input_ids.shape[0]}, "
-                             f"decoder {decoder_input_ids.shape[0]}")
+        """Teacher-forced pass. The decoder may have a whole multiple k of the encoder's B rows: each source is
+        encoded once and serves decoder rows i, i + B, ..., i + (k - 1)B (e.g. gold and sampled targets of the
+        same prompts in on-policy distillation)."""
+        B, rows = encoder_input_ids.shape[0], decoder_input_ids.shape[0]
+        if rows != B and (B == 0 or rows % B):
+            raise ValueError(f"batch size mismatch: {rows} decoder rows for {B} encoder rows (expected a whole "
+                             "multiple)")
         enc_out, enc_valid = self.encode(encoder_input_ids, encoder_attention_mask)
+        if rows != B:
+            enc_out, enc_valid = enc_out.repeat(rows // B, 1, 1), enc_valid.repeat(rows // B, 1)
         logits = self.lm_head(self.decode(decoder_input_ids, enc_out, enc_valid, decoder_attention_mask))
         loss = lm_loss(logits, targets, self.config.pad_token_id) if targets is not None else None
         return ModelOutput(logits=logits, loss=loss)
