@@ -185,6 +185,30 @@ def test_teacher_learns_from_documents_and_students_from_single_questions(demo):
     assert scored_per_sequence("encdec") == scored_per_sequence("deconly") == 2  # the answer word and EOS
 
 
+def test_teacher_documents_read_each_paragraph_once_in_either_order(tmp_path):
+    from mu.data.synthetic_words import ORDERS, word_example, word_prompt, word_splits, word_tokenizer
+    from mu.demo.runs import teacher_documents
+
+    records = word_splits(30, 0, 0, seed=3)["train"]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    by_paragraph: dict[str, list[dict]] = {}
+    for r in records:
+        by_paragraph.setdefault(r["context"], []).append(r)
+    tok = word_tokenizer()
+    for order in ORDERS:
+        payload = {"family": order, "data": {"train": str(path)},
+                   "train": {"max_source_len": 64, "max_target_len": 4, "task": "squad_v2"}}
+        docs = teacher_documents(payload, tok, [word_example(r, order) for r in records])
+        assert len(docs) == len(by_paragraph)
+        for k, (context, rs) in enumerate(by_paragraph.items()):
+            d = docs.get(k, 0)
+            text = tok.decode(d["source_ids"] + d["target_ids"])
+            first = word_example(rs[0], order)  # a single question is the start of its document
+            assert text.startswith(f"{word_prompt(rs[0], order)} {first.target} </s>")
+            assert text.count(context) == 1 and text.count(" question ") + text.startswith("question") == len(rs)
+
+
 def test_teacher_data_changes_only_the_teacher_and_its_students(tmp_path):
     from mu.data.tasks import iter_jsonl
     from mu.demo import demo_config

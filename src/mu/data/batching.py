@@ -92,28 +92,23 @@ def encode_examples(examples: Sequence[Any], tokenizer, max_source_len: int, max
     return features
 
 
-def pack_documents(features: Sequence[dict], groups: Sequence[Any],
-                   shared: Optional[Sequence[int]] = None) -> list[dict]:
+def pack_documents(features: Sequence[dict], groups: Sequence[Any]) -> list[dict]:
     """Decoder-only language-model documents: the features that share a group key (e.g. the questions about
     one paragraph) joined into one sequence, scored on every token but the first.
 
-    A document is the first feature's source and target, then each later feature's source and target; a
-    later source drops its first `shared[i]` tokens (e.g. the paragraph a context-first prompt starts with,
-    which the document has read already). Targets end in EOS, so a model trained on documents answers a
-    single prompt the way a model trained on the features does. Documents come in order of their group's
-    first feature.
+    A document is each feature's source and target in turn, so a later feature's source should hold only
+    what is new to the reader (e.g. a follow-up question about a paragraph the document has read already).
+    Targets end in EOS, so a model trained on documents answers a single prompt the way a model trained on
+    the features does. Documents come in order of their group's first feature.
     """
-    shared = [0] * len(features) if shared is None else list(shared)
-    if not len(features) == len(groups) == len(shared):
-        raise ValueError(f"{len(features)} features, {len(groups)} group keys and {len(shared)} shared lengths")
+    if len(features) != len(groups):
+        raise ValueError(f"{len(features)} features and {len(groups)} group keys")
     members: dict[Any, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     docs = []
-    for k, (first, *rest) in enumerate(members.values()):
-        ids = list(features[first]["source_ids"]) + list(features[first]["target_ids"])
-        for i in rest:
-            ids += list(features[i]["source_ids"][shared[i]:]) + list(features[i]["target_ids"])
+    for k, idx in enumerate(members.values()):
+        ids = [t for i in idx for t in (*features[i]["source_ids"], *features[i]["target_ids"])]
         docs.append({"source_ids": ids[:1], "target_ids": ids[1:], "index": k})
     return docs
 

@@ -165,6 +165,12 @@ def word_prompt(record: dict, order: str = "context_first") -> str:
     raise MuError(f"unknown prompt order {order!r}; expected one of {ORDERS}")
 
 
+def word_follow_up(record: dict) -> str:
+    """The prompt of a later question about a paragraph the reader has read already (a teacher document's
+    next question, in either order): the end of a context-first prompt."""
+    return f"question {record['question']}"
+
+
 def word_example(record: dict, order: str = "context_first"):
     """A SQuAD-schema record -> `mu.data.tasks.Example` with the word-level prompt (target: answer or NO_ANSWER)."""
     from mu.data.tasks import Example

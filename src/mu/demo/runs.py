@@ -48,19 +48,26 @@ def split_examples(payload: dict[str, Any], split: str) -> list:
 
 
 def teacher_documents(payload: dict[str, Any], tokenizer, examples: list):
-    """The training split as language-model documents (built-in data): one per paragraph, its questions
-    packed after it (`mu.data.batching.pack_documents`; a context-first prompt's paragraph is read once)."""
+    """The training split as language-model documents (built-in data), one per paragraph, which each reads
+    once: the first question's prompt and answer, then every later question as a follow-up (`word_follow_up`)
+    and its answer (`mu.data.batching.pack_documents`)."""
+    from dataclasses import replace
+
     from mu.data.batching import encode_examples, pack_documents
+    from mu.data.synthetic_words import word_follow_up
     from mu.data.tasks import iter_jsonl
     from mu.train.objectives import FeatureDataset
 
     t = payload["train"]
-    contexts = [record["context"] for _, record in iter_jsonl(payload["data"]["train"])]
+    records = [record for _, record in iter_jsonl(payload["data"]["train"])]
+    contexts = [record["context"] for record in records]
+    first: dict[str, int] = {}
+    for i, context in enumerate(contexts):
+        first.setdefault(context, i)
+    examples = [ex if first[context] == i else replace(ex, source=word_follow_up(record))
+                for i, (ex, record, context) in enumerate(zip(examples, records, contexts))]
     features = encode_examples(examples, tokenizer, t["max_source_len"], t["max_target_len"], task=t["task"])
-    shared = None
-    if payload["family"] == "context_first":  # the prompt starts with the paragraph's words
-        shared = [len(ids) for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
-    return FeatureDataset(pack_documents(features, contexts, shared))
+    return FeatureDataset(pack_documents(features, contexts))
 
 
 def cached_tokenizer(path: str):
