@@ -276,12 +276,15 @@ class Demo:
         return max(1, math.ceil(self.student_budget(spec.family) / per_step))
 
     def est_cost(self, spec: RunSpec) -> float:
-        """Relative cost of a run (FLOPs; a KD run adds the teacher's forward passes) for ordering and the ETA."""
+        """Relative cost of a run (FLOPs; a KD run adds the teacher's forward passes, an on-policy one its sampled
+        rows) for ordering and the ETA."""
         c = self.cfg
         per_ex = self.flops_per_example(spec.family, self.role(spec.model))
         cost = self.est_steps(spec) * c.batch_size * per_ex
         if spec.model.startswith("encdec_kd"):
             cost += self.est_steps(spec) * c.batch_size * self.flops_per_example(spec.family, "teacher") / 3
+        if spec.model == "encdec_kd_on":  # the sampled rows: a second forward and backward beside the gold ones
+            cost += self.est_steps(spec) * c.batch_size * per_ex
         return cost + (c.evals_per_run + 2) * (c.n_val + c.n_test) * per_ex / 3
 
     # -- runs ---------------------------------------------------------------------------------------
