@@ -169,6 +169,12 @@ def test_changed_setting_redoes_only_what_depends_on_it(tmp_path):
     assert {m for m, h in hashes(n_train=600).items() if h != base[m]} == set(MODELS)
     assert {m for m, h in hashes(teacher_documents=False).items() if h != base[m]} == {"teacher", "encdec_kd",
                                                                                       "encdec_kd_on"}
+    assert {m for m, h in hashes(teacher_batch_size=8).items() if h != base[m]} == {"teacher", "encdec_kd",
+                                                                                    "encdec_kd_on"}
+    d = Demo(demo_config(str(tmp_path), "quick", progress=False, teacher_batch_size=8, teacher_examples=80))
+    assert d.payload(d.teacher_specs("context_first")[0])["train"]["batch_size"] == 8  # 10 steps
+    assert d.payload(RunSpec("context_first", "encdec", 0, 2e-3))["train"]["batch_size"] == d.cfg.batch_size
+    assert d.est_steps(d.teacher_specs("context_first")[0]) == 10
 
 
 def test_teacher_learns_from_documents_and_students_from_single_questions(demo):

@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the students' FLOP budget, as what the encoder-decoder spends on this many examples")
     g.add_argument("--max-flops", type=number(float), dest="student_flops",
                    help="an explicit FLOP budget for every student instead of --student-examples")
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="examples per step of every student (default 32)")
+    g.add_argument("--teacher-batch-size", type=int, help="the teacher's sequences per step (default 16)")
     g.add_argument("--teacher-lr", type=float)
     g.add_argument("--lr-grid", type=_rates, help="comma-separated learning rates tried for both students (chosen "
                    "per architecture on the validation split)")
@@ -95,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SETTINGS = ("train_data", "val_data", "test_data", "families", "n_train", "n_val", "n_test", "vocab_size",
-            "max_source_len", "teacher_examples", "teacher_seeds", "student_examples", "student_flops", "batch_size",
-            "teacher_lr", "lr_grid", "seeds", "kd_alpha", "kd_temperature", "kd_on_policy", "bench_preset",
+            "max_source_len", "teacher_examples", "teacher_batch_size", "teacher_seeds", "student_examples",
+            "student_flops", "batch_size", "teacher_lr", "lr_grid", "seeds", "kd_alpha", "kd_temperature", "kd_on_policy", "bench_preset",
             "bench_input_lengths", "bench_new_tokens", "device", "workers", "threads", "seed")
 
 

@@ -60,8 +60,11 @@ class DemoConfig:
     dropout: float = 0.0  # all models (short runs on fresh data: no need for dropout)
     weight_init: str = "fan_in"  # every model (N(0, 1/fan-in): tiny widths leave N(0, 0.02) at chance)
     # -- training -----------------------------------------------------------------------------
-    batch_size: int = 32  # examples per optimizer step (every model)
-    teacher_examples: int = 96000  # training sequences the teacher sees (steps = this / batch_size)
+    batch_size: int = 32  # examples per optimizer step (every student)
+    teacher_batch_size: int = 16  # the teacher's sequences (documents) per optimizer step
+    teacher_examples: int = 48000  # training sequences the teacher sees (steps = this / teacher_batch_size):
+    #   3,000 steps. The document-trained teacher leaves its plateau after a number of steps, not of documents
+    #   (batch 16 and 32 alike at ~2,500 for seed 0), so batch 16 halves its time. docs/demo.md
     teacher_documents: bool = True  # the teacher trains as a language model on documents (built-in data): the
     #   questions about one paragraph packed after it, every token scored (mu.data.batching.pack_documents);
     #   False: on the questions one by one, the answer scored (the students' recipe). docs/demo.md
@@ -115,7 +118,8 @@ class DemoConfig:
     def validate(self) -> "DemoConfig":
         positive = dict(n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, vocab_size=self.vocab_size,
                         max_source_len=self.max_source_len, max_target_len=self.max_target_len,
-                        batch_size=self.batch_size, teacher_examples=self.teacher_examples,
+                        batch_size=self.batch_size, teacher_batch_size=self.teacher_batch_size,
+                        teacher_examples=self.teacher_examples,
                         student_examples=self.student_examples, teacher_lr=self.teacher_lr, seeds=self.seeds,
                         teacher_seeds=self.teacher_seeds,
                         workers=self.workers, eval_batch_size=self.eval_batch_size, bootstrap=self.bootstrap,
@@ -232,7 +236,7 @@ def deconly_twin(encdec: MuConfig, tolerance: float = PARAM_TOLERANCE) -> MuConf
 PRESETS: dict[str, dict[str, Any]] = {
     # End-to-end in well under a minute: tests and a smoke check. Its numbers mean nothing.
     "quick": dict(n_train=512, n_val=24, n_test=48, student=STUDENT_QUICK, teacher=TEACHER_QUICK, batch_size=16,
-                  teacher_examples=160, teacher_seeds=1, student_examples=96, teacher_lr=3e-3, lr_grid=(2e-3, 5e-3),
+                  teacher_batch_size=16, teacher_examples=160, teacher_seeds=1, student_examples=96, teacher_lr=3e-3, lr_grid=(2e-3, 5e-3),
                   seeds=2, evals_per_run=2, eval_batch_size=48, bootstrap=200, bench_preset="tiny",
                   bench_input_lengths=(16, 32), bench_new_tokens=4, bench_repeats=1),
     # `make demo`: the first task family (question after the context), 3 seeds, a 2-rate grid.
@@ -241,7 +245,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(families=("context_first", "question_first")),
     # Bigger models and more data (a GPU, or many hours of CPU).
     "large": dict(families=("context_first", "question_first"), n_train=40000, n_val=500, n_test=2000,
-                  student=STUDENT_LARGE, teacher=TEACHER_LARGE, batch_size=64, teacher_examples=320000,
+                  student=STUDENT_LARGE, teacher=TEACHER_LARGE, batch_size=64, teacher_batch_size=64,
+                  teacher_examples=320000,
                   student_examples=160000, teacher_lr=1e-3, lr_grid=(5e-4, 1e-3, 2e-3), bench_preset="330m",
                   bench_input_lengths=(256, 512, 1024, 2048), bench_new_tokens=64, bench_repeats=3),
 }

@@ -271,7 +271,7 @@ class Demo:
     def est_steps(self, spec: RunSpec) -> int:
         c = self.cfg
         if spec.model == "teacher":
-            return max(1, math.ceil(c.teacher_examples / c.batch_size))
+            return max(1, math.ceil(c.teacher_examples / c.teacher_batch_size))
         per_step = self.flops_per_example(spec.family, self.role(spec.model)) * c.batch_size
         return max(1, math.ceil(self.student_budget(spec.family) / per_step))
 
@@ -280,7 +280,7 @@ class Demo:
         rows) for ordering and the ETA."""
         c = self.cfg
         per_ex = self.flops_per_example(spec.family, self.role(spec.model))
-        cost = self.est_steps(spec) * c.batch_size * per_ex
+        cost = self.est_steps(spec) * self.batch_size(spec) * per_ex
         if spec.model.startswith("encdec_kd"):
             cost += self.est_steps(spec) * c.batch_size * self.flops_per_example(spec.family, "teacher") / 3
         if spec.model == "encdec_kd_on":  # the sampled rows: a second forward and backward beside the gold ones
@@ -292,6 +292,9 @@ class Demo:
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / spec.key
 
+    def batch_size(self, spec: RunSpec) -> int:
+        return self.cfg.teacher_batch_size if spec.model == "teacher" else self.cfg.batch_size
+
     def payload(self, spec: RunSpec) -> dict[str, Any]:
         """Everything a worker needs for `spec` (plain data), with the hash of everything the run depends on."""
         c = self.cfg
@@ -301,7 +304,7 @@ class Demo:
         train = dict(out=str(self.run_dir(spec)), arch=config.arch, preset="tiny",
                      model_overrides={k: v for k, v in config.to_dict().items() if k != "arch"},
                      weight_init=c.weight_init, tokenizer=str(self.tokenizer_dir), task="squad_v2",
-                     max_source_len=c.max_source_len, max_target_len=c.max_target_len, batch_size=c.batch_size,
+                     max_source_len=c.max_source_len, max_target_len=c.max_target_len, batch_size=self.batch_size(spec),
                      lr=spec.lr, warmup=c.warmup, schedule="cosine", weight_decay=c.weight_decay, seed=spec.seed,
                      device=str(self.device), precision=c.precision, val_limit=c.n_val, eval_every=every,
                      save_every=every, keep_checkpoints=1, num_samples=0, best_metric="f1",

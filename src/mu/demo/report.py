@@ -506,6 +506,7 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"* Training: AdamW, batch {cfg['batch_size']}, cosine schedule, warmup {cfg['warmup']}, weight decay "
                  f"{cfg['weight_decay']}, {cfg['weight_init']} init, {cfg['precision']}; learning-rate grid "
                  f"{', '.join(f'{x:g}' for x in cfg['lr_grid'])} for both students; teacher lr {cfg['teacher_lr']:g}, "
+                 f"batch {cfg.get('teacher_batch_size', cfg['batch_size'])}, "
                  + (f"{cfg['teacher_examples']} documents (a language model on each paragraph with its questions "
                     "packed after it, every token scored)" if cfg.get("teacher_documents") and not cfg.get("train_data")
                     else f"{cfg['teacher_examples']} examples")
