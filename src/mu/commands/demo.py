@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--teacher-examples", type=int,
                    help="training sequences the teacher sees (documents: a paragraph with its questions)")
-    g.add_argument("--teacher-seeds", type=int, help="teachers trained; the best on validation F1 teaches (default 2)")
+    g.add_argument("--teacher-seeds", type=int, help="teachers trained; the best on validation F1 teaches (default 3)")
     g.add_argument("--student-examples", type=int,
                    help="the students' FLOP budget, as what the encoder-decoder spends on this many examples")
     g.add_argument("--max-flops", type=number(float), dest="student_flops",
