@@ -376,6 +376,52 @@ def test_fbgemm_int8_kernel_matches_float_and_does_not_saturate():
         assert _rel(worst(xs.double()).float(), xs @ torch.full((256, 16), 0.5)) < 0.01  # other dtypes: converted
 
 
+def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch):
+    """A prefill-only int8 layer runs oneDNN's int8 matmul from `ONEDNN_MIN_ROWS` rows on: the same 7-bit weight
+    codes and 8-bit activation codes as fbgemm's kernel, so nearly the same outputs, also on AVX2's worst case."""
+    if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
+        pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    both = q8.Int8Linear(lin.weight, lin.bias, prefill=True)
+    assert both.backend.startswith("fbgemm + onednn") and q8.Int8Linear(lin.weight, lin.bias).backend == "fbgemm"
+    x = torch.randn(4, 3, 256)
+    with torch.no_grad():
+        fbgemm = both(x)  # 12 rows: below ONEDNN_MIN_ROWS
+        monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
+        onednn = both(x)
+        assert onednn.shape == (4, 3, 64) and _rel(onednn, fbgemm) < 2e-3 and _rel(onednn, lin(x)) < 0.02
+        one = x[:1, :1]
+        assert both(one).equal(both._gemm.raw(one) * both.scale)  # one row: fbgemm
+        assert both(torch.zeros(3, 256)).allclose(lin.bias.expand(3, 64), atol=1e-6)  # zero range: a valid scale
+        worst = q8.Int8Linear(torch.full((16, 256), 0.5), prefill=True)
+        xs = torch.rand(2, 256) * 0.1 + 0.9
+        xs[:, 0] = -1.0  # activation codes: -1 -> 0, the rest near 255
+        assert _rel(worst(xs), xs @ torch.full((256, 16), 0.5)) < 0.01
+
+
+def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch):
+    """`quantize_("int8")` gives the encoder's products and the cross-attention's k/v the prefill kernel, the
+    decoder's per-token products not; encoding through it matches encoding through fbgemm alone."""
+    if not (q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available()):
+        pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    torch.manual_seed(0)
+    model = mu.build_model("tiny").eval()
+    m8 = _quantized_copy(model)
+    block, dec = m8.transformer.e[0], m8.transformer.h[0]
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        assert block.mlp.fc1._many is not None and block.attn.out_linear._many is not None
+        assert block.attn.fused_linear("qkv")._many is not None and dec.cross_attn.fused_linear("kv")._many is not None
+        assert dec.mlp.fc1._many is None and dec.causal_attn.fused_linear("qkv")._many is None
+        assert block.attn.q_linear._many is None  # the unfused projections run only with autograd (refused)
+        fbgemm = m8.encode(ids)[0]
+        monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
+        onednn = m8.encode(ids)[0]
+        assert _rel(onednn, fbgemm) < 0.01 and _rel(onednn, model.encode(ids)[0]) < 0.05
+        _assert_cached_decode_matches_forward(m8)
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
                     reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
 def test_compiled_generation_equals_eager(model):
