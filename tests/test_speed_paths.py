@@ -550,6 +550,42 @@ def test_cuda_bench_runs_bf16():
     assert all(row["decode_tok_s"] > 0 for row in r["rows"])
 
 
+def test_inference_rmsnorm_of_many_rows_equals_the_fused_kernel():
+    """Without autograd, a prefill-sized input (>= 65536 values) is normalized through `vector_norm`; the same
+    numbers as F.rms_norm (and as the autograd path) to fp32 rounding, the input untouched."""
+    norm = layers.RMSNorm(256)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 300, 256) * 3
+    before = x.clone()
+    with torch.no_grad():
+        fast = norm(x)
+        small = norm(x[:, :5])  # below the size: F.rms_norm
+    torch.testing.assert_close(fast, F.rms_norm(x, (256,), norm.weight, 1e-6), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(fast, norm(x).detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(small, fast[:, :5], atol=2e-6, rtol=1e-5)
+    assert torch.equal(x, before)
+
+
+def test_folded_grouped_query_attention_equals_the_expanded_one():
+    """A non-causal multi-query attention without autograd folds each KV head's queries into one query axis;
+    with and without a key-padding mask it gives what SDPA's grouped-query expansion gives."""
+    torch.manual_seed(0)
+    attn = layers.Attention(mu.MuConfig(**{**mu.config.PRESETS["tiny"], "dropout": 0.0})).eval()
+    assert attn.groups > 1
+    q = torch.randn(2, 7, attn.n_head, attn.head_dim)
+    k, v = (torch.randn(2, attn.n_kv_head, 9, attn.head_dim) for _ in range(2))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    heads = [h % attn.n_kv_head for h in range(attn.n_head)]  # the tiled mapping (`is_interleaved=False`)
+    for mask in (None, layers.key_padding_mask(valid)):
+        with torch.no_grad():
+            folded = attn.attend(q, k, v, mask)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, heads], v[:, heads], attn_mask=mask)
+            expanded = attn.out_linear(o.transpose(1, 2).reshape(2, 7, -1))
+        torch.testing.assert_close(folded, expanded, atol=1e-5, rtol=1e-5)
+
+
 def test_inference_gelu_equals_tanh_gelu_and_training_uses_f_gelu():
     """The no-autograd GELU (x * sigmoid(2z)) is the paper's tanh-GELU; with autograd it is F.gelu itself."""
     x = torch.randn(3, 5, 4096) * 4
