@@ -19,7 +19,10 @@ different kernels over the same stored weights:
   per-channel scales applied to its output. Where that op is missing it runs `quantized::linear_dynamic`
   (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind `torch.ao` dynamic
   quantisation, whose calls cost ~25 us more each (docs/efficiency.md). ~1-2% relative error per layer
-  output on random weights either way. Where fbgemm is unavailable (non-x86 builds) it dequantizes the
+  output on random weights either way. The products that only ever prefill (the encoder's, the
+  cross-attention's k/v of the encoder output) also hold the same codes in oneDNN's layout and run oneDNN's
+  int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on: faster than fbgemm at a 512-token prompt, slower
+  for short ones; one byte more per encoder weight held. Where fbgemm is unavailable (non-x86 builds) it dequantizes the
   same int8 weights into a float matmul instead: same numbers to rounding, no speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
   `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s fbgemm GEMM over
