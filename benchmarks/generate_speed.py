@@ -4,6 +4,7 @@ and CTranslate2, in one run.
     .venv/bin/python benchmarks/generate_speed.py            # 330m, batch 1, 512 input tokens, 128 new
     .venv/bin/python benchmarks/generate_speed.py --quick    # "small" sizes, 128 in / 32 new (a minute)
     .venv/bin/python benchmarks/generate_speed.py --side-by-side   # issue 19's table: mu formats vs CT2 vs HF T5
+    .venv/bin/python benchmarks/generate_speed.py --side-by-side --isolate   # the same, each engine in its own process
 
 Every run prints the ISA (`mu.utils.cpu_isa()`) and thread count, measures the streaming-read bandwidth
 with the same threads (sum of a 512 MiB fp32 tensor, `mu.bench.measure_bandwidth`) and gives each engine's
@@ -24,9 +25,10 @@ Engines (all random weights, greedy, batch 1, never stopping early):
                           `Translator.generate_tokens`, when ctranslate2 is installed
 
 Each repeat runs every engine once, in turn (interleaved, so load from other processes spreads over all
-of them); the table shows medians over repeats and the min-max spread. TTFT = prompt in -> first new
-token out (encoder + cross K/V + first decoder step + pick); decode tokens/s = (new - 1) / (last token
-time - first token time); end to end = the whole call. The last line is one JSON object.
+of them; `--isolate` runs each engine in a process of its own instead, since mu runs slower in a process where
+CTranslate2 has run, docs/efficiency.md); the table shows medians over repeats and the min-max spread.
+TTFT = prompt in -> first new token out (encoder + cross K/V + first decoder step + pick); decode tokens/s =
+(new - 1) / (last token time - first token time); end to end = the whole call. The last line is one JSON object.
 """
 
 from __future__ import annotations

@@ -259,7 +259,8 @@ class Int8Linear(nn.Module):
         # for many rows, over a second copy of 7-bit codes (1 byte more per weight held)
         self._many: Optional[_OnednnInt8] = None
         if prefill and self._gemm is not None and _onednn_available():
-            q7, scale7 = (q, scale) if isinstance(self._gemm, _FbgemmInt8) else _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
+            same = isinstance(self._gemm, _FbgemmInt8)  # its codes are already 7-bit
+            q7, scale7 = (q, scale) if same else _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
             self._many = _OnednnInt8(q7, scale7, b)
         self.register_buffer("scale", scale, persistent=False)
         if self._gemm is None:
