@@ -398,6 +398,8 @@ def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch)
         xs = torch.rand(2, 256) * 0.1 + 0.9
         xs[:, 0] = -1.0  # activation codes: -1 -> 0, the rest near 255
         assert _rel(worst(xs), xs @ torch.full((256, 16), 0.5)) < 0.01
+        traced = torch.compile(both, backend="aot_eager", fullgraph=True)(x)  # one `mu::int8_linear`, no break
+    assert torch.equal(traced, onednn)
 
 
 def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch):

@@ -284,7 +284,9 @@ class Int8Linear(nn.Module):
         if g is None:
             y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        if self._many is not None and _rows(x) >= ONEDNN_MIN_ROWS and not torch.compiler.is_compiling():
+        if self._many is not None and _rows(x) >= ONEDNN_MIN_ROWS:  # a prefill (scales and bias inside)
+            if torch.compiler.is_compiling():
+                return _int8_linear_op(x.float(), self._many.handle, self.out_features).to(x.dtype)
             return self._many.raw(x.float().contiguous()).to(x.dtype)
         if torch.compiler.is_compiling():
             y = _int8_linear_op(x.float(), g.handle, self.out_features)
