@@ -4,6 +4,7 @@ and CTranslate2, in one run.
     .venv/bin/python benchmarks/generate_speed.py            # 330m, batch 1, 512 input tokens, 128 new
     .venv/bin/python benchmarks/generate_speed.py --quick    # "small" sizes, 128 in / 32 new (a minute)
     .venv/bin/python benchmarks/generate_speed.py --side-by-side   # issue 19's table: mu formats vs CT2 vs HF T5
+    .venv/bin/python benchmarks/generate_speed.py --side-by-side --isolate   # the same, each engine in its own process
 
 Every run prints the ISA (`mu.utils.cpu_isa()`) and thread count, measures the streaming-read bandwidth
 with the same threads (sum of a 512 MiB fp32 tensor, `mu.bench.measure_bandwidth`) and gives each engine's
@@ -24,9 +25,10 @@ Engines (all random weights, greedy, batch 1, never stopping early):
                           `Translator.generate_tokens`, when ctranslate2 is installed
 
 Each repeat runs every engine once, in turn (interleaved, so load from other processes spreads over all
-of them); the table shows medians over repeats and the min-max spread. TTFT = prompt in -> first new
-token out (encoder + cross K/V + first decoder step + pick); decode tokens/s = (new - 1) / (last token
-time - first token time); end to end = the whole call. The last line is one JSON object.
+of them; `--isolate` runs each engine in a process of its own instead, since mu runs slower in a process where
+CTranslate2 has run, docs/efficiency.md); the table shows medians over repeats and the min-max spread.
+TTFT = prompt in -> first new token out (encoder + cross K/V + first decoder step + pick); decode tokens/s =
+(new - 1) / (last token time - first token time); end to end = the whole call. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -238,10 +240,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--side-by-side", action="store_true",
                    help="issue 19's engines only: mu encdec fp32/int8/int8-compiled/int8dec/int8wo/int4, CT2 fp32/int8, "
                         "HF T5 fp32")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each engine in its own process, one after another (needs --engines or --side-by-side): "
+                        "no engine's runtime or thread pools share a process with another's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.side_by_side and args.engines == "all":
         args.engines = SIDE_BY_SIDE
+    if args.isolate:
+        return run_isolated(args)
     preset = args.preset or ("small" if args.quick else "330m")
     L = args.input_len or (128 if args.quick else 512)
     N = args.new_tokens or (32 if args.quick else 128)
@@ -351,6 +358,56 @@ def main(argv: Optional[list[str]] = None) -> int:
             row["roofline_fraction"] = row["decode_tok_s"] / row["roofline_tok_s"]
         results[name] = row
 
+    checks = {}
+    if "mu-encdec-fp32" in tokens and "mu-encdec-fp32-uncached" in tokens:
+        checks["uncached_tokens_equal_cached"] = tokens["mu-encdec-fp32"] == tokens["mu-encdec-fp32-uncached"]
+    report(results, checks, {"isa": isa, "read_bandwidth_bytes_per_s": bw, "preset": preset, "input_len": L,
+                             "new_tokens": N, "batch": 1, "threads": args.threads, "repeats": args.repeats,
+                             "torch": torch.__version__, "cpu_count": os.cpu_count(), "loadavg_start": load_start[0],
+                             "isolated": False})
+    tmp.cleanup()
+    return 0
+
+
+def run_isolated(args) -> int:
+    """`--isolate`: every engine in a process of its own (this script with `--engines NAME`), one after another;
+    their rows, merged, go through the same report. Two engines in one process can slow each other for the rest of
+    its life (docs/efficiency.md, round 4: mu's decode after CTranslate2 has run in the same process)."""
+    import subprocess
+
+    if args.engines == "all":
+        raise SystemExit("--isolate needs the engines named: --engines a,b,... or --side-by-side")
+    flags = ["--threads", str(args.threads), "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    for flag, value in (("--preset", args.preset), ("--input-len", args.input_len), ("--new-tokens", args.new_tokens)):
+        if value is not None:
+            flags += [flag, str(value)]
+    flags += ["--quick"] if args.quick else []
+    load_start = os.getloadavg()
+    results, checks, runs = {}, {}, []
+    for name in args.engines.split(","):
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, "--engines", name],
+                               capture_output=True, text=True)
+        sys.stderr.write(child.stderr)
+        if child.returncode != 0:
+            raise SystemExit(f"engine {name}: its process exited with status {child.returncode}")
+        run = json.loads(child.stdout.strip().splitlines()[-1])
+        if name not in run["results"]:
+            raise SystemExit(f"engine {name}: unknown here, or not available (see the messages above)")
+        results[name] = run["results"][name]
+        checks.update(run["checks"])
+        runs.append(run)
+    bws = [r["read_bandwidth_bytes_per_s"] for r in runs]
+    report(results, checks, {**{k: runs[0][k] for k in ("isa", "preset", "input_len", "new_tokens", "batch", "threads",
+                                                        "repeats", "torch", "cpu_count")},
+                             "read_bandwidth_bytes_per_s": statistics.median(bws),
+                             "read_bandwidth_range": [min(bws), max(bws)],
+                             "loadavg_start": load_start[0], "isolated": True})
+    return 0
+
+
+def report(results: dict, checks: dict, info: dict) -> None:
+    """Print the table, the issue's ratios and the last line's JSON for `results` (engine -> medians)."""
+
     def ratio(a: Optional[str], b: str, key: str, invert: bool = False) -> Optional[float]:
         if a not in results or b not in results:
             return None
@@ -390,12 +447,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ratios = target_ratios("")
     cpu_ratios = target_ratios("cpu_")
-    checks = {}
-    if "mu-encdec-fp32" in tokens and "mu-encdec-fp32-uncached" in tokens:
-        checks["uncached_tokens_equal_cached"] = tokens["mu-encdec-fp32"] == tokens["mu-encdec-fp32-uncached"]
-
-    print(f"ISA {isa}, {args.threads} threads, streaming read bandwidth {bw / 1e9:.1f} GB/s; {preset}, batch 1, "
-          f"{L} input tokens, {N} new")
+    isa, bw = info["isa"], info["read_bandwidth_bytes_per_s"]
+    print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f} GB/s; {info['preset']}, "
+          f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
+          + (", each engine in its own process" if info["isolated"] else ""))
     header = (f"{'engine':26s} {'dtype':22s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
               f" {'MiB/tok':>7s} {'roofl.':>6s} {'frac':>5s} | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
     print(header)
@@ -419,13 +474,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for k, v in checks.items():
         print(f"  {k}: {v}")
     load_end = os.getloadavg()
-    print(f"  load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f} on {os.cpu_count()} CPUs")
-    tmp.cleanup()
-    print(json.dumps({"isa": isa, "read_bandwidth_bytes_per_s": bw, "preset": preset, "input_len": L, "new_tokens": N, "batch": 1, "threads": args.threads,
-                      "repeats": args.repeats, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                      "loadavg_start": load_start[0], "loadavg_end": load_end[0], "results": results,
-                      "ratios": ratios, "cpu_ratios": cpu_ratios, "checks": checks}))
-    return 0
+    print(f"  load average (1 min) at start {info['loadavg_start']:.2f}, at end {load_end[0]:.2f} on "
+          f"{os.cpu_count()} CPUs")
+    print(json.dumps({**info, "loadavg_end": load_end[0], "results": results, "ratios": ratios,
+                      "cpu_ratios": cpu_ratios, "checks": checks}))
 
 
 if __name__ == "__main__":

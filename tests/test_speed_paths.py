@@ -376,6 +376,54 @@ def test_fbgemm_int8_kernel_matches_float_and_does_not_saturate():
         assert _rel(worst(xs.double()).float(), xs @ torch.full((256, 16), 0.5)) < 0.01  # other dtypes: converted
 
 
+def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch):
+    """A prefill-only int8 layer runs oneDNN's int8 matmul from `ONEDNN_MIN_ROWS` rows on: the same 7-bit weight
+    codes and 8-bit activation codes as fbgemm's kernel, so nearly the same outputs, also on AVX2's worst case."""
+    if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
+        pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    both = q8.Int8Linear(lin.weight, lin.bias, prefill=True)
+    assert both.backend.startswith("fbgemm + onednn") and q8.Int8Linear(lin.weight, lin.bias).backend == "fbgemm"
+    x = torch.randn(4, 3, 256)
+    with torch.no_grad():
+        fbgemm = both(x)  # 12 rows: below ONEDNN_MIN_ROWS
+        monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
+        onednn = both(x)
+        assert onednn.shape == (4, 3, 64) and _rel(onednn, fbgemm) < 2e-3 and _rel(onednn, lin(x)) < 0.02
+        one = x[:1, :1]
+        assert both(one).equal(both._gemm.raw(one) * both.scale)  # one row: fbgemm
+        assert both(torch.zeros(3, 256)).allclose(lin.bias.expand(3, 64), atol=1e-6)  # zero range: a valid scale
+        worst = q8.Int8Linear(torch.full((16, 256), 0.5), prefill=True)
+        xs = torch.rand(2, 256) * 0.1 + 0.9
+        xs[:, 0] = -1.0  # activation codes: -1 -> 0, the rest near 255
+        assert _rel(worst(xs), xs @ torch.full((256, 16), 0.5)) < 0.01
+        traced = torch.compile(both, backend="aot_eager", fullgraph=True)(x)  # one `mu::int8_linear`, no break
+    assert torch.equal(traced, onednn)
+
+
+def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch):
+    """`quantize_("int8")` gives the encoder's products and the cross-attention's k/v the prefill kernel, the
+    decoder's per-token products not; encoding through it matches encoding through fbgemm alone."""
+    if not (q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available()):
+        pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    torch.manual_seed(0)
+    model = mu.build_model("tiny").eval()
+    m8 = _quantized_copy(model)
+    block, dec = m8.transformer.e[0], m8.transformer.h[0]
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        assert block.mlp.fc1._many is not None and block.attn.out_linear._many is not None
+        assert block.attn.fused_linear("qkv")._many is not None and dec.cross_attn.fused_linear("kv")._many is not None
+        assert dec.mlp.fc1._many is None and dec.causal_attn.fused_linear("qkv")._many is None
+        assert block.attn.q_linear._many is None  # the unfused projections run only with autograd (refused)
+        fbgemm = m8.encode(ids)[0]
+        monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
+        onednn = m8.encode(ids)[0]
+        assert _rel(onednn, fbgemm) < 0.01 and _rel(onednn, model.encode(ids)[0]) < 0.05
+        _assert_cached_decode_matches_forward(m8)
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
                     reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
 def test_compiled_generation_equals_eager(model):
@@ -502,6 +550,42 @@ def test_cuda_bench_runs_bf16():
                                   device="cuda", repeats=1, warmup=1, memory=False, flop_check=False, out=None,
                                   plots=False, progress=False))
     assert all(row["decode_tok_s"] > 0 for row in r["rows"])
+
+
+def test_inference_rmsnorm_of_many_rows_equals_the_fused_kernel():
+    """Without autograd, a prefill-sized input (>= 65536 values) is normalized through `vector_norm`; the same
+    numbers as F.rms_norm (and as the autograd path) to fp32 rounding, the input untouched."""
+    norm = layers.RMSNorm(256)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 300, 256) * 3
+    before = x.clone()
+    with torch.no_grad():
+        fast = norm(x)
+        small = norm(x[:, :5])  # below the size: F.rms_norm
+    torch.testing.assert_close(fast, F.rms_norm(x, (256,), norm.weight, 1e-6), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(fast, norm(x).detach(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(small, fast[:, :5], atol=2e-6, rtol=1e-5)
+    assert torch.equal(x, before)
+
+
+def test_folded_grouped_query_attention_equals_the_expanded_one():
+    """A non-causal multi-query attention without autograd folds each KV head's queries into one query axis;
+    with and without a key-padding mask it gives what SDPA's grouped-query expansion gives."""
+    torch.manual_seed(0)
+    attn = layers.Attention(mu.MuConfig(**{**mu.config.PRESETS["tiny"], "dropout": 0.0})).eval()
+    assert attn.groups > 1
+    q = torch.randn(2, 7, attn.n_head, attn.head_dim)
+    k, v = (torch.randn(2, attn.n_kv_head, 9, attn.head_dim) for _ in range(2))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False
+    heads = [h % attn.n_kv_head for h in range(attn.n_head)]  # the tiled mapping (`is_interleaved=False`)
+    for mask in (None, layers.key_padding_mask(valid)):
+        with torch.no_grad():
+            folded = attn.attend(q, k, v, mask)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, heads], v[:, heads], attn_mask=mask)
+            expanded = attn.out_linear(o.transpose(1, 2).reshape(2, 7, -1))
+        torch.testing.assert_close(folded, expanded, atol=1e-5, rtol=1e-5)
 
 
 def test_inference_gelu_equals_tanh_gelu_and_training_uses_f_gelu():
