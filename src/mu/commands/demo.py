@@ -97,8 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 SETTINGS = ("train_data", "val_data", "test_data", "families", "n_train", "n_val", "n_test", "vocab_size",
             "max_source_len", "teacher_examples", "teacher_batch_size", "teacher_seeds", "student_examples",
-            "student_flops", "batch_size", "teacher_lr", "lr_grid", "seeds", "kd_alpha", "kd_temperature", "kd_on_policy", "bench_preset",
-            "bench_input_lengths", "bench_new_tokens", "device", "workers", "threads", "seed")
+            "student_flops", "batch_size", "teacher_lr", "lr_grid", "seeds", "kd_alpha", "kd_temperature",
+            "kd_on_policy", "bench_preset", "bench_input_lengths", "bench_new_tokens", "device", "workers", "threads",
+            "seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -237,7 +237,8 @@ def deconly_twin(encdec: MuConfig, tolerance: float = PARAM_TOLERANCE) -> MuConf
 PRESETS: dict[str, dict[str, Any]] = {
     # End-to-end in well under a minute: tests and a smoke check. Its numbers mean nothing.
     "quick": dict(n_train=512, n_val=24, n_test=48, student=STUDENT_QUICK, teacher=TEACHER_QUICK, batch_size=16,
-                  teacher_batch_size=16, teacher_examples=160, teacher_seeds=1, student_examples=96, teacher_lr=3e-3, lr_grid=(2e-3, 5e-3),
+                  teacher_batch_size=16, teacher_examples=160, teacher_seeds=1, student_examples=96, teacher_lr=3e-3,
+                  lr_grid=(2e-3, 5e-3),
                   seeds=2, evals_per_run=2, eval_batch_size=48, bootstrap=200, bench_preset="tiny",
                   bench_input_lengths=(16, 32), bench_new_tokens=4, bench_repeats=1),
     # `make demo`: the first task family (question after the context), 3 seeds, a 2-rate grid.
