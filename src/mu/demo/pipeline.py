@@ -280,11 +280,12 @@ class Demo:
         rows) for ordering and the ETA."""
         c = self.cfg
         per_ex = self.flops_per_example(spec.family, self.role(spec.model))
-        cost = self.est_steps(spec) * self.batch_size(spec) * per_ex
+        rows = self.est_steps(spec) * self.batch_size(spec)
+        cost = rows * per_ex
         if spec.model.startswith("encdec_kd"):
-            cost += self.est_steps(spec) * c.batch_size * self.flops_per_example(spec.family, "teacher") / 3
+            cost += rows * self.flops_per_example(spec.family, "teacher") / 3
         if spec.model == "encdec_kd_on":  # the sampled rows: a second forward and backward beside the gold ones
-            cost += self.est_steps(spec) * c.batch_size * per_ex
+            cost += rows * per_ex
         return cost + (c.evals_per_run + 2) * (c.n_val + c.n_test) * per_ex / 3
 
     # -- runs ---------------------------------------------------------------------------------------
