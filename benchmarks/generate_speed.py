@@ -25,8 +25,9 @@ Engines (all random weights, greedy, batch 1, never stopping early):
                           `Translator.generate_tokens`, when ctranslate2 is installed
 
 Each repeat runs every engine once, in turn (interleaved, so load from other processes spreads over all
-of them; `--isolate` runs each engine in a process of its own instead, since mu runs slower in a process where
-CTranslate2 has run, docs/efficiency.md); the table shows medians over repeats and the min-max spread.
+of them; `--isolate` runs each engine in a process of its own instead); the table shows medians over repeats and
+the min-max spread. ctranslate2 is imported before torch, so that it keeps its own OpenMP runtime: imported after,
+its parallel regions run in torch's libgomp and slow every torch engine of the process (docs/efficiency.md).
 TTFT = prompt in -> first new token out (encoder + cross K/V + first decoder step + pick); decode tokens/s =
 (new - 1) / (last token time - first token time); end to end = the whole call. The last line is one JSON object.
 """
@@ -42,6 +43,16 @@ import sys
 import tempfile
 import time
 from typing import Callable, Optional
+
+try:
+    # Before torch, on purpose: CTranslate2's wheel bundles its own libgomp, but its OpenMP calls bind to the first
+    # GOMP_* symbols in the process's global scope, which are torch's once torch is loaded. CTranslate2's worker
+    # thread then opens a second team in torch's runtime; with more OpenMP threads than CPUs, libgomp cuts the
+    # spin-wait of every team to ~100 iterations, so torch's workers sleep between parallel regions (mu's decode
+    # 143 -> 118 tok/s in one process, docs/efficiency.md). Loaded first, CTranslate2 binds to its own libgomp.
+    import ctranslate2  # noqa: F401
+except ImportError:
+    ctranslate2 = None
 
 import torch
 
@@ -175,8 +186,6 @@ class _Vocab:
 
 def convert_ct2(hf_model, out_dir: str, quantization: str) -> str:
     """Convert an in-memory HF T5 to CTranslate2 (only its config goes through disk)."""
-    import ctranslate2
-
     cfg_dir = os.path.join(out_dir, "hf-config")
     hf_model.config.save_pretrained(cfg_dir)
 
@@ -193,8 +202,6 @@ def convert_ct2(hf_model, out_dir: str, quantization: str) -> str:
 
 
 def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: int, decode_bytes: int):
-    import ctranslate2
-
     translator = ctranslate2.Translator(path, device="cpu", compute_type=compute_type, intra_threads=threads)
     vocab = _Vocab(0)
     source = [f"t{i}" if i >= 3 else vocab.tokens[i] for i in input_ids[0].tolist()]
@@ -308,9 +315,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         add("hf-t5-bf16", "encdec", "bf16", lambda: hf_engine(copy.deepcopy(hf).to(torch.bfloat16), hf_ids),
             skip_first_put=True)
         if not args.no_ct2:
-            try:
-                import ctranslate2  # noqa: F401
-            except ImportError:
+            if ctranslate2 is None:
                 print("ctranslate2 is not installed: skipping it", file=sys.stderr)
             else:
                 for quant, compute in (("float32", "float32"), ("int8", "int8")):
@@ -371,8 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_isolated(args) -> int:
     """`--isolate`: every engine in a process of its own (this script with `--engines NAME`), one after another;
-    their rows, merged, go through the same report. Two engines in one process can slow each other for the rest of
-    its life (docs/efficiency.md, round 4: mu's decode after CTranslate2 has run in the same process)."""
+    their rows, merged, go through the same report: a check that no engine changes another's speed in one process."""
     import subprocess
 
     if args.engines == "all":

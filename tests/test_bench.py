@@ -181,3 +181,29 @@ def test_param_count_formula(arch):
 
     for preset in ("tiny", "small"):
         assert mu_param_count(mu.MuConfig.from_name(preset, arch)) == mu.build_model(preset, arch=arch).num_parameters()
+
+
+def _gomp_binding(code: str) -> str:
+    """The library that CTranslate2's `GOMP_parallel` binds to when `code` runs in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    env = {**os.environ, "LD_DEBUG": "bindings", "PYTHONPATH": bench_dir}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [ln for ln in run.stderr.splitlines() if "libctranslate2" in ln.split(" to ")[0] and "`GOMP_parallel'" in ln]
+    assert lines, "no binding of CTranslate2's GOMP_parallel seen"
+    return lines[0].split(" to ", 1)[1]
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="LD_DEBUG is glibc's")
+def test_side_by_side_benchmark_keeps_ctranslate2_on_its_own_openmp_runtime():
+    """Imported after torch, CTranslate2's OpenMP calls run in torch's libgomp and slow torch in that process
+    (docs/efficiency.md); the benchmark imports it first, so each library keeps its own runtime."""
+    pytest.importorskip("ctranslate2")
+    after_torch = _gomp_binding("import torch, ctranslate2, ctranslate2._ext")
+    assert "torch" in after_torch  # the trap the benchmark avoids (so this test can tell the two apart)
+    benchmark = _gomp_binding("import generate_speed, ctranslate2._ext")
+    assert "ctranslate2.libs" in benchmark and "torch" not in benchmark
