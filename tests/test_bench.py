@@ -193,7 +193,8 @@ def _gomp_binding(code: str) -> str:
     env = {**os.environ, "LD_DEBUG": "bindings", "PYTHONPATH": bench_dir}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    lines = [ln for ln in run.stderr.splitlines() if "libctranslate2" in ln.split(" to ")[0] and "`GOMP_parallel'" in ln]
+    lines = [ln for ln in run.stderr.splitlines()
+             if "libctranslate2" in ln.split(" to ")[0] and "`GOMP_parallel'" in ln]
     assert lines, "no binding of CTranslate2's GOMP_parallel seen"
     return lines[0].split(" to ", 1)[1]
 
