@@ -468,6 +468,38 @@ def test_split_linear_equals_linear_and_falls_back():
         torch.set_num_threads(threads)
 
 
+def test_compiled_graphs_keep_split_linear_as_one_op_and_export_does_not():
+    """Inside torch.compile a few-row fp32 product is `mu::split_linear` (inductor's own runs on one core), in one
+    graph (no break); torch.export (the ONNX exporter's tracer) sees a plain linear."""
+    from mu.model.fast import SplitLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 96)
+    lin.__class__ = SplitLinear
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            x = torch.randn(1, 1, 40)
+            torch._dynamo.reset()
+            out = torch.compile(lin, backend=record, fullgraph=True)(x)
+            torch.testing.assert_close(out, F.linear(x, lin.weight, lin.bias))
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and torch.ops.mu.split_linear.default in graphs[0]
+    with torch.no_grad():  # as the ONNX export traces
+        exported = torch.export.export(lin, (torch.randn(1, 1, 40),))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.mu.split_linear.default not in targets and torch.ops.aten.linear.default in targets
+
+
 @pytest.mark.parametrize("mode,tol", [("int8wo", 0.08), ("int4", 0.3)])
 def test_weight_only_modes_close_to_float_and_cached_close_to_uncached(model, mode, tol):
     """Weight-only int8 and group-wise int4: decode kernel for few rows, dynamic int8 for the prefill."""

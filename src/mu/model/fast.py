@@ -40,19 +40,44 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
     product over row blocks of the weight runs one block per thread: the output rows are cut into 4 (or
     2) equal blocks, a view of the weight, no copy. Falls back to `F.linear` whenever that does not apply
-    (autograd, torch.compile, tracing/export, accelerators, other dtypes, many rows, one thread).
+    (autograd, tracing/export, accelerators, other dtypes, many rows, one thread). Inside `torch.compile` it is
+    one opaque op, `mu::split_linear`, which runs this function when the compiled graph runs.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
     if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
-            or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.get_num_threads() < 2):
+            or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # one opaque op (inductor's 1-row product runs on one core); it runs this
+        return _split_linear_op(x, weight, bias)  # function, thread count included, when the graph runs
+    if torch.get_num_threads() < 2:
         return F.linear(x, weight, bias)
     blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)
     y = torch.bmm(x.reshape(1, rows, -1).expand(chunks, rows, -1), blocks)  # (chunks, rows, out/chunks)
     y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
     return y if bias is None else y + bias
+
+
+# A compiled decode step (`generate(compile=True)`) calls `split_linear` as one opaque op, `mu::split_linear`:
+# traced, its batched product becomes inductor's, which runs on one core, as does the `F.linear` it replaces (330m
+# fp32 decode, 2 threads: 28 tok/s traced, 35 with `F.linear`, 46 with this op, 42 eager; docs/efficiency.md).
+# Defined once per process (as `mu::int8_linear`), with a CPU kernel that is the eager function.
+def _split_linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return split_linear(x, weight, bias)
+
+
+def _split_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+if not hasattr(torch.ops.mu, "split_linear"):
+    _LIB = torch.library.Library("mu", "FRAGMENT")
+    _LIB.define("split_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    _LIB.impl("split_linear", _split_linear_kernel, "CPU")
+    torch.library.register_fake("mu::split_linear", _split_linear_fake, lib=_LIB)
+_split_linear_op = torch.ops.mu.split_linear.default
 
 
 class SplitLinear(nn.Linear):
