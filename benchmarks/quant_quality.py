@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/quant_quality.py                  # trains a tiny encdec, ~2-4 min on 2 cores
     .venv/bin/python benchmarks/quant_quality.py --model DIR --data test.jsonl --task squad_v2   # a trained one
     .venv/bin/python benchmarks/quant_quality.py --model STUDENT --demo-words   # a demo student (issue 20)
+    .venv/bin/python benchmarks/quant_quality.py --model DEMO_OUT/runs/RUN/final --demo-words \
+        --data DEMO_OUT/data/test.jsonl      # a demo student on that demo's own test split
 
 Without --model it writes the built-in synthetic reading-comprehension splits (`mu.data.synthetic`, SQuAD-2.0
 schema, paragraph-disjoint) into a temporary directory, trains the `tiny` encoder-decoder on the train split
@@ -15,8 +17,8 @@ Token agreement: over all test examples, the fraction of fp32's generated answer
 re-tokenized) matched at the same position by the format's. F1 is the task's metric (SQuAD-2.0 F1, x100).
 `--demo-words`: the demo's word-level synthetic task (`mu.data.synthetic_words`, merged with issue 20):
 the held-out examples are its test and validation questions at n_test=10, n_val=200 (`word_splits(0, 200,
-10)`: 210 questions a student trained on `word_splits(N, 200, 10)["train"]` never saw), in the prompt order given
-by --order. The last line is one JSON object.
+10)`: 210 questions a student trained on `word_splits(N, 200, 10)["train"]` never saw), or with --data the questions
+of that file (a demo run's `data/test.jsonl`), in the prompt order given by --order. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def train(tmp: Path, args) -> tuple[str, Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="a trained fp32 mu model directory (default: train a tiny one)")
-    p.add_argument("--data", help="test file for --model")
+    p.add_argument("--data", help="test file for --model (with --demo-words: a demo run's data/test.jsonl)")
     p.add_argument("--demo-words", action="store_true", help="held-out examples of the demo's word-level task")
     p.add_argument("--order", default="context_first", help="--demo-words prompt order")
     p.add_argument("--words-module", help="path of synthetic_words.py when mu.data.synthetic_words is not installed")
@@ -99,9 +101,14 @@ def main(argv=None) -> int:
             word_example, word_splits = words.word_example, words.word_splits
         else:
             from mu.data.synthetic_words import word_example, word_splits
-        held = word_splits(0, 200, 10, seed=0)
-        examples = [word_example(r, args.order) for r in held["test"] + held["val"]]
-        test = Path("demo-words test+val")
+        if args.data:  # a demo run's own split (DEMO_OUT/data/test.jsonl)
+            from mu.data.tasks import iter_jsonl
+
+            examples = [word_example(r, args.order) for _, r in iter_jsonl(args.data)]
+        else:
+            held = word_splits(0, 200, 10, seed=0)
+            examples = [word_example(r, args.order) for r in held["test"] + held["val"]]
+            test = Path("demo-words test+val")
     else:
         examples = load_examples(args.task, test)
     results, preds = {}, {}
