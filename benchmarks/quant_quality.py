@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/quant_quality.py                  # trains a tiny encdec, ~2-4 min on 2 cores
     .venv/bin/python benchmarks/quant_quality.py --model DIR --data test.jsonl --task squad_v2   # a trained one
     .venv/bin/python benchmarks/quant_quality.py --model STUDENT --demo-words   # a demo student (issue 20)
-    .venv/bin/python benchmarks/quant_quality.py --model DEMO_OUT/runs/RUN/final --demo-words \
-        --data DEMO_OUT/data/test.jsonl      # a demo student on that demo's own test split
+    .venv/bin/python benchmarks/quant_quality.py --model DEMO_OUT/context_first/encdec/seed0-lr0.002/final \
+        --demo-words --data DEMO_OUT/data/test.jsonl      # a demo student on that demo's own test split
 
 Without --model it writes the built-in synthetic reading-comprehension splits (`mu.data.synthetic`, SQuAD-2.0
 schema, paragraph-disjoint) into a temporary directory, trains the `tiny` encoder-decoder on the train split
