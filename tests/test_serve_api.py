@@ -372,6 +372,26 @@ def test_vlm_refuses_bad_images(vlm_served):
     assert request(base, "GET", "/health")[0] == 200
 
 
+def test_image_preprocessing_runs_on_one_torch_thread_when_the_engine_owns_them():
+    """With `ServeConfig.threads` (what `mu serve` sets) a request thread preprocesses images on one torch thread,
+    so the engine's thread keeps the process's only OpenMP team (docs/serving.md)."""
+    from PIL import Image
+
+    vlm = printable_vlm()
+    server = Server(vlm, vlm.tokenizer, ServeConfig(threads=2))
+    seen, real = [], vlm.processor
+    vlm.processor = lambda image: (seen.append(torch.get_num_threads()), real(image))[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a new thread starts with
+    try:
+        worker = threading.Thread(target=server._views, args=(Image.new("RGB", (40, 30), (200, 30, 30)),))
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1]
+
+
 def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
     from mu.cli import main
 
@@ -382,4 +402,6 @@ def test_serve_command_refuses_bad_arguments(tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     assert main(["serve", "--model", str(tmp_path / "m"), "--max-batch", "0"]) == 2
     assert "--max-batch must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "m"), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "m"), "--port", "70000"]) == 2

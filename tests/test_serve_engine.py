@@ -299,3 +299,37 @@ def test_backend_packs_the_head_and_keeps_its_logits(tok):
     out = model.lm_head(x)  # autograd on: the plain product
     out.sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_engine_thread_sets_its_own_torch_threads(model, tok):
+    """`threads` is set in the engine's thread when it starts (the one thread running torch's parallel kernels in
+    `mu serve`); the caller's thread keeps its own setting."""
+    import threading
+
+    seen = []
+
+    class Recording(TorchBackend):
+        def step(self, tokens):
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return super().step(tokens)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    engine = Engine(Recording(model, max_batch=2), tok, threads=1)
+    engine.eos = None
+    got, finished = Collect(), threading.Event()
+
+    def listen(e: Event):
+        got(e)
+        if e.kind == "done":
+            finished.set()
+
+    try:
+        engine.start()
+        engine.submit(Prompt(_prompt(9, 3)), SamplingParams(max_new_tokens=4), listen)
+        assert finished.wait(60)
+        assert torch.get_num_threads() == 2
+    finally:
+        engine.stop()
+        torch.set_num_threads(threads)
+    assert seen and all(t == ("mu-serve-engine", 1) for t in seen)

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from mu.errors import MuError
 from mu.model.io import load_model
 from mu.tokenizer import load_tokenizer
@@ -34,7 +36,8 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $MU_API_KEY, if set)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: as stored)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, the physical cores)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of the engine (default: torch's choice, the physical "
+                   "cores; the model loads on one)")
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="what runs the model")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -69,13 +72,11 @@ def run(args) -> int:
     config = ServeConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_concurrent=args.max_concurrent,
                          max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
                          max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
-                         api_key=args.api_key)  # checked before the model loads
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MuError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+                         api_key=args.api_key, threads=args.threads)  # checked before the model loads
+    # The engine's thread runs the model with these threads; this one loads it on one, so that the process keeps a
+    # single OpenMP team (with two, libgomp throttles both: a decode step 3-6% slower, docs/serving.md)
+    config.threads = config.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     device = pick_device(args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = load_served_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)

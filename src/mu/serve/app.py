@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
 
+import torch
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -69,12 +70,18 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096  # width x height at most; more gets 413
     prefill_tokens: int = 4096  # prompt tokens admitted into the batch per engine turn (see Engine)
     api_key: Optional[str] = None  # when set, /v1/* and /metrics need "Authorization: Bearer <key>"
+    # torch CPU threads of the engine's thread, which then is the only one running torch's parallel kernels (the
+    # image preprocessing in request threads runs on one): a second OpenMP team in the process makes libgomp
+    # throttle both (docs/serving.md). None: threads as the process has them (tests, notebooks)
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_new_tokens", "max_body_bytes", "max_image_bytes", "max_image_pixels",
                      "max_concurrent", "prefill_tokens"):
             if getattr(self, name) < 1:
                 raise MuError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise MuError(f"--threads must be >= 1, got {self.threads}")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise MuError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
         if self.max_queue < 0:
@@ -183,7 +190,7 @@ class Server:
                                      lambda: self.engine.running if self.engine else 0)
         self.backend = backend or TorchBackend(model, c.max_batch)
         self.engine = Engine(self.backend, self.tokenizer, max_queue=c.max_queue, prefill_tokens=c.prefill_tokens,
-                             stats=self.metrics)
+                             stats=self.metrics, threads=c.threads)
         self.inflight = 0
         self.created = int(time.time())
         routes = [
@@ -315,6 +322,13 @@ class Server:
         self._check_length(len(ids), "prompt")
         return ids
 
+    def _views(self, image):
+        """The model's preprocessed views of `image` (in a request thread: on one torch thread when the engine owns
+        the threads, `ServeConfig.threads`)."""
+        if self.config.threads is not None:
+            torch.set_num_threads(1)  # this thread's own setting; the engine's thread set its own when it started
+        return self.model.processor(image)
+
     def _decode_image(self, url: str, field: str):
         """A data: URI -> an RGB PIL image, or an ApiError naming `field`."""
         from PIL import Image, ImageOps, UnidentifiedImageError
@@ -403,7 +417,7 @@ class Server:
             raise ApiError(400, f"{images[1][0]}: at most one image per request", images[1][0])
         field, url = images[0]
         image = await run_in_threadpool(self._decode_image, url, field)
-        views = await run_in_threadpool(self.model.processor, image)
+        views = await run_in_threadpool(self._views, image)
         ids = self.tokenizer(self.model.prompt(text), add_special_tokens=False)["input_ids"]
         if ids.count(self.model.image_token_id) != 1:
             token = self.model.vision_config.image_token

@@ -220,8 +220,9 @@ class TorchBackend:
 
 class Engine:
     def __init__(self, backend: TorchBackend, tokenizer, max_queue: int = 128, prefill_tokens: int = 4096,
-                 stats: Optional[EngineStats] = None):
+                 stats: Optional[EngineStats] = None, threads: Optional[int] = None):
         self.backend = backend
+        self.threads = threads  # torch's CPU threads in the engine's thread, set there when it starts (None: as is)
         self.tokenizer = tokenizer
         self.eos = getattr(tokenizer, "eos_token_id", None)
         self.max_queue = max_queue
@@ -282,6 +283,8 @@ class Engine:
     # -- the engine's thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cv:
