@@ -74,14 +74,18 @@ def run(args) -> int:
                          max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                          api_key=args.api_key, threads=args.threads)  # checked before the model loads
     # The engine's thread runs the model with these threads; this one loads it on one, so that the process keeps a
-    # single OpenMP team (with two, libgomp throttles both: a decode step 3-6% slower, docs/serving.md)
-    config.threads = config.threads or torch.get_num_threads()
+    # single OpenMP team (with two, libgomp throttles both: docs/serving.md). It runs no torch work afterwards.
+    threads = torch.get_num_threads()
+    config.threads = config.threads or threads
     torch.set_num_threads(1)
-    device = pick_device(args.device)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    model = load_served_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
-    name = config.model_name = args.model_name or Path(args.model).resolve().name
-    server = Server(model, getattr(model, "tokenizer", None), config)
+    try:
+        device = pick_device(args.device)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        model = load_served_model(args.model, device=device, dtype=args.dtype, tokenizer=tokenizer)
+        name = config.model_name = args.model_name or Path(args.model).resolve().name
+        server = Server(model, getattr(model, "tokenizer", None), config)
+    finally:
+        torch.set_num_threads(threads)  # this thread's setting back (it has no team); a caller's is as it was
     if args.api_key is None and not _is_loopback(args.host):
         print(f"mu serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
