@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,10 +188,6 @@ def test_param_count_formula(arch):
 
 def _gomp_binding(code: str) -> str:
     """The library that CTranslate2's `GOMP_parallel` binds to when `code` runs in a fresh interpreter."""
-    import os
-    import subprocess
-    import sys
-
     bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     env = {**os.environ, "LD_DEBUG": "bindings", "PYTHONPATH": bench_dir}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -199,7 +198,7 @@ def _gomp_binding(code: str) -> str:
     return lines[0].split(" to ", 1)[1]
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="LD_DEBUG is glibc's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_DEBUG is glibc's")
 def test_side_by_side_benchmark_keeps_ctranslate2_on_its_own_openmp_runtime():
     """Imported after torch, CTranslate2's OpenMP calls run in torch's libgomp and slow torch in that process
     (docs/efficiency.md); the benchmark imports it first, so each library keeps its own runtime."""

@@ -62,24 +62,38 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y if bias is None else y + bias
 
 
+_LIBRARIES: list = []  # the `torch.library.Library` objects of `cpu_op` (an op lives as long as its library)
+
+
+def cpu_op(schema: str, kernel: Callable[..., Tensor], fake: Callable[..., Tensor]):
+    """`torch.ops.mu.NAME.default` for `schema` ("NAME(args) -> Tensor"): an op that a compiled graph calls as one
+    opaque call, running `kernel` on CPU tensors; `fake` gives its output's shape and dtype while tracing.
+
+    Defined with `torch.library.Library` and a CPU kernel rather than `torch.library.custom_op`, whose wrapper
+    costs more per call: 61 such calls from a compiled graph (inductor's C++ wrapper) took 995 vs 604 us, the
+    kernels called directly 424 us (tiny weights, one thread, docs/efficiency.md). Defined once per process: a
+    second import of the defining module (after its removal from `sys.modules`) finds the op, with the first
+    import's kernel.
+    """
+    name = schema.split("(", 1)[0]
+    if not hasattr(torch.ops.mu, name):
+        lib = torch.library.Library("mu", "FRAGMENT")
+        lib.define(schema)
+        lib.impl(name, kernel, "CPU")
+        torch.library.register_fake(f"mu::{name}", fake, lib=lib)
+        _LIBRARIES.append(lib)
+    return getattr(torch.ops.mu, name).default
+
+
 # A compiled decode step (`generate(compile=True)`) calls `split_linear` as one opaque op, `mu::split_linear`:
 # traced, its batched product becomes inductor's, which runs on one core, as does the `F.linear` it replaces (330m
 # fp32 decode, 2 threads: 28 tok/s traced, 35 with `F.linear`, 46 with this op, 42 eager; docs/efficiency.md).
-# Defined once per process (as `mu::int8_linear`), with a CPU kernel that is the eager function.
-def _split_linear_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return split_linear(x, weight, bias)
-
-
 def _split_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-if not hasattr(torch.ops.mu, "split_linear"):
-    _LIB = torch.library.Library("mu", "FRAGMENT")
-    _LIB.define("split_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-    _LIB.impl("split_linear", _split_linear_kernel, "CPU")
-    torch.library.register_fake("mu::split_linear", _split_linear_fake, lib=_LIB)
-_split_linear_op = torch.ops.mu.split_linear.default
+_split_linear_op = cpu_op("split_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", split_linear,
+                          _split_linear_fake)
 
 
 class SplitLinear(nn.Linear):

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.errors import MuError
+from mu.model.fast import cpu_op
 
 DECODE_MAX_ROWS = 8  # at most this many input rows: a decode product (matrix-vector in effect)
 
@@ -100,11 +101,8 @@ _PACKED: dict[int, object] = {}
 _handles = itertools.count()
 
 
-# Defined with `torch.library.Library` and a CPU kernel rather than `torch.library.custom_op`, whose wrapper
-# costs more per call: 61 such calls from a compiled graph (inductor's C++ wrapper) took 995 vs 604 us, the
-# kernels called directly 424 us (tiny weights, one thread, docs/efficiency.md).
-# Defined once per process: a second import of this module (after its removal from `sys.modules`) finds the
-# op, and the kernel looks the handle up in whichever copy of the module `sys.modules` holds now.
+# The op is defined once per process (`cpu_op`): after a second import of this module, the kernel looks the handle
+# up in whichever copy of the module `sys.modules` holds now.
 def _int8_linear_kernel(x: Tensor, handle: int, out_features: int) -> Tensor:
     return sys.modules[__name__]._PACKED[handle](x.contiguous())
 
@@ -113,12 +111,8 @@ def _int8_linear_fake(x: Tensor, handle: int, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-if not hasattr(torch.ops.mu, "int8_linear"):
-    _LIB = torch.library.Library("mu", "DEF")
-    _LIB.define("int8_linear(Tensor x, int handle, int out_features) -> Tensor")
-    _LIB.impl("int8_linear", _int8_linear_kernel, "CPU")
-    torch.library.register_fake("mu::int8_linear", _int8_linear_fake, lib=_LIB)
-_int8_linear_op = torch.ops.mu.int8_linear.default
+_int8_linear_op = cpu_op("int8_linear(Tensor x, int handle, int out_features) -> Tensor", _int8_linear_kernel,
+                         _int8_linear_fake)
 
 
 class _Int8Gemm:
