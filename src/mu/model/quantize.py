@@ -217,12 +217,10 @@ class _OnednnInt8(_Int8Gemm):
     def _product(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         codes, x_scale, x_zero = _u8_codes(x2)
-        bias = self.bias - (x_zero * x_scale) * self.weight_sums if x_zero else self.bias
+        bias = torch.add(self.bias, self.weight_sums, alpha=-x_zero * x_scale) if x_zero else self.bias
         y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, self.packed, self.scale, self.zeros, bias,
                                                1.0, 0, torch.float32, "none", [], "")
-        if y.shape[-1] != self.out_features:
-            y = y[:, :self.out_features]
-        return y.view(*x.shape[:-1], self.out_features)
+        return y[:, :self.out_features].view(*x.shape[:-1], self.out_features)  # without the padded channels
 
     def __deepcopy__(self, memo: dict) -> "_OnednnInt8":
         """Copies share it (read-only weights)."""
