@@ -454,6 +454,21 @@ def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkey
         _assert_cached_decode_matches_forward(m8)
 
 
+def test_single_query_attention_equals_sdpa():
+    """The compiled decode step's attention (products and sums) against SDPA: grouped queries, with and without a
+    key mask, one row's keys partly masked."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 4:] = False
+    for mask in (None, layers.key_padding_mask(valid)):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(layers.single_query_attention(q, k, v, mask), expected)
+    # the masked keys do not count: row 1 equals attention over its first 4 keys alone
+    torch.testing.assert_close(layers.single_query_attention(q, k, v, layers.key_padding_mask(valid))[1],
+                               F.scaled_dot_product_attention(q[1:], k[1:, :, :4], v[1:, :, :4])[0])
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
                     reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
 def test_compiled_generation_equals_eager(model):

@@ -210,7 +210,10 @@ class Attention(nn.Module):
                 qf = q.view(B, KV, G, hd)
             else:  # head h = g * n_kv_head + j
                 qf = q.view(B, G, KV, hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
+            if q.device.type == "cpu" and not dropout and torch.compiler.is_compiling():
+                o = single_query_attention(qf, k, v, mask)
+            else:
+                o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
             o = o if self.interleaved else o.transpose(1, 2)
             return self.out_linear(o.reshape(B, 1, self.n_head * hd))
         if G > 1 and not is_causal and not self.training and (mask is None or mask.shape[-2] == 1):
@@ -319,6 +322,21 @@ class DecoderBlock(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Masks (bool, True = may attend)
+
+
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """softmax(q k^T / sqrt(hd)) v for a decode step written as products and sums, for `torch.compile` on a CPU.
+
+    q: (B, n_kv_head, groups, hd), a KV head's queries together; k, v: (B, n_kv_head, S, hd); mask: bool,
+    broadcast to (B, n_kv_head, groups, S), True = attend. Traced, this is one C++ kernel of the compiled step,
+    where SDPA is a call into its flash kernel, whose 2 x 64 by 64 x S products go through MKL's GEMM: a 330m int8
+    compiled decode, 10 layers each attending over 512 encoder positions and the generated tokens, ran 143.3 vs
+    136.5 tokens/s (AVX2, 2 threads, docs/efficiency.md). Eager, SDPA is the faster of the two.
+    """
+    scores = (q.unsqueeze(-2) * k.unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # (B, KV, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, -1).unsqueeze(-1) * v.unsqueeze(2)).sum(-2)
 
 
 def key_padding_mask(valid: Tensor) -> Tensor:
