@@ -207,3 +207,37 @@ def test_side_by_side_benchmark_keeps_ctranslate2_on_its_own_openmp_runtime():
     assert "torch" in after_torch  # the trap the benchmark avoids (so this test can tell the two apart)
     benchmark = _gomp_binding("import generate_speed, ctranslate2._ext")
     assert "ctranslate2.libs" in benchmark and "torch" not in benchmark
+
+
+def test_side_by_side_report_gives_every_issue19_target(monkeypatch, capsys):
+    """The report's last line carries each target of the CPU-speed issue, from wall-clock and CPU-time medians
+    (absent engines give None, not a number)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(repo, "benchmarks"))
+    import generate_speed
+
+    def row(dtype, ttft, tok_s, roofline_tok_s=None):
+        r = {"dtype": dtype, "decode_weight_bytes": 2**20}
+        for p in ("", "cpu_"):
+            r.update({p + "ttft_s": ttft, p + "decode_tok_s": tok_s, p + "e2e_s": ttft + 64 / tok_s})
+        r.update({k + "_range": [r[k], r[k]] for k in ("ttft_s", "decode_tok_s", "e2e_s")})
+        if roofline_tok_s:
+            r.update(roofline_tok_s=roofline_tok_s, roofline_fraction=tok_s / roofline_tok_s)
+        return r
+
+    results = {"mu-encdec-fp32": row("fp32", 1.3, 40.0, 65.0), "mu-encdec-bf16": row("bf16", 0.9, 70.0, 130.0),
+               "mu-encdec-int8": row("int8", 0.75, 130.0, 260.0), "ct2-t5-int8": row("int8", 0.70, 80.0, 262.0),
+               "hf-t5-fp32": row("fp32", 1.35, 24.0, 66.0)}
+    info = {"isa": "AVX2", "read_bandwidth_bytes_per_s": 35e9, "threads": 2, "preset": "330m", "input_len": 512,
+            "new_tokens": 64, "isolated": False, "loadavg_start": 0.0}
+    generate_speed.report(results, {}, info)
+    ratios = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ratios"]
+    assert ratios["best_mu"] == "mu-encdec-int8" and ratios["best_ct2"] == "ct2-t5-int8"
+    assert ratios["issue19_decode_best_mu_vs_best_ct2"] == pytest.approx(130 / 80)
+    assert ratios["issue19_ttft_best_mu_over_best_ct2"] == pytest.approx(0.75 / 0.70)
+    assert ratios["issue19_ttft_mu_fp32_over_hf_t5_fp32"] == pytest.approx(1.3 / 1.35)
+    assert ratios["issue19_decode_roofline_best_mu"] == pytest.approx(0.5)
+    assert ratios["issue19_bf16_decode_over_fp32"] == pytest.approx(70 / 40)
+    del results["mu-encdec-bf16"]
+    generate_speed.report(results, {}, info)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ratios"]["issue19_bf16_decode_over_fp32"] is None
