@@ -419,8 +419,9 @@ def report(results: dict, checks: dict, info: dict) -> None:
         return y / x if invert else x / y
 
     def roofline(name: Optional[str], p: str) -> Optional[float]:
+        """Wall-clock decode over the roofline (CPU seconds add up both threads: no roofline there)."""
         r = results.get(name)
-        return r[p + "decode_tok_s"] / r["roofline_tok_s"] if r and r.get("roofline_tok_s") else None
+        return r["roofline_fraction"] if r and r.get("roofline_fraction") and not p else None
 
     def target_ratios(p: str) -> dict:
         """The issue's ratios from wall-clock (p = "") or CPU-time (p = "cpu_") medians."""
