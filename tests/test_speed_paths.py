@@ -469,6 +469,22 @@ def test_single_query_attention_equals_sdpa():
                                F.scaled_dot_product_attention(q[1:], k[1:, :, :4], v[1:, :, :4])[0])
 
 
+def test_exported_decode_attention_keeps_sdpa():
+    """torch.export (the ONNX exporter's tracer) also reports compiling; a one-position attention it traces stays
+    SDPA, not the written-out form meant for inductor."""
+    attn = mu.build_model("tiny").eval().decoder_blocks()[0].cross_attn
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attn.attend(q, k, v)
+
+    q = torch.randn(1, 1, attn.n_head, attn.head_dim)
+    k, v = torch.randn(1, attn.n_kv_head, 5, attn.head_dim), torch.randn(1, attn.n_kv_head, 5, attn.head_dim)
+    with torch.no_grad():
+        graph = torch.export.export(Step(), (q, k, v)).graph_module.code
+    assert "scaled_dot_product_attention" in graph and "softmax" not in graph
+
+
 @pytest.mark.skipif(not __import__("os").environ.get("MU_TEST_COMPILE"),
                     reason="torch.compile takes ~1 min per graph on a small CPU; set MU_TEST_COMPILE=1 to run")
 def test_compiled_generation_equals_eager(model):

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.errors import MuError
+from mu.model.layers import is_exporting
 
 SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
-# torch.export, the ONNX exporter's tracer (torch < 2.5 cannot tell it from torch.compile: both keep `F.linear` there)
-_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -50,7 +49,7 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
     if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
-            or _is_exporting() or torch.jit.is_tracing()):
+            or is_exporting() or torch.jit.is_tracing()):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():  # one opaque op (inductor's 1-row product runs on one core); it runs this
         return _split_linear_op(x, weight, bias)  # function, thread count included, when the graph runs

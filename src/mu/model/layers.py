@@ -25,6 +25,10 @@ from torch import Tensor, nn
 from mu.config import MuConfig
 from mu.errors import MuError
 
+# torch.export, the ONNX exporter's tracer, also reports compiling (torch < 2.5 cannot tell the two apart): exported
+# graphs keep the plain ops
+is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, cast back to the input dtype, then scaled by its weight."""
@@ -211,7 +215,7 @@ class Attention(nn.Module):
                 qf = q.view(B, KV, G, hd)
             else:  # head h = g * n_kv_head + j
                 qf = q.view(B, G, KV, hd).transpose(1, 2)
-            if q.device.type == "cpu" and not dropout and torch.compiler.is_compiling():
+            if q.device.type == "cpu" and not dropout and torch.compiler.is_compiling() and not is_exporting():
                 o = single_query_attention(qf, k, v, mask)
             else:
                 o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, dropout_p=dropout)  # (B, KV, G, hd)
