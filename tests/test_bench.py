@@ -225,7 +225,8 @@ def test_side_by_side_report_gives_every_issue19_target(monkeypatch, capsys):
             r.update(roofline_tok_s=roofline_tok_s, roofline_fraction=tok_s / roofline_tok_s)
         return r
 
-    results = {"mu-encdec-fp32": row("fp32", 1.3, 40.0, 65.0), "mu-encdec-bf16": row("bf16", 0.9, 70.0, 130.0),
+    results = {"mu-encdec-fp32": row("fp32", 1.3, 40.0, 65.0), "mu-encdec-fp32-compiled": row("fp32", 1.3, 52.0, 65.0),
+               "mu-encdec-bf16": row("bf16", 0.9, 70.0, 130.0),
                "mu-encdec-int8": row("int8", 0.75, 130.0, 260.0), "ct2-t5-int8": row("int8", 0.70, 80.0, 262.0),
                "hf-t5-fp32": row("fp32", 1.35, 24.0, 66.0)}
     info = {"isa": "AVX2", "read_bandwidth_bytes_per_s": 35e9, "threads": 2, "preset": "330m", "input_len": 512,
@@ -241,8 +242,11 @@ def test_side_by_side_report_gives_every_issue19_target(monkeypatch, capsys):
     assert ratios["issue19_ttft_best_mu_over_best_ct2"] == pytest.approx(0.75 / 0.70)
     assert ratios["issue19_ttft_mu_fp32_over_hf_t5_fp32"] == pytest.approx(1.3 / 1.35)
     assert ratios["issue19_decode_roofline_best_mu"] == pytest.approx(0.5)
+    assert ratios["issue19_decode_roofline_mu_fp32"] == pytest.approx(0.8)  # each format's best engine
+    assert ratios["issue19_decode_roofline_mu_int8"] == pytest.approx(0.5)
     assert ratios["issue19_bf16_decode_over_fp32"] == pytest.approx(70 / 40)
     assert cpu_ratios["issue19_decode_best_mu_vs_best_ct2"] == pytest.approx(130 / 80)
     assert cpu_ratios["issue19_decode_roofline_best_mu"] is None  # CPU seconds count both threads
+    assert cpu_ratios["issue19_decode_roofline_mu_fp32"] is None
     del results["mu-encdec-bf16"]
     assert last_line()["ratios"]["issue19_bf16_decode_over_fp32"] is None

@@ -507,6 +507,49 @@ def test_compiled_int8_generation_equals_eager_int8(model):
     assert m8.generate(prompt, max_new_tokens=6, compile=True).tolist() == eager.tolist()
 
 
+def _compiled_step_logits(model, prompt, compiled: bool):
+    """The logits of the first fixed-shape step after a prefill, as `generate(compile=...)` makes it."""
+    from mu.generation import prepare
+
+    run = prepare(model, prompt, 3, compile=True)
+    with torch.inference_mode():
+        logits = model.prefill(run.input_ids, run.attention_mask, run.cache, run.start)
+        run.cache.static, run.cache.compiled = True, compiled
+        return model.decode_step(logits.argmax(-1, keepdim=True), run.cache)
+
+
+def test_compiled_step_multiplies_by_the_fused_projections(model, monkeypatch):
+    """A compiled decode step runs the self-attention's q/k/v as one product over the concatenation the eager
+    prefill made or refreshed (not three), and follows in-place weight updates between generations. Dynamo only
+    (its graph runs as traced), so no C++ compile."""
+    counts = []
+    compile_ = torch.compile
+
+    def record(gm, example_inputs):
+        counts.append(sum(n.target is torch.ops.mu.split_linear.default for n in gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=record, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        prompt = _ids(1, 7, seed=3)
+        torch.testing.assert_close(_compiled_step_logits(model, prompt, True),
+                                   _compiled_step_logits(model, prompt, False), atol=1e-5, rtol=1e-5)
+        blocks = model.decoder_blocks()
+        per_block = 6 if model.config.arch == "encdec" else 4  # q/k/v, out, [cross q, cross out,] fc1, fc2
+        assert counts == [per_block * len(blocks) + 1]  # and the lm_head
+        before = _compiled_step_logits(model, prompt, False)
+        with torch.no_grad():
+            for block in blocks:
+                attn = block.causal_attn if model.config.arch == "encdec" else block.attn
+                attn.v_linear.weight.mul_(-2.0)
+        after = _compiled_step_logits(model, prompt, True)
+        torch.testing.assert_close(after, _compiled_step_logits(model, prompt, False), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-3)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_split_linear_equals_linear_and_falls_back():
     from mu.model.fast import split_linear
 

@@ -132,8 +132,12 @@ class FusedProjection:
 
     def __call__(self) -> Optional[Callable[[Tensor], Tensor]]:
         parts = [getattr(self.attn, n) for n in self.names]
-        if torch.compiler.is_compiling() or not all(is_plain_linear(p) for p in parts):
+        if not all(is_plain_linear(p) for p in parts):
             return None
+        if torch.compiler.is_compiling():
+            # a compiled decode step: the concatenation that the eager prefill before it made or refreshed (its key,
+            # storage pointers, cannot be traced); None before any eager use, and then the three projections run
+            return self.fn
         key = tuple((t.data_ptr(), t._version) for p in parts for t in (p.weight, p.bias))
         if key != self.key:
             weight = torch.cat([p.weight for p in parts])
