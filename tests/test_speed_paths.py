@@ -526,7 +526,7 @@ def test_compiled_step_multiplies_by_the_fused_projections(model, monkeypatch):
     compile_ = torch.compile
 
     def record(gm, example_inputs):
-        counts.append(sum(n.target is torch.ops.mu.split_linear.default for n in gm.graph.nodes))
+        counts.append(sum(n.target in (torch.bmm, torch.baddbmm) for n in gm.graph.nodes))
         return gm.forward
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=record, dynamic=False))
@@ -572,9 +572,10 @@ def test_split_linear_equals_linear_and_falls_back():
         torch.set_num_threads(threads)
 
 
-def test_compiled_graphs_keep_split_linear_as_one_op_and_export_does_not():
-    """Inside torch.compile a few-row fp32 product is `mu::split_linear` (inductor's own runs on one core), in one
-    graph (no break); torch.export (the ONNX exporter's tracer) sees a plain linear."""
+def test_compiled_graphs_keep_the_split_product_and_export_does_not():
+    """Inside torch.compile a few-row fp32 product is the batched product over row blocks of the weight (one
+    `baddbmm`, which inductor calls as MKL's on both cores; its own 1-row product, what `F.linear` becomes, runs on
+    one), in one graph (no break); torch.export (the ONNX exporter's tracer) sees a plain linear."""
     from mu.model.fast import SplitLinear
 
     torch.manual_seed(0)
@@ -597,11 +598,11 @@ def test_compiled_graphs_keep_split_linear_as_one_op_and_export_does_not():
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
-    assert len(graphs) == 1 and torch.ops.mu.split_linear.default in graphs[0]
+    assert len(graphs) == 1 and torch.baddbmm in graphs[0] and F.linear not in graphs[0]
     with torch.no_grad():  # as the ONNX export traces
         exported = torch.export.export(lin, (torch.randn(1, 1, 40),))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert torch.ops.mu.split_linear.default not in targets and torch.ops.aten.linear.default in targets
+    assert torch.ops.aten.baddbmm.default not in targets and torch.ops.aten.linear.default in targets
 
 
 @pytest.mark.parametrize("mode,tol", [("int8wo", 0.08), ("int4", 0.3)])

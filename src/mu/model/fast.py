@@ -40,25 +40,25 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
     not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
     product over row blocks of the weight runs one block per thread: the output rows are cut into 4 (or
-    2) equal blocks, a view of the weight, no copy. Falls back to `F.linear` whenever that does not apply
-    (autograd, tracing/export, accelerators, other dtypes, many rows, one thread). Inside `torch.compile` it is
-    one opaque op, `mu::split_linear`, which runs this function when the compiled graph runs.
+    2) equal blocks, a view of the weight, no copy, and the bias comes in as the product's initial value. Falls
+    back to `F.linear` whenever that does not apply (autograd, tracing/export, accelerators, other dtypes, many
+    rows, one thread). Inside `torch.compile` the compiler traces the batched product, which a compiled graph
+    calls as MKL's (`aten.baddbmm` over the same views, on every thread; at one thread about `F.linear`'s speed).
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
     if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
-            or is_exporting() or torch.jit.is_tracing()):
-        return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():  # one opaque op (inductor's 1-row product runs on one core); it runs this
-        return _split_linear_op(x, weight, bias)  # function, thread count included, when the graph runs
-    if torch.get_num_threads() < 2:
+            or is_exporting() or torch.jit.is_tracing()
+            or (not torch.compiler.is_compiling() and torch.get_num_threads() < 2)):  # (the count does not trace)
         return F.linear(x, weight, bias)
     blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)
-    y = torch.bmm(x.reshape(1, rows, -1).expand(chunks, rows, -1), blocks)  # (chunks, rows, out/chunks)
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out)
-    return y if bias is None else y + bias
+    xs = x.reshape(1, rows, -1).expand(chunks, rows, -1)
+    y = torch.bmm(xs, blocks) if bias is None else torch.baddbmm(bias.view(chunks, 1, -1), xs, blocks)
+    if rows == 1:  # (chunks, 1, out/chunks) holds the outputs in order
+        return y.view(*x.shape[:-1], out)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], out)
 
 
 _LIBRARIES: list = []  # the `torch.library.Library` objects of `cpu_op` (an op lives as long as its library)
@@ -82,17 +82,6 @@ def cpu_op(schema: str, kernel: Callable[..., Tensor], fake: Callable[..., Tenso
         torch.library.register_fake(f"mu::{name}", fake, lib=lib)
         _LIBRARIES.append(lib)
     return getattr(torch.ops.mu, name).default
-
-
-# A compiled decode step (`generate(compile=True)`) calls `split_linear` as one opaque op, `mu::split_linear`:
-# traced, its batched product becomes inductor's, which runs on one core, as does the `F.linear` it replaces (330m
-# fp32 decode, 2 threads: 28 tok/s traced, 35 with `F.linear`, 46 with this op, 42 eager; docs/efficiency.md).
-def _split_linear_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-_split_linear_op = cpu_op("split_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", split_linear,
-                          _split_linear_fake)
 
 
 class SplitLinear(nn.Linear):
