@@ -381,6 +381,7 @@ def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch)
     codes and 8-bit activation codes as fbgemm's kernel, so nearly the same outputs, also on AVX2's worst case."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)  # oneDNN's kernel, not mu's own
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 64)
     both = q8.Int8Linear(lin.weight, lin.bias, prefill=True)
@@ -409,6 +410,7 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
     one sign (zero point 0 or 255), and the opaque op under torch.compile hands back the strides its fake gives."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)
     monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
     torch.manual_seed(0)
     for out, pad in ((2048, q8.ONEDNN_PAD_ROWS), (1024, 0), (3000, 0)):
@@ -425,18 +427,25 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
         assert traced.is_contiguous() and torch.equal(traced, y)
 
 
-def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch):
-    """`quantize_("int8")` gives the encoder's products and the cross-attention's k/v the prefill kernel, the
-    decoder's per-token products not; encoding through it matches encoding through fbgemm alone."""
+@pytest.mark.parametrize("kernel", ["onednn", "native"])
+def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch, kernel):
+    """`quantize_("int8")` gives the encoder's products and the cross-attention's k/v the prefill kernel (oneDNN's,
+    or mu's own where it runs), the decoder's per-token products not; encoding through it matches encoding through
+    fbgemm alone (oneDNN: the same codes; mu's kernel: 7-bit activation codes, so within twice fbgemm's error)."""
     if not (q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available()):
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    if kernel == "native" and not q8.native.int8_prefill_available():
+        pytest.skip("mu's int8 prefill kernel needs an x86 CPU with AVX2 but no VNNI and a C compiler")
+    if kernel == "onednn":
+        monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)
     torch.manual_seed(0)
     model = mu.build_model("tiny").eval()
     m8 = _quantized_copy(model)
     block, dec = m8.transformer.e[0], m8.transformer.h[0]
     ids = _ids(2, 12)
+    expected = q8._NativeInt8 if kernel == "native" else q8._OnednnInt8
     with torch.no_grad():
-        assert block.mlp.fc1._many is not None and block.attn.out_linear._many is not None
+        assert isinstance(block.mlp.fc1._many, expected) and isinstance(block.attn.out_linear._many, expected)
         assert block.attn.fused_linear("qkv")._many is not None and dec.cross_attn.fused_linear("kv")._many is not None
         assert dec.mlp.fc1._many is None and dec.causal_attn.fused_linear("qkv")._many is None
         assert block.attn.q_linear._many is None  # the unfused projections run only with autograd (refused)
@@ -445,12 +454,19 @@ def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkey
         rope = layers.rope_cos_sin(m8.config, layers.encoder_positions(12), 12, x.dtype)
         by_fbgemm = [block(x, rope) for block in m8.transformer.e]
         monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
-        onednn = m8.encode(ids)[0]
-        # block by block (the same input) the kernels agree; through the stack a rounding flip of one activation
-        # code grows, so the whole encoder is held to the float model as tightly as fbgemm's encoding is
-        assert all(_rel(block(x, rope), y) < 2e-3 for block, y in zip(m8.transformer.e, by_fbgemm))
+        prefill = m8.encode(ids)[0]
         exact = model.encode(ids)[0]
-        assert _rel(onednn, exact) < 1.2 * _rel(fbgemm, exact) < 0.05
+        # block by block (the same input) oneDNN's kernel agrees with fbgemm's (the same codes); mu's is as close to
+        # the float block as the coarser activation codes allow. Through the stack a rounding flip of one activation
+        # code grows, so the whole encoder is held to the float model against fbgemm's encoding
+        same_codes = kernel == "onednn"
+        by_float = [block(x, rope) for block in model.transformer.e]
+        for block, y, y_float in zip(m8.transformer.e, by_fbgemm, by_float):
+            if same_codes:
+                assert _rel(block(x, rope), y) < 2e-3
+            else:
+                assert _rel(block(x, rope), y_float) < 1.6 * _rel(y, y_float)
+        assert _rel(prefill, exact) < (1.2 if same_codes else 1.6) * _rel(fbgemm, exact) and _rel(fbgemm, exact) < 0.05
         _assert_cached_decode_matches_forward(m8)
 
 

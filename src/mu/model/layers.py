@@ -258,8 +258,15 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(config.n_embd, config.hidden_dim)
         self.fc2 = nn.Linear(config.hidden_dim, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
+        # inference only: (mlp, x) -> the output, or None to decline; `quantize_` sets one on the encoder's int8
+        # MLPs that runs the GELU inside the first product (`mu.model.quantize._native_mlp`)
+        self.fused_forward: Optional[Callable[["MLP", Tensor], Optional[Tensor]]] = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_forward is not None and not torch.is_grad_enabled():
+            y = self.fused_forward(self, x)
+            if y is not None:
+                return y
         x = self.fc2(gelu_tanh(self.fc1(x)))
         return self.dropout(x) if self.training else x
 

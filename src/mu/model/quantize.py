@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.errors import MuError
+from mu.model import native
 from mu.model.fast import cpu_op
 
 DECODE_MAX_ROWS = 8  # at most this many input rows: a decode product (matrix-vector in effect)
@@ -227,6 +228,55 @@ class _OnednnInt8(_Int8Gemm):
         return self
 
 
+class _NativeInt8(_Int8Gemm):
+    """mu's own int8 GEMM (`mu.model.native`) for the prefill's many-row products on AVX2 CPUs without VNNI, in
+    place of `_OnednnInt8`: the same 7-bit weight codes, packed once in the kernel's panels (a second copy of the
+    codes), 7-bit activation codes per call (one scale and zero point: the kernel sums four products in int16,
+    which 8-bit codes could overflow), the scales, the zero point's share and the bias applied in its output stage.
+    `product(x, gelu=True)` also applies the MLP's tanh-GELU there and returns its range, from which the next
+    product's codes follow without a pass over the wide activation (`_native_mlp`). At 512 rows ~1.2x oneDNN's
+    matmul on the AVX2 development machine (docs/efficiency.md, round 9)."""
+
+    def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
+        self.out_features, self.in_features = q.shape
+        pad = -self.out_features % native.N_MULTIPLE  # zero channels: the kernel writes whole panels
+        self.packed = native.pack_weights(q)
+        self.scale = F.pad(scale.float(), (0, pad))
+        self.bias = F.pad(scale.new_zeros(self.out_features) if bias is None else bias.float(), (0, pad))
+        self.weight_sums = F.pad(q.sum(1, dtype=torch.int32) * scale, (0, pad))  # the dequantized weights' row sums
+        self._register(self._product)
+
+    def product(self, x: Tensor, gelu: bool = False, value_range: Optional[tuple[float, float]] = None
+                ) -> tuple[Tensor, Optional[tuple[float, float]]]:
+        """(rows of 2-D fp32 `x`, padded outputs) and, with `gelu`, the GELU's output range; `value_range`: x's,
+        when known."""
+        codes, x_scale, x_zero = native.activation_codes(x, value_range)
+        mult = self.scale * x_scale
+        off = torch.add(self.bias, self.weight_sums, alpha=-x_zero * x_scale) if x_zero else self.bias
+        return native.gemm(codes, x.shape[0], self.packed, mult, off, gelu)
+
+    def _product(self, x: Tensor) -> Tensor:
+        y, _ = self.product(x.reshape(-1, x.shape[-1]))
+        return y[:, :self.out_features].view(*x.shape[:-1], self.out_features)
+
+    def __deepcopy__(self, memo: dict) -> "_NativeInt8":
+        """Copies share it (read-only weights)."""
+        return self
+
+
+def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """An encoder MLP's prefill with both products native (`MLP.fused_forward`): the tanh-GELU runs in the first
+    product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    if not (isinstance(getattr(fc1, "_many", None), _NativeInt8) and isinstance(getattr(fc2, "_many", None), _NativeInt8)
+            and x.dtype == torch.float32 and _rows(x) >= ONEDNN_MIN_ROWS and not torch.compiler.is_compiling()):
+        return None
+    _check_inference(x)
+    h, value_range = fc1._many.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
+    y, _ = fc2._many.product(h[:, :fc1.out_features], value_range=value_range)
+    return y[:, :fc2.out_features].view(*x.shape[:-1], fc2.out_features)
+
+
 def _bind_dynamic(packed: object) -> Callable[[Tensor], Tensor]:
     return lambda x: _linear_dynamic(x, packed, True)  # reduce_range=True: 7-bit activations
 
@@ -267,11 +317,11 @@ class Int8Linear(nn.Module):
             self._gemm = _DynamicInt8(q, scale, b) if fbgemm and _linear_dynamic is not None else None
         # `prefill`: a layer that only prefills (an encoder's, the cross-attention's k/v) also gets oneDNN's matmul
         # for many rows, over a second copy of 7-bit codes (1 byte more per weight held)
-        self._many: Optional[_OnednnInt8] = None
-        if prefill and self._gemm is not None and _onednn_available():
+        self._many: Optional[_OnednnInt8 | _NativeInt8] = None
+        if prefill and self._gemm is not None and (native.int8_prefill_available() or _onednn_available()):
             same = isinstance(self._gemm, _FbgemmInt8)  # its codes are already 7-bit
             q7, scale7 = (q, scale) if same else _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
-            self._many = _OnednnInt8(q7, scale7, b)
+            self._many = (_NativeInt8 if native.int8_prefill_available() else _OnednnInt8)(q7, scale7, b)
         self.register_buffer("scale", scale, persistent=False)
         if self._gemm is None:
             self.register_buffer("weight_int8", q, persistent=False)
@@ -286,7 +336,8 @@ class Int8Linear(nn.Module):
     @property
     def backend(self) -> str:
         name = {_FbgemmInt8: "fbgemm", _DynamicInt8: "fbgemm-dynamic"}.get(type(self._gemm), "dequant")
-        return name if self._many is None else f"{name} + onednn (from {ONEDNN_MIN_ROWS} rows)"
+        many = "native" if isinstance(self._many, _NativeInt8) else "onednn"
+        return name if self._many is None else f"{name} + {many} (from {ONEDNN_MIN_ROWS} rows)"
 
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
@@ -470,6 +521,8 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                     if is_plain_linear(child):
                         fn = make_prefill if block in encoder and id(child) not in unfused else make
                         setattr(parent, child_name, fn(child.weight, child.bias))
+            if block in encoder and mode == "int8":
+                block.mlp.fused_forward = _native_mlp  # declines unless both products run natively
         model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
     return model

@@ -1,0 +1,188 @@
+/* mu's native CPU kernels for the int8 prefill on AVX2 CPUs without VNNI (built by mu/model/native.py).
+
+   The GEMM multiplies 7-bit activation codes (0..127, one scale and zero point per call) by 7-bit weight codes
+   (|w| <= 63, one scale per output channel). AVX2 multiplies u8 x s8 with vpmaddubsw, which sums pairs of
+   products in int16, then widens pairs of those with vpmaddwd: two multiply uops per 32 multiply-adds. With 7-bit
+   activations four products fit int16 (4 x 127 x 63 = 32004 < 32767), so two vpmaddubsw results are added in
+   int16 first and one vpmaddwd widens both: three multiply uops per 64 multiply-adds, which is why this kernel
+   beats the libraries' 8-bit ones on such CPUs (docs/efficiency.md, round 9). Weights are packed once. */
+
+#include <stdint.h>
+#include <string.h>
+#include <float.h>
+#include <math.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#define MR 2        /* rows of a register tile */
+#define NV 2        /* 8-column vectors of a register tile */
+#define NR (8 * NV) /* columns of a register tile: the panel width of the packed weights */
+#define MC 64       /* rows of the activation block kept in L2 while the panels stream by */
+
+int mu_native_abi(void) { return 1; }
+
+/* w (n x k, int8) into panels of NR output channels; for each k-quad t (k = 4t..4t+3) NV vectors of 8 channels x
+   4 codes: out[((p * k_pad / 4 + t) * NV + h) * 32 + c * 4 + j] = w[NR p + 8 h + c, 4 t + j]; zero padded to
+   n_pad (a multiple of NR) x k_pad (a multiple of 8). */
+void mu_pack_weights(const int8_t *w, int64_t n, int64_t k, int64_t n_pad, int64_t k_pad, int8_t *out) {
+    for (int64_t p = 0; p < n_pad / NR; p++)
+        for (int64_t t = 0; t < k_pad / 4; t++)
+            for (int h = 0; h < NV; h++)
+                for (int c = 0; c < 8; c++)
+                    for (int j = 0; j < 4; j++) {
+                        int64_t row = NR * p + 8 * h + c, col = 4 * t + j;
+                        out[((p * (k_pad / 4) + t) * NV + h) * 32 + c * 4 + j] = row < n && col < k ? w[row * k + col] : 0;
+                    }
+}
+
+/* exp(t) for t in [-87, 87] to ~2 ulp (Cephes' polynomial after a two-part ln 2 reduction) */
+static inline __m256 exp_ps(__m256 t) {
+    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), t);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* tanh-GELU as x * sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3): the function of mu.model.layers.gelu_tanh */
+static inline __m256 gelu_ps(__m256 x) {
+    __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    __m256 z2 = _mm256_mul_ps(_mm256_fmadd_ps(x3, _mm256_set1_ps(0.044715f), x), _mm256_set1_ps(-1.5957691216057308f));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(z2)));
+}
+
+static inline float hmin(__m256 v) {
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_min_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+/* range[0] = min(0, min x), range[1] = max(0, max x) over rows x cols (row stride ld) */
+void mu_range(const float *x, int64_t rows, int64_t cols, int64_t ld, float *range, int nt) {
+    float lo = 0.0f, hi = 0.0f;
+    #pragma omp parallel for num_threads(nt) reduction(min:lo) reduction(max:hi) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = x + i * ld;
+        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= cols; j += 8) {
+            __m256 v = _mm256_loadu_ps(row + j);
+            vlo = _mm256_min_ps(vlo, v);
+            vhi = _mm256_max_ps(vhi, v);
+        }
+        float l = hmin(vlo), h = hmax(vhi);
+        for (; j < cols; j++) { l = fminf(l, row[j]); h = fmaxf(h, row[j]); }
+        lo = fminf(lo, l); hi = fmaxf(hi, h);
+    }
+    range[0] = lo; range[1] = hi;
+}
+
+/* out[i, j] = clamp(rint(x[i, j] * inv) + zero, 0, 127) for j < cols, 0 for cols <= j < ldo */
+void mu_quantize_u7(const float *x, int64_t rows, int64_t cols, int64_t ld, float inv, float zero,
+                    uint8_t *out, int64_t ldo, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = x + i * ld;
+        uint8_t *o = out + i * ldo;
+        const __m256 vinv = _mm256_set1_ps(inv), vzero = _mm256_set1_ps(zero);
+        const __m256 vmax = _mm256_set1_ps(127.0f), vmin = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 32 <= cols; j += 32) {
+            __m256i q[4];
+            for (int u = 0; u < 4; u++) {
+                __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(row + j + 8 * u), vinv, vzero);
+                v = _mm256_min_ps(_mm256_max_ps(v, vmin), vmax);
+                q[u] = _mm256_cvtps_epi32(v);  /* rounds to nearest even, as rintf */
+            }
+            __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+            __m256i b = _mm256_packus_epi16(w01, w23);  /* lane-interleaved: restore the order */
+            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(o + j), b);
+        }
+        for (; j < cols; j++) {
+            float v = fminf(fmaxf(rintf(row[j] * inv) + zero, 0.0f), 127.0f);
+            o[j] = (uint8_t)(int32_t)v;
+        }
+        for (; j < ldo; j++) o[j] = 0;
+    }
+}
+
+static inline void tile(const uint8_t *a, int64_t lda, const int8_t *b, int64_t k_pad, int rows, float *c,
+                        int64_t ldc, const float *mult, const float *off, int gelu, __m256 *lo, __m256 *hi) {
+    __m256i acc[MR][NV];
+    for (int r = 0; r < MR; r++)
+        for (int h = 0; h < NV; h++) acc[r][h] = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t t = 0; t < k_pad / 4; t += 2) {
+        __m256i b0[NV], b1[NV];
+        for (int h = 0; h < NV; h++) {
+            b0[h] = _mm256_load_si256((const __m256i *)(b + (t * NV + h) * 32));
+            b1[h] = _mm256_load_si256((const __m256i *)(b + ((t + 1) * NV + h) * 32));
+        }
+        for (int r = 0; r < MR; r++) {
+            int32_t q0, q1;
+            memcpy(&q0, a + r * lda + 4 * t, 4);
+            memcpy(&q1, a + r * lda + 4 * t + 4, 4);
+            __m256i a0 = _mm256_set1_epi32(q0), a1 = _mm256_set1_epi32(q1);
+            for (int h = 0; h < NV; h++) {
+                __m256i s = _mm256_adds_epi16(_mm256_maddubs_epi16(a0, b0[h]), _mm256_maddubs_epi16(a1, b1[h]));
+                acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(s, ones));
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < NV; h++) {
+            __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_loadu_ps(mult + 8 * h),
+                                       _mm256_loadu_ps(off + 8 * h));
+            if (gelu) {
+                y = gelu_ps(y);
+                *lo = _mm256_min_ps(*lo, y);
+                *hi = _mm256_max_ps(*hi, y);
+            }
+            _mm256_storeu_ps(c + r * ldc + 8 * h, y);
+        }
+}
+
+/* c[i, n] = (sum_k a[i, k] w[n, k]) mult[n] + off[n] for i < m, n < n_pad (c's row stride ldc >= n_pad);
+   a: 7-bit codes, m rows of k_pad (rows up to a multiple of MR must be readable); wp: mu_pack_weights' panels;
+   gelu: tanh-GELU applied, and its range (with 0) into range[0..1]. */
+void mu_gemm_u7s7(const uint8_t *a, int64_t m, int64_t k_pad, const int8_t *wp, int64_t n_pad,
+                  const float *mult, const float *off, float *c, int64_t ldc, int gelu, float *range, int nt) {
+    int64_t panels = n_pad / NR;
+    float lo = 0.0f, hi = 0.0f;
+    #pragma omp parallel num_threads(nt) reduction(min:lo) reduction(max:hi)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+        for (int64_t i0 = 0; i0 < m; i0 += MC) {
+            int64_t i1 = i0 + MC < m ? i0 + MC : m;
+            for (int64_t p = p0; p < p1; p++) {
+                const int8_t *b = wp + p * (k_pad / 4) * 32 * NV;
+                for (int64_t i = i0; i < i1; i += MR) {
+                    int rows = i1 - i < MR ? (int)(i1 - i) : MR;
+                    tile(a + i * k_pad, k_pad, b, k_pad, rows, c + i * ldc + NR * p, ldc, mult + NR * p,
+                         off + NR * p, gelu, &vlo, &vhi);
+                }
+            }
+        }
+        lo = hmin(vlo);
+        hi = hmax(vhi);
+    }
+    if (range) { range[0] = lo; range[1] = hi; }
+}

@@ -1,0 +1,107 @@
+"""mu's native int8 prefill kernels (`mu.model.native`): exact integer products, activation codes, the fused GELU,
+the encoder MLP that uses them, and the fallback when they cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+import mu
+from mu.model import layers, native
+from mu.model import quantize as q8
+
+needs_native = pytest.mark.skipif(not native.int8_prefill_available(),
+                                  reason="mu's int8 prefill kernel needs an x86 CPU with AVX2 but no VNNI and a C compiler")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@needs_native
+def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
+    """Odd shapes (rows, inner dimension and outputs not multiples of the kernel's tiles, so padding is exercised),
+    and the worst case for the int16 sums: every code at its maximum (127 x 63, four products per int16)."""
+    torch.manual_seed(0)
+    for rows, k, n, worst in ((5, 20, 37, False), (67, 136, 48, False), (3, 64, 16, True)):
+        a = torch.full((rows, k), 127, dtype=torch.uint8) if worst else torch.randint(0, 128, (rows, k), dtype=torch.uint8)
+        w = torch.full((n, k), 63, dtype=torch.int8) if worst else torch.randint(-63, 64, (n, k), dtype=torch.int8)
+        n_pad = -(-n // native.N_MULTIPLE) * native.N_MULTIPLE
+        mult, off = torch.rand(n_pad) * 1e-3, torch.randn(n_pad)
+        codes = torch.zeros(-(-rows // 2) * 2, -(-k // 8) * 8, dtype=torch.uint8)
+        codes[:rows, :k] = a
+        exact = (a.long() @ w.long().t()).double() * mult[:n].double() + off[:n].double()
+        y, no_range = native.gemm(codes, rows, native.pack_weights(w), mult, off)
+        assert y.shape == (rows, n_pad) and no_range is None
+        torch.testing.assert_close(y[:, :n].double(), exact, rtol=1e-6, atol=1e-5)
+        g, (lo, hi) = native.gemm(codes, rows, native.pack_weights(w), mult, off, gelu=True)
+        expected = layers.gelu_tanh(exact.float())
+        torch.testing.assert_close(g[:, :n], expected, rtol=1e-5, atol=1e-5)
+        assert lo == pytest.approx(min(0.0, g.min().item())) and hi == pytest.approx(max(0.0, g.max().item()))
+
+
+@needs_native
+def test_activation_codes_round_to_seven_bits_and_pad_with_zeros():
+    torch.manual_seed(0)
+    x = torch.randn(7, 50) * 3 + 1
+    codes, scale, zero = native.activation_codes(x)
+    assert codes.shape == (8, 56) and codes[:7].max() <= native.ACTIVATION_MAX and (codes[:7, 50:] == 0).all()
+    lo, hi = min(0.0, x.min().item()), max(0.0, x.max().item())
+    assert scale == pytest.approx((hi - lo) / 127) and zero == round(-lo / scale)
+    assert ((codes[:7, :50].float() - zero) * scale - x).abs().max() <= scale / 2 + 1e-6
+    strided = torch.randn(7, 64)[:, :50]  # a view of a wider buffer (the GELU's padded output)
+    again = native.activation_codes(strided)
+    assert again[0][:7, :50].equal(native.activation_codes(strided.contiguous())[0][:7, :50])
+    assert native.activation_codes(x, (lo, hi))[0][:7].equal(codes[:7])  # a known range skips the pass, same codes
+    assert native.activation_codes(torch.zeros(3, 8))[1:] == (1.0, 0)  # nothing to scale: a valid scale
+
+
+@needs_native
+def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
+    """`quantize_("int8")` gives the encoder's MLPs `_native_mlp`: the same outputs as its two products with the
+    eager GELU between them (to a flipped activation code), as close to the float MLP as that composition; the
+    decoder's MLPs keep the plain path; a compiled layer calls the native product through `mu::int8_linear`."""
+    torch.manual_seed(0)
+    model = mu.build_model("tiny").eval()
+    m8 = mu.build_model("tiny").eval()
+    m8.load_state_dict(model.state_dict())
+    m8.quantize_("int8")
+    monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
+    mlp, mlp_float = m8.transformer.e[0].mlp, model.transformer.e[0].mlp
+    assert mlp.fused_forward is q8._native_mlp and m8.transformer.h[0].mlp.fused_forward is None
+    assert isinstance(mlp.fc1._many, q8._NativeInt8) and mlp.fc1.backend.startswith("fbgemm + native")
+    x = torch.randn(3, 11, model.config.n_embd)
+    with torch.inference_mode():
+        fused = mlp(x)
+        unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))
+        exact = mlp_float(x)
+        assert fused.shape == x.shape and _rel(fused, unfused) < 2e-3
+        assert _rel(fused, exact) < 1.2 * _rel(unfused, exact) < 0.05
+        compiled = torch.compile(mlp.fc1, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(compiled, mlp.fc1(x))
+    with torch.enable_grad():  # training refuses a quantized model; the fused path must not hide that
+        with pytest.raises(mu.MuError, match="quantized"):
+            mlp(x.requires_grad_())
+
+
+def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeypatch, tmp_path):
+    """A failed build warns once and leaves the int8 prefill on oneDNN's kernel; `MU_NATIVE=0` turns it off."""
+    monkeypatch.setenv("MU_CACHE_DIR", str(tmp_path))
+    try:
+        monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+        monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+        native.library.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert native.library() is None and not native.int8_prefill_available()
+        assert any("native kernels not built" in str(w.message) for w in caught)
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written
+        if q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available():
+            lin = torch.nn.Linear(32, 16)
+            assert q8.Int8Linear(lin.weight, lin.bias, prefill=True).backend.startswith("fbgemm + onednn")
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("MU_NATIVE", "0")
+        native.library.cache_clear()
+        assert native.library() is None
+    finally:
+        native.library.cache_clear()
