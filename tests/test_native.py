@@ -18,6 +18,18 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _rows_used(mlp, x):
+    """Rows the native GEMM multiplied in `mlp(x)` (the two products' calls counted)."""
+    calls = []
+    gemm = native.gemm
+    native.gemm = lambda codes, rows, *a, **k: calls.append(rows) or gemm(codes, rows, *a, **k)
+    try:
+        mlp(x)
+    finally:
+        native.gemm = gemm
+    return sum(calls) // 2
+
+
 @needs_native
 def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
     """Odd shapes (rows, inner dimension and outputs not multiples of the kernel's tiles, so padding is exercised),
@@ -66,12 +78,15 @@ def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
     m8 = mu.build_model("tiny").eval()
     m8.load_state_dict(model.state_dict())
     m8.quantize_("int8")
-    monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
     mlp, mlp_float = m8.transformer.e[0].mlp, model.transformer.e[0].mlp
     assert mlp.fused_forward is q8._native_mlp and m8.transformer.h[0].mlp.fused_forward is None
     assert isinstance(mlp.fc1._many, q8._NativeInt8) and mlp.fc1.backend.startswith("fbgemm + native")
     x = torch.randn(3, 11, model.config.n_embd)
+    with torch.inference_mode():  # fewer rows than NATIVE_MIN_ROWS: fbgemm's products and the eager GELU
+        assert _rows_used(mlp, x) == 0 and torch.equal(mlp(x), mlp.fc2(layers.gelu_tanh(mlp.fc1(x))))
+    monkeypatch.setattr(q8, "NATIVE_MIN_ROWS", 1)
     with torch.inference_mode():
+        assert _rows_used(mlp, x) == 33
         fused = mlp(x)
         unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))
         exact = mlp_float(x)

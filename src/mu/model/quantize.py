@@ -63,6 +63,7 @@ _linear_dynamic = torch.ops.quantized.linear_dynamic.default if hasattr(torch.op
 _linear_int8 = getattr(torch, "fbgemm_linear_int8_weight_fp32_activation", None)
 FBGEMM_WEIGHT_MAX = 63  # 7-bit weight codes for `_linear_int8`: its activations use all 8 bits (see `_FbgemmInt8`)
 ONEDNN_MIN_ROWS = 256  # a prefill-only layer runs oneDNN's int8 matmul from this many input rows on (`_OnednnInt8`)
+NATIVE_MIN_ROWS = 64  # ... or mu's own int8 GEMM from this many (`_NativeInt8`; fbgemm's is faster below)
 ONEDNN_PAD_ROWS = 16  # zero output channels `_OnednnInt8` adds where its output rows would be 4 KiB-aliased
 
 
@@ -269,7 +270,7 @@ def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     if not (isinstance(getattr(fc1, "_many", None), _NativeInt8) and isinstance(getattr(fc2, "_many", None), _NativeInt8)
-            and x.dtype == torch.float32 and _rows(x) >= ONEDNN_MIN_ROWS and not torch.compiler.is_compiling()):
+            and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()):
         return None
     _check_inference(x)
     h, value_range = fc1._many.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
@@ -337,7 +338,7 @@ class Int8Linear(nn.Module):
     def backend(self) -> str:
         name = {_FbgemmInt8: "fbgemm", _DynamicInt8: "fbgemm-dynamic"}.get(type(self._gemm), "dequant")
         many = "native" if isinstance(self._many, _NativeInt8) else "onednn"
-        return name if self._many is None else f"{name} + {many} (from {ONEDNN_MIN_ROWS} rows)"
+        return name if self._many is None else f"{name} + {many} (from {self._min_rows()} rows)"
 
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
@@ -345,7 +346,7 @@ class Int8Linear(nn.Module):
         if g is None:
             y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        if self._many is not None and _rows(x) >= ONEDNN_MIN_ROWS:  # a prefill (scales and bias inside)
+        if self._many is not None and _rows(x) >= self._min_rows():  # a prefill (scales and bias inside)
             if torch.compiler.is_compiling():
                 return _int8_linear_op(x.float(), self._many.handle, self.out_features).to(x.dtype)
             return self._many.raw(x.float().contiguous()).to(x.dtype)
@@ -356,6 +357,10 @@ class Int8Linear(nn.Module):
             return g.raw(x).mul_(self.scale) if g.scale_outside else g.raw(x)
         y = g.raw(x.float().contiguous())
         return (y.mul_(self.scale) if g.scale_outside else y).to(x.dtype)
+
+    def _min_rows(self) -> int:
+        """The rows from which `_many` runs instead of the decode kernel."""
+        return NATIVE_MIN_ROWS if isinstance(self._many, _NativeInt8) else ONEDNN_MIN_ROWS
 
     def weight_bytes(self) -> int:
         """Bytes of weights (and scales, bias) one product reads."""
