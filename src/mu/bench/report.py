@@ -66,7 +66,8 @@ def markdown(result: dict) -> str:
     out.append(
         f"{meta['date']} · device `{meta['device']}` ({meta['processor']}, {meta.get('isa', 'ISA not recorded')}, "
         f"{meta['threads']} threads) · "
-        f"torch {meta['torch']} · preset `{cfg['preset']}` · {N} new tokens · greedy · {cfg['repeats']} repeats "
+        + (f"int8 encoder prefill: {meta['int8_encoder_prefill']} · " if "int8_encoder_prefill" in meta else "")
+        + f"torch {meta['torch']} · preset `{cfg['preset']}` · {N} new tokens · greedy · {cfg['repeats']} repeats "
         f"after {cfg['warmup']} warm-up · batch>1 prefill: {meta['prefill_batch']} · measured read bandwidth "
         f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"
         + (f" · load average at the end {load[0]:.1f}" if load else "") + f" · {meta['wall_s'] / 60:.1f} min\n")

@@ -35,6 +35,7 @@ from mu.bench.measure import (count_generation_flops, measure_bandwidth, percent
 from mu.bench.models import MU_ARCHS, ModelSpec, build_runner, mu_config_for
 from mu.config import MuConfig
 from mu.errors import MuError
+from mu.model import native
 from mu.utils import cpu_isa
 
 PRIMARY_PAIR = ("encdec", "deconly")
@@ -465,6 +466,7 @@ def _assemble(cfg, specs, raw, models, counted, memory, bandwidth, device, repli
             "threads": torch.get_num_threads(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "isa": cpu_isa(), "cpu_count": os.cpu_count(), "prefill_batch": "replicate" if replicate else "full",
+            "int8_encoder_prefill": "native" if native.int8_prefill_available() else "onednn",
             "bandwidth": bandwidth, "specs": {a: s.to_dict() for a, s in specs.items()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg()}
     return {"meta": meta, "models": models, "rows": rows, "ratios": ratios, "flop_check": flop_check,

@@ -20,9 +20,12 @@ different kernels over the same stored weights:
   (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind `torch.ao` dynamic
   quantisation, whose calls cost ~25 us more each (docs/efficiency.md). ~1-2% relative error per layer
   output on random weights either way. The products that only ever prefill (the encoder's, the
-  cross-attention's k/v of the encoder output) also hold the same codes in oneDNN's layout and run oneDNN's
-  int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on: faster than fbgemm at a 512-token prompt, slower
-  for short ones; one byte more per encoder weight held. Where fbgemm is unavailable (non-x86 builds) it dequantizes the
+  cross-attention's k/v of the encoder output) also hold the same codes in a second layout for a many-row
+  kernel; one byte more per encoder weight held. On x86 CPUs with AVX2 but no VNNI that kernel is mu's own
+  (`_NativeInt8`, `mu.model.native`, from `NATIVE_MIN_ROWS` rows on): 7-bit activation codes, ~1.2x oneDNN's
+  matmul, the MLP's GELU in its output stage (`_native_mlp`); elsewhere, or without a C compiler, oneDNN's int8
+  matmul (`_OnednnInt8`, from `ONEDNN_MIN_ROWS` rows on: faster than fbgemm at a 512-token prompt, slower for
+  short ones). Where fbgemm is unavailable (non-x86 builds) it dequantizes the
   same int8 weights into a float matmul instead: same numbers to rounding, no speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
   `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s fbgemm GEMM over
@@ -186,7 +189,8 @@ def _u8_codes(x: Tensor) -> tuple[Tensor, float, int]:
 
 
 class _OnednnInt8(_Int8Gemm):
-    """oneDNN's int8 matmul (`onednn::qlinear_pointwise`) for the prefill's many-row products: the same 7-bit
+    """oneDNN's int8 matmul (`onednn::qlinear_pointwise`) for the prefill's many-row products where mu's own kernel
+    (`_NativeInt8`) does not run (CPUs with VNNI or without AVX2, no C compiler, `MU_NATIVE=0`): the same 7-bit
     weight codes and per-channel scales as `_FbgemmInt8`, packed once in oneDNN's layout (a second copy of the
     codes), and the same 8-bit activation codes per call (`_u8_codes`; so the same integer products), scales
     and bias applied inside. At 512 rows it is 8-20% faster than fbgemm's GEMM on the AVX2 development machine
