@@ -87,6 +87,8 @@ def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
     monkeypatch.setattr(q8, "NATIVE_MIN_ROWS", 1)
     with torch.inference_mode():
         assert _rows_used(mlp, x) == 33
+        assert q8._native_mlp(mlp.train(), x) is None  # training mode: the plain path (it applies dropout)
+        mlp.eval()
         fused = mlp(x)
         unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))
         exact = mlp_float(x)

@@ -274,7 +274,8 @@ def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
     if not (isinstance(getattr(fc1, "_many", None), _NativeInt8) and isinstance(getattr(fc2, "_many", None), _NativeInt8)
-            and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()):
+            and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()
+            and not mlp.training):  # (dropout: the plain path applies it)
         return None
     _check_inference(x)
     h, value_range = fc1._many.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
@@ -320,8 +321,8 @@ class Int8Linear(nn.Module):
         else:
             q, scale = _per_channel_int8(weight)
             self._gemm = _DynamicInt8(q, scale, b) if fbgemm and _linear_dynamic is not None else None
-        # `prefill`: a layer that only prefills (an encoder's, the cross-attention's k/v) also gets oneDNN's matmul
-        # for many rows, over a second copy of 7-bit codes (1 byte more per weight held)
+        # `prefill`: a layer that only prefills (an encoder's, the cross-attention's k/v) also gets a many-row kernel
+        # (mu's own on AVX2 CPUs without VNNI, else oneDNN's) over a second copy of 7-bit codes (1 byte more per weight)
         self._many: Optional[_OnednnInt8 | _NativeInt8] = None
         if prefill and self._gemm is not None and (native.int8_prefill_available() or _onednn_available()):
             same = isinstance(self._gemm, _FbgemmInt8)  # its codes are already 7-bit
@@ -495,7 +496,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
     decoder and lm_head, whose weight reads bound the decode steps, are quantized).
     """
     from mu.model.fast import is_plain_linear
-    from mu.model.layers import Attention, DecoderBlock
+    from mu.model.layers import MLP, Attention, DecoderBlock
 
     if mode not in QUANT_MODES:
         raise MuError(f"quantize_: unknown mode {mode!r}; expected one of {sorted(QUANT_MODES)}")
@@ -530,7 +531,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                     if is_plain_linear(child):
                         fn = make_prefill if block in encoder and id(child) not in unfused else make
                         setattr(parent, child_name, fn(child.weight, child.bias))
-            if block in encoder and mode == "int8":
+            if block in encoder and mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
                 block.mlp.fused_forward = _native_mlp  # declines unless both products run natively
         model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
