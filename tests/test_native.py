@@ -117,6 +117,12 @@ def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeyp
             lin = torch.nn.Linear(32, 16)
             assert q8.Int8Linear(lin.weight, lin.bias, prefill=True).backend.startswith("fbgemm + onednn")
         monkeypatch.delenv("CC")
+        cached = native._build(native.os.environ.get("CC") or "cc", native._cpu_flags())
+        if cached is not None:  # a compiler is here: a damaged library in the cache is refused with a warning too
+            cached.write_bytes(b"not a shared library")
+            native.library.cache_clear()
+            with pytest.warns(UserWarning, match="native kernels not loaded"):
+                assert native.library() is None
         monkeypatch.setenv("MU_NATIVE", "0")
         native.library.cache_clear()
         assert native.library() is None

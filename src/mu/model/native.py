@@ -99,7 +99,11 @@ def library() -> Optional[ctypes.CDLL]:
     path = _build(compiler, flags)
     if path is None:
         return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # an unreadable or foreign file in the cache
+        warnings.warn(f"mu: native kernels not loaded ({e}); the int8 prefill uses oneDNN", stacklevel=2)
+        return None
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
