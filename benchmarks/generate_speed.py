@@ -222,9 +222,9 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 # ---------------------------------------------------------------------------------------------
 
 
-def int8_prefill_kernel() -> str:
-    """Which kernel mu's int8 encoder products run at a prefill on this machine (`mu.model.quantize`)."""
-    return "native (mu's AVX2 GEMM)" if native.int8_prefill_available() else "oneDNN"
+def int8_kernels() -> str:
+    """Which kernels mu's int8 products run on this machine (`mu.model.quantize`)."""
+    return "native (mu's AVX2 GEMV and GEMM)" if native.int8_available() else "fbgemm (oneDNN for the encoder's prefill)"
 
 
 def build_mu(preset: str, arch: str, seed: int):
@@ -376,7 +376,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report(results, checks, {"isa": isa, "read_bandwidth_bytes_per_s": bw, "preset": preset, "input_len": L,
                              "new_tokens": N, "batch": 1, "threads": args.threads, "repeats": args.repeats,
                              "torch": torch.__version__, "cpu_count": os.cpu_count(), "loadavg_start": load_start[0],
-                             "isolated": False, "int8_prefill": int8_prefill_kernel()})
+                             "isolated": False, "int8_kernels": int8_kernels()})
     tmp.cleanup()
     return 0
 
@@ -412,7 +412,7 @@ def run_isolated(args) -> int:
                                                         "repeats", "torch", "cpu_count")},
                              "read_bandwidth_bytes_per_s": statistics.median(bws),
                              "read_bandwidth_range": [min(bws), max(bws)],
-                             "loadavg_start": load_start[0], "isolated": True, "int8_prefill": int8_prefill_kernel()})
+                             "loadavg_start": load_start[0], "isolated": True, "int8_kernels": int8_kernels()})
     return 0
 
 
@@ -471,7 +471,7 @@ def report(results: dict, checks: dict, info: dict) -> None:
     print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f} GB/s; {info['preset']}, "
           f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
           + (", each engine in its own process" if info["isolated"] else "")
-          + (f"; mu's int8 prefill kernel: {info['int8_prefill']}" if info.get("int8_prefill") else ""))
+          + (f"; mu's int8 kernels: {info['int8_kernels']}" if info.get("int8_kernels") else ""))
     header = (f"{'engine':26s} {'dtype':22s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
               f" {'MiB/tok':>7s} {'roofl.':>6s} {'frac':>5s} | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
     print(header)

@@ -1,5 +1,5 @@
-"""mu's native int8 prefill kernels (`mu.model.native`): exact integer products, activation codes, the fused GELU,
-the encoder MLP that uses them, and the fallback when they cannot be built."""
+"""mu's native int8 kernels (`mu.model.native`): the GEMM's and the GEMV's exact integer products, activation codes,
+the fused GELU, the MLP that uses them, and the fallback when they cannot be built."""
 
 import warnings
 
@@ -10,8 +10,8 @@ import mu
 from mu.model import layers, native
 from mu.model import quantize as q8
 
-needs_native = pytest.mark.skipif(not native.int8_prefill_available(),
-                                  reason="mu's int8 prefill kernel needs an x86 CPU with AVX2 but no VNNI and a C compiler")
+needs_native = pytest.mark.skipif(not native.int8_available(),
+                                  reason="mu's int8 kernels need an x86 CPU with AVX2 but no VNNI and a C compiler")
 
 
 def _rel(a, b):
@@ -53,6 +53,39 @@ def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
 
 
 @needs_native
+def test_gemv_is_the_integer_product_of_each_rows_own_8bit_codes(monkeypatch):
+    """A few rows (decode): each row gets its own 8-bit codes (scale and zero point over min(x, 0)..max(x, 0)), so
+    a row equals the dequantized integer product exactly (to fp32 rounding) whatever the other rows hold; more rows
+    than one pass takes (`GEMV_ROWS`), odd shapes, and AVX2's worst case (codes 255 x weights 63). One row gives
+    fbgemm's numbers (the same codes)."""
+    torch.manual_seed(0)
+    for rows, k, n, worst in ((1, 20, 37, False), (13, 136, 48, False), (3, 64, 16, True)):
+        x = torch.full((rows, k), 1.0) if worst else torch.randn(rows, k) * torch.rand(rows, 1) * 10
+        if worst:
+            x[:, 0] = -0.001  # zero point 0, every other code 255
+        q = torch.full((n, k), 63, dtype=torch.int8) if worst else torch.randint(-63, 64, (n, k), dtype=torch.int8)
+        n_pad = -(-n // native.N_MULTIPLE) * native.N_MULTIPLE
+        scale, bias = torch.rand(n_pad) * 1e-2, torch.randn(n_pad)
+        sums = torch.nn.functional.pad(q.sum(1, dtype=torch.int32) * scale[:n], (0, n_pad - n))
+        y = native.gemv(x, native.layer(native.pack_weights(q), k, scale, bias, sums))
+        lo, hi = x.clamp(max=0).amin(1, keepdim=True).double(), x.clamp(min=0).amax(1, keepdim=True).double()
+        s = ((hi - lo) / 255).float().double()
+        z = torch.round(-lo / s).clamp(0, 255)
+        codes = (torch.round(x.double() * (1 / s).float().double()) + z).clamp(0, 255)
+        exact = ((codes - z) @ q.double().t()) * s * scale[:n].double() + bias[:n].double()
+        assert y.shape == (rows, n_pad)
+        torch.testing.assert_close(y[:, :n].double(), exact, rtol=1e-5, atol=1e-4)
+    if q8._fbgemm_available() and q8._linear_int8 is not None:
+        w, b, x = torch.randn(40, 24), torch.randn(40), torch.randn(1, 24)
+        ours = q8.Int8Linear(w, b)
+        monkeypatch.setattr(native, "int8_available", lambda: False)
+        theirs = q8.Int8Linear(w, b)
+        assert ours.backend.startswith("native") and theirs.backend == "fbgemm"
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
 def test_activation_codes_round_to_seven_bits_and_pad_with_zeros():
     torch.manual_seed(0)
     x = torch.randn(7, 50) * 3 + 1
@@ -70,23 +103,24 @@ def test_activation_codes_round_to_seven_bits_and_pad_with_zeros():
 
 @needs_native
 def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
-    """`quantize_("int8")` gives the encoder's MLPs `_native_mlp`: the same outputs as its two products with the
-    eager GELU between them (to a flipped activation code), as close to the float MLP as that composition; the
-    decoder's MLPs keep the plain path; a compiled layer calls the native product through `mu::int8_linear`."""
+    """`quantize_("int8")` gives every int8 MLP `_native_mlp`: from `NATIVE_MIN_ROWS` rows the same outputs as its two
+    products with the eager GELU between them (to a flipped activation code), as close to the float MLP as that
+    composition; below (a decode) the plain path through the GEMV; a compiled layer calls the native product through
+    `mu::int8_linear`."""
     torch.manual_seed(0)
     model = mu.build_model("tiny").eval()
     m8 = mu.build_model("tiny").eval()
     m8.load_state_dict(model.state_dict())
     m8.quantize_("int8")
     mlp, mlp_float = m8.transformer.e[0].mlp, model.transformer.e[0].mlp
-    assert mlp.fused_forward is q8._native_mlp and m8.transformer.h[0].mlp.fused_forward is None
-    assert isinstance(mlp.fc1._many, q8._NativeInt8) and mlp.fc1.backend.startswith("fbgemm + native")
-    x = torch.randn(3, 11, model.config.n_embd)
-    with torch.inference_mode():  # fewer rows than NATIVE_MIN_ROWS: fbgemm's products and the eager GELU
+    assert mlp.fused_forward is q8._native_mlp and m8.transformer.h[0].mlp.fused_forward is q8._native_mlp
+    assert isinstance(mlp.fc1._gemm, q8._NativeInt8) and mlp.fc1.backend.startswith("native")
+    x = torch.randn(3, 7, model.config.n_embd)
+    with torch.inference_mode():  # fewer rows than NATIVE_MIN_ROWS: the GEMV's products and the eager GELU
         assert _rows_used(mlp, x) == 0 and torch.equal(mlp(x), mlp.fc2(layers.gelu_tanh(mlp.fc1(x))))
     monkeypatch.setattr(q8, "NATIVE_MIN_ROWS", 1)
     with torch.inference_mode():
-        assert _rows_used(mlp, x) == 33
+        assert _rows_used(mlp, x) == 21
         assert q8._native_mlp(mlp.train(), x) is None  # training mode: the plain path (it applies dropout)
         mlp.eval()
         fused = mlp(x)
@@ -110,7 +144,7 @@ def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeyp
         native.library.cache_clear()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert native.library() is None and not native.int8_prefill_available()
+            assert native.library() is None and not native.int8_available()
         assert any("native kernels not built" in str(w.message) for w in caught)
         assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-written
         if q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available():

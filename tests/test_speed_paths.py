@@ -183,6 +183,7 @@ def test_int8_decoder_only_quantization_keeps_the_encoder_exact():
 
 
 def test_int8_dequant_fallback_matches_fbgemm(monkeypatch):
+    monkeypatch.setattr(q8.native, "int8_available", lambda: False)  # fbgemm's kernels, not mu's own
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
     x = torch.randn(3, 5, 64)
@@ -354,12 +355,13 @@ def test_int8_op_for_compiled_graphs_equals_the_eager_kernel():
     assert handle not in q8._PACKED
 
 
-def test_fbgemm_int8_kernel_matches_float_and_does_not_saturate():
+def test_fbgemm_int8_kernel_matches_float_and_does_not_saturate(monkeypatch):
     """The tensor-only fbgemm kernel (8-bit activation codes, 7-bit weight codes) against the float product,
     on random data and on the worst case for AVX2's int16 pair sums: every weight at its channel's maximum and
     activations at the top of their range. Its bias goes in divided by the per-channel scales."""
     if q8._linear_int8 is None or not q8._fbgemm_available():
         pytest.skip("needs fbgemm's tensor-only int8 op")
+    monkeypatch.setattr(q8.native, "int8_available", lambda: False)
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 64)
     fast = q8.Int8Linear(lin.weight, lin.bias)
@@ -381,7 +383,7 @@ def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch)
     codes and 8-bit activation codes as fbgemm's kernel, so nearly the same outputs, also on AVX2's worst case."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
-    monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)  # oneDNN's kernel, not mu's own
+    monkeypatch.setattr(q8.native, "int8_available", lambda: False)  # oneDNN's kernel, not mu's own
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 64)
     both = q8.Int8Linear(lin.weight, lin.bias, prefill=True)
@@ -410,7 +412,7 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
     one sign (zero point 0 or 255), and the opaque op under torch.compile hands back the strides its fake gives."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
-    monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)
+    monkeypatch.setattr(q8.native, "int8_available", lambda: False)
     monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
     torch.manual_seed(0)
     for out, pad in ((2048, q8.ONEDNN_PAD_ROWS), (1024, 0), (3000, 0)):
@@ -429,30 +431,40 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
 
 @pytest.mark.parametrize("kernel", ["onednn", "native"])
 def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch, kernel):
-    """`quantize_("int8")` gives the encoder's products and the cross-attention's k/v the prefill kernel (oneDNN's,
-    or mu's own where it runs), the decoder's per-token products not; encoding through it matches encoding through
-    fbgemm alone (oneDNN: the same codes; mu's kernel: 7-bit activation codes, so within twice fbgemm's error)."""
+    """With fbgemm, `quantize_("int8")` gives the encoder's products and the cross-attention's k/v oneDNN's matmul for
+    many rows (the same codes: encoding through it matches encoding through fbgemm alone), the decoder's per-token
+    products not. With mu's own kernels (where they run) every int8 layer has those alone, GEMV and GEMM: their
+    7-bit activation codes keep each block and the whole encoder about as close to the float model as fbgemm's."""
     if not (q8._fbgemm_available() and q8._linear_int8 is not None and q8._onednn_available()):
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
-    if kernel == "native" and not q8.native.int8_prefill_available():
-        pytest.skip("mu's int8 prefill kernel needs an x86 CPU with AVX2 but no VNNI and a C compiler")
-    if kernel == "onednn":
-        monkeypatch.setattr(q8.native, "int8_prefill_available", lambda: False)
+    if kernel == "native" and not q8.native.int8_available():
+        pytest.skip("mu's int8 kernels need an x86 CPU with AVX2 but no VNNI and a C compiler")
     torch.manual_seed(0)
     model = mu.build_model("tiny").eval()
-    m8 = _quantized_copy(model)
-    block, dec = m8.transformer.e[0], m8.transformer.h[0]
     ids = _ids(2, 12)
-    expected = q8._NativeInt8 if kernel == "native" else q8._OnednnInt8
+    if kernel == "native":
+        m8 = _quantized_copy(model)
+        with monkeypatch.context() as m:
+            m.setattr(q8.native, "int8_available", lambda: False)
+            fb = _quantized_copy(model)
+    else:
+        monkeypatch.setattr(q8.native, "int8_available", lambda: False)
+        m8 = fb = _quantized_copy(model)
+    block, dec = m8.transformer.e[0], m8.transformer.h[0]
     with torch.no_grad():
-        assert isinstance(block.mlp.fc1._many, expected) and isinstance(block.attn.out_linear._many, expected)
-        assert block.attn.fused_linear("qkv")._many is not None and dec.cross_attn.fused_linear("kv")._many is not None
-        assert dec.mlp.fc1._many is None and dec.causal_attn.fused_linear("qkv")._many is None
+        if kernel == "onednn":
+            assert isinstance(block.mlp.fc1._many, q8._OnednnInt8) and block.attn.out_linear._many is not None
+            assert block.attn.fused_linear("qkv")._many is not None and dec.cross_attn.fused_linear("kv")._many is not None
+            assert dec.mlp.fc1._many is None and dec.causal_attn.fused_linear("qkv")._many is None
+        else:
+            assert all(isinstance(m._gemm, q8._NativeInt8) and m._many is None
+                       for m in m8.modules() if isinstance(m, q8.Int8Linear))
+            assert m8.lm_head.backend.startswith("native")
         assert block.attn.q_linear._many is None  # the unfused projections run only with autograd (refused)
-        fbgemm = m8.encode(ids)[0]
+        fbgemm = fb.encode(ids)[0]
         x = m8.transformer.wte(ids)
         rope = layers.rope_cos_sin(m8.config, layers.encoder_positions(12), 12, x.dtype)
-        by_fbgemm = [block(x, rope) for block in m8.transformer.e]
+        by_fbgemm = [block(x, rope) for block in fb.transformer.e]
         monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 1)
         monkeypatch.setattr(q8, "NATIVE_MIN_ROWS", 1)
         prefill = m8.encode(ids)[0]

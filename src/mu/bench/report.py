@@ -66,7 +66,7 @@ def markdown(result: dict) -> str:
     out.append(
         f"{meta['date']} · device `{meta['device']}` ({meta['processor']}, {meta.get('isa', 'ISA not recorded')}, "
         f"{meta['threads']} threads) · "
-        + (f"int8 encoder prefill: {meta['int8_encoder_prefill']} · " if "int8_encoder_prefill" in meta else "")
+        + (f"int8 kernels: {meta['int8_kernels']} · " if "int8_kernels" in meta else "")
         + f"torch {meta['torch']} · preset `{cfg['preset']}` · {N} new tokens · greedy · {cfg['repeats']} repeats "
         f"after {cfg['warmup']} warm-up · batch>1 prefill: {meta['prefill_batch']} · measured read bandwidth "
         f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"

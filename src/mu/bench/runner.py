@@ -466,7 +466,7 @@ def _assemble(cfg, specs, raw, models, counted, memory, bandwidth, device, repli
             "threads": torch.get_num_threads(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "isa": cpu_isa(), "cpu_count": os.cpu_count(), "prefill_batch": "replicate" if replicate else "full",
-            "int8_encoder_prefill": "native" if native.int8_prefill_available() else "onednn",
+            "int8_kernels": "native" if native.int8_available() else "fbgemm + onednn",
             "bandwidth": bandwidth, "specs": {a: s.to_dict() for a, s in specs.items()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg()}
     return {"meta": meta, "models": models, "rows": rows, "ratios": ratios, "flop_check": flop_check,

@@ -1,6 +1,7 @@
-/* mu's native CPU kernels for the int8 prefill on AVX2 CPUs without VNNI (built by mu/model/native.py).
+/* mu's native CPU kernels for int8 products on AVX2 CPUs without VNNI (built by mu/model/native.py).
 
-   The GEMM multiplies 7-bit activation codes (0..127, one scale and zero point per call) by 7-bit weight codes
+   The GEMV (a few rows: decode) quantizes each row to 8-bit codes and streams the packed weights once, with a
+   software prefetch ahead of each panel. The GEMM (many rows: prefill) multiplies 7-bit activation codes (0..127, one scale and zero point per call) by 7-bit weight codes
    (|w| <= 63, one scale per output channel). AVX2 multiplies u8 x s8 with vpmaddubsw, which sums pairs of
    products in int16, then widens pairs of those with vpmaddwd: two multiply uops per 32 multiply-adds. With 7-bit
    activations four products fit int16 (4 x 127 x 63 = 32004 < 32767), so two vpmaddubsw results are added in
@@ -8,6 +9,7 @@
    beats the libraries' 8-bit ones on such CPUs (docs/efficiency.md, round 9). Weights are packed once. */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <float.h>
 #include <math.h>
@@ -185,4 +187,112 @@ void mu_gemm_u7s7(const uint8_t *a, int64_t m, int64_t k_pad, const int8_t *wp, 
         hi = hmax(vhi);
     }
     if (range) { range[0] = lo; range[1] = hi; }
+}
+
+#define GEMV_ROWS 8      /* rows quantized and multiplied per pass over the weights */
+#define PREFETCH 4096    /* bytes ahead of the panel being read */
+
+/* codes[r, :] = 8-bit codes of x[r, :] (one scale and zero point per row over min(x, 0)..max(x, 0)), zero
+   padded to k_pad; sx, zx: the rows' scales and zero points */
+static void quantize_rows_u8(const float *x, int64_t rows, int64_t k, int64_t k_pad, uint8_t *codes, float *sx,
+                             float *zx) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * k;
+        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8) {
+            __m256 v = _mm256_loadu_ps(xr + j);
+            vlo = _mm256_min_ps(vlo, v);
+            vhi = _mm256_max_ps(vhi, v);
+        }
+        float lo = hmin(vlo), hi = hmax(vhi);
+        for (; j < k; j++) { lo = fminf(lo, xr[j]); hi = fmaxf(hi, xr[j]); }
+        float s = (hi - lo) / 255.0f;
+        if (!(s > 0.0f && s < FLT_MAX)) { s = 1.0f; lo = 0.0f; }  /* all zeros (or non-finite: garbage in, out) */
+        float z = fminf(255.0f, fmaxf(0.0f, rintf(-lo / s))), inv = 1.0f / s;
+        uint8_t *c = codes + r * k_pad;
+        const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z);
+        const __m256 vmax = _mm256_set1_ps(255.0f), vmin = _mm256_setzero_ps();
+        for (j = 0; j + 32 <= k; j += 32) {
+            __m256i q[4];
+            for (int u = 0; u < 4; u++) {
+                __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j + 8 * u), vinv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), vmin), vmax));
+            }
+            __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256((__m256i *)(c + j), b);
+        }
+        for (; j < k; j++) c[j] = (uint8_t)(int32_t)fminf(fmaxf(rintf(xr[j] * inv) + z, 0.0f), 255.0f);
+        for (; j < k_pad; j++) c[j] = 0;
+        sx[r] = s;
+        zx[r] = z;
+    }
+}
+
+/* out[r, n] = x[r] . w[n] for a few rows (contiguous fp32 x, rows x k): each row's own 8-bit codes (u8 x s7
+   pair sums fit int16: 2 x 255 x 63 < 32767), then acc sx wscale[n] + bias[n] - sx zx wsum[n] (wsum: the
+   dequantized weights' row sums); n < n_pad, out's row stride ldo; scratch: GEMV_ROWS x k_pad bytes */
+void mu_gemv_u8s7(const float *x, int64_t rows, int64_t k, const int8_t *wp, int64_t k_pad, int64_t n_pad,
+                  const float *wscale, const float *bias, const float *wsum, float *out, int64_t ldo,
+                  uint8_t *scratch, int nt) {
+    int64_t panels = n_pad / NR;
+    for (int64_t r0 = 0; r0 < rows; r0 += GEMV_ROWS) {
+        int64_t nr = rows - r0 < GEMV_ROWS ? rows - r0 : GEMV_ROWS;
+        float sx[GEMV_ROWS], zx[GEMV_ROWS];
+        quantize_rows_u8(x + r0 * k, nr, k, k_pad, scratch, sx, zx);
+        #pragma omp parallel num_threads(nt)
+        {
+            int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+            int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
+            const __m256i ones = _mm256_set1_epi16(1);
+            for (int64_t p = p0; p < p1; p++) {
+                const int8_t *b = wp + p * (k_pad / 4) * 32 * NV;
+                for (int64_t r = 0; r < nr; r++) {
+                    const uint8_t *cr = scratch + r * k_pad;
+                    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                                      _mm256_setzero_si256()};
+                    for (int64_t t = 0; t < k_pad / 4; t += 2) {
+                        const __m256i *bb = (const __m256i *)(b + t * NV * 32);
+                        _mm_prefetch((const char *)bb + PREFETCH, _MM_HINT_T0);
+                        _mm_prefetch((const char *)bb + PREFETCH + 64, _MM_HINT_T0);
+                        int32_t q0, q1;
+                        memcpy(&q0, cr + 4 * t, 4);
+                        memcpy(&q1, cr + 4 * t + 4, 4);
+                        __m256i a0 = _mm256_set1_epi32(q0), a1 = _mm256_set1_epi32(q1);
+                        for (int h = 0; h < NV; h++) {
+                            acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(a0, _mm256_load_si256(bb + h)), ones));
+                            acc[NV + h] = _mm256_add_epi32(acc[NV + h], _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(a1, _mm256_load_si256(bb + NV + h)), ones));
+                        }
+                    }
+                    const __m256 s = _mm256_set1_ps(sx[r]), sz = _mm256_set1_ps(sx[r] * zx[r]);
+                    for (int h = 0; h < NV; h++) {
+                        int64_t n = NR * p + 8 * h;
+                        __m256 y = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[h], acc[NV + h]));
+                        y = _mm256_fmadd_ps(_mm256_mul_ps(y, s), _mm256_loadu_ps(wscale + n), _mm256_loadu_ps(bias + n));
+                        y = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(wsum + n), y);
+                        _mm256_storeu_ps(out + (r0 + r) * ldo + n, y);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* one layer's constant GEMV arguments, built once (mu.model.native.Layer): a decode call passes five arguments */
+typedef struct {
+    const int8_t *wp;
+    int64_t k, k_pad, n_pad;
+    const float *wscale, *bias, *wsum;
+} mu_layer;
+
+void mu_gemv_layer(const mu_layer *layer, const float *x, int64_t rows, float *out, int nt) {
+    uint8_t *scratch = aligned_alloc(64, (size_t)(GEMV_ROWS * layer->k_pad + 63) / 64 * 64);
+    if (!scratch) return;
+    mu_gemv_u8s7(x, rows, layer->k, layer->wp, layer->k_pad, layer->n_pad, layer->wscale, layer->bias, layer->wsum,
+                 out, layer->n_pad, scratch, nt);
+    free(scratch);
 }

@@ -2,7 +2,7 @@
 and its fused tanh-GELU; compiled on first use with the system's C compiler, loaded with ctypes.
 
     from mu.model import native
-    if native.int8_prefill_available():
+    if native.int8_available():
         packed = native.pack_weights(codes)                  # (out, in) int8, |q| <= 63: once per layer
         a, scale, zero = native.activation_codes(x)          # (rows, in) fp32 -> 7-bit codes
         y, _ = native.gemm(a, packed, mult, off)             # y = (a . w) mult + off, fp32
@@ -47,7 +47,10 @@ _SIGNATURES = {
     "mu_range": [_P, _I64, _I64, _I64, _P, _INT],
     "mu_quantize_u7": [_P, _I64, _I64, _I64, _F32, _F32, _P, _I64, _INT],
     "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _INT, _P, _INT],
+    "mu_gemv_u8s7": [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _INT],
+    "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
+GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 
 
 def _cpu_flags() -> set[str]:
@@ -110,7 +113,7 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def int8_prefill_available() -> bool:
+def int8_available() -> bool:
     """True when the native int8 prefill GEMM runs on this machine (built and loaded now if need be)."""
     return library() is not None
 
@@ -172,3 +175,28 @@ def gemm(codes: Tensor, rows: int, packed: Tensor, mult: Tensor, off: Tensor,
                            off.data_ptr(), out.data_ptr(), n_pad, int(gelu), None if r is None else r.data_ptr(),
                            torch.get_num_threads())
     return out, None if r is None else tuple(r.tolist())
+
+
+class Layer(ctypes.Structure):
+    """One layer's constant GEMV arguments (native.c's `mu_layer`), holding the tensors it points into."""
+
+    _fields_ = [("wp", _P), ("k", _I64), ("k_pad", _I64), ("n_pad", _I64), ("wscale", _P), ("bias", _P), ("wsum", _P)]
+
+
+def layer(packed: Tensor, in_features: int, scale: Tensor, bias: Tensor, weight_sums: Tensor) -> Layer:
+    """The GEMV's arguments for weights packed by `pack_weights` and per-channel `scale`, `bias` and dequantized row
+    sums `weight_sums` (fp32, contiguous, n_pad each)."""
+    tensors = (packed, scale.contiguous(), bias.contiguous(), weight_sums.contiguous())
+    args = Layer(packed.data_ptr(), in_features, _ceil(in_features, K_MULTIPLE), scale.numel(), tensors[1].data_ptr(),
+                 tensors[2].data_ptr(), tensors[3].data_ptr())
+    args.tensors = tensors  # alive as long as the pointers are
+    return args
+
+
+def gemv(x: Tensor, args: Layer) -> Tensor:
+    """(..., n_pad) fp32 = x . weights for a few rows of contiguous fp32 `x` (a decode): each row's own 8-bit codes,
+    then the per-channel scales, bias and the activation zero point's share (`layer`'s)."""
+    out = torch.empty(*x.shape[:-1], args.n_pad)
+    library().mu_gemv_layer(ctypes.byref(args), x.data_ptr(), x.numel() // args.k, out.data_ptr(),
+                            torch.get_num_threads())
+    return out

@@ -12,31 +12,33 @@ trainable linear weights and cannot be saved: save before quantizing.
 Modes (`QUANT_MODES`); prefill (many rows) and decode (a few rows, `DECODE_MAX_ROWS`) may run
 different kernels over the same stored weights:
 
-- "int8" (`Int8Linear`): int8 weights, one symmetric scale per output channel, activations quantized
-  on the fly; both phases run fbgemm's int8 GEMM (u8 x s8, int32 accumulation) through aten's tensor-only
-  `fbgemm_linear_int8_weight_fp32_activation` (`_FbgemmInt8`): 8-bit activation codes with one scale and
-  zero point per call, 7-bit weight codes (|q| <= 63, so AVX2's int16 pair sums cannot saturate), the
-  per-channel scales applied to its output. Where that op is missing it runs `quantized::linear_dynamic`
-  (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind `torch.ao` dynamic
-  quantisation, whose calls cost ~25 us more each (docs/efficiency.md). ~1-2% relative error per layer
-  output on random weights either way. The products that only ever prefill (the encoder's, the
-  cross-attention's k/v of the encoder output) also hold the same codes in a second layout for a many-row
-  kernel; one byte more per encoder weight held. On x86 CPUs with AVX2 but no VNNI that kernel is mu's own
-  (`_NativeInt8`, `mu.model.native`, from `NATIVE_MIN_ROWS` rows on): 7-bit activation codes, ~1.2x oneDNN's
-  matmul, the MLP's GELU in its output stage (`_native_mlp`); elsewhere, or without a C compiler, oneDNN's int8
-  matmul (`_OnednnInt8`, from `ONEDNN_MIN_ROWS` rows on: faster than fbgemm at a 512-token prompt, slower for
-  short ones). Where fbgemm is unavailable (non-x86 builds) it dequantizes the
-  same int8 weights into a float matmul instead: same numbers to rounding, no speed-up.
+- "int8" (`Int8Linear`): int8 weights, one symmetric scale per output channel (7-bit codes, |q| <= 63, so
+  AVX2's int16 pair sums cannot saturate), activations quantized on the fly; int32 accumulation. On x86 CPUs
+  with AVX2 but no VNNI every product runs mu's own kernels (`_NativeInt8`, `mu.model.native`, compiled at first
+  use; one copy of the codes): below `NATIVE_MIN_ROWS` rows (a decode) a GEMV with each row's own 8-bit
+  activation codes, from there (a prefill) a GEMM with 7-bit activation codes per call, ~1.2x the libraries'
+  int8 GEMMs, with the MLP's GELU in its output stage (`_native_mlp`). Elsewhere (VNNI or AVX-512 CPUs, no C
+  compiler, `MU_NATIVE=0`) both phases run fbgemm's int8 GEMM through aten's tensor-only
+  `fbgemm_linear_int8_weight_fp32_activation` (`_FbgemmInt8`: 8-bit activation codes with one scale and zero
+  point per call, the per-channel scales applied to its output), or where that op is missing
+  `quantized::linear_dynamic` (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind
+  `torch.ao` dynamic quantisation, whose calls cost ~25 us more each (docs/efficiency.md); the products that
+  only ever prefill (the encoder's, the cross-attention's k/v of the encoder output) then also hold the same
+  codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on (faster
+  than fbgemm at a 512-token prompt, slower for short ones; one byte more per encoder weight held). ~1-2%
+  relative error per layer output on random weights in every case. Where fbgemm is unavailable (non-x86
+  builds) it dequantizes the same int8 weights into a float matmul instead: same numbers to rounding, no
+  speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
-  `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s fbgemm GEMM over
+  `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s kernels over
   its own codes of the same weights (the weight-only kernel is a GEMV kernel: 4x slower than fp32 at 512 rows).
 - "int4" (`Int4Linear`, group-wise weight-only int4, asymmetric, `group_size` 64 by default): decode runs
   `torch._weight_int4pack_mm_for_cpu` (bf16 activations, 0.5 byte per weight + bf16 scale and zero
-  per group); prefill runs fbgemm's dynamic int8 GEMM over the dequantized int4 weights (re-rounded to
+  per group); prefill runs "int8"'s kernels over the dequantized int4 weights (re-rounded to
   int8 per channel, so 1.5 bytes per weight are held in memory).
 
 Which is fastest depends on the CPU (docs/efficiency.md has the measurements): on the AVX2 development
-machine fbgemm's dynamic int8 wins both phases (the weight-only kernels decode ~2-3x slower), so
+machine dynamic int8 wins both phases (the weight-only kernels decode ~2-3x slower), so
 `--dtype auto` (`mu.model.quantize.auto_format`) picks "int8" on x86 CPUs.
 """
 
@@ -49,7 +51,7 @@ import sys
 import warnings
 import weakref
 from functools import partial
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,7 @@ _linear_dynamic = torch.ops.quantized.linear_dynamic.default if hasattr(torch.op
 _linear_int8 = getattr(torch, "fbgemm_linear_int8_weight_fp32_activation", None)
 FBGEMM_WEIGHT_MAX = 63  # 7-bit weight codes for `_linear_int8`: its activations use all 8 bits (see `_FbgemmInt8`)
 ONEDNN_MIN_ROWS = 256  # a prefill-only layer runs oneDNN's int8 matmul from this many input rows on (`_OnednnInt8`)
-NATIVE_MIN_ROWS = 64  # ... or mu's own int8 GEMM from this many (`_NativeInt8`; fbgemm's is faster below)
+NATIVE_MIN_ROWS = 32  # mu's native int8 kernels (`_NativeInt8`): the GEMM from this many rows, the GEMV below
 ONEDNN_PAD_ROWS = 16  # zero output channels `_OnednnInt8` adds where its output rows would be 4 KiB-aliased
 
 
@@ -122,8 +124,9 @@ _int8_linear_op = cpu_op("int8_linear(Tensor x, int handle, int out_features) ->
 
 
 class _Int8Gemm:
-    """fbgemm's int8 GEMM over one layer's int8 codes; `raw(x)` (fp32 x) is the product, times `Int8Linear.scale`
-    when `scale_outside`. `_PACKED` holds `raw` (a function of the packed weights, not of this object)."""
+    """An int8 kernel over one layer's int8 codes (fbgemm's, oneDNN's or mu's own); `raw(x)` (fp32 x) is the product,
+    times `Int8Linear.scale` when `scale_outside`. `_PACKED` holds `raw` (a function of the packed weights, not of
+    this object, which would then never be freed)."""
 
     scale_outside = False
     raw: Callable[[Tensor], Tensor]
@@ -217,16 +220,9 @@ class _OnednnInt8(_Int8Gemm):
         self.weight_sums = q.sum(1, dtype=torch.int32) * scale  # the dequantized weights' row sums
         with warnings.catch_warnings():  # quantized-tensor constructors are deprecated (they warn once, here)
             warnings.simplefilter("ignore")
-            self._register(self._product)
+            # bound to the tensors, not to this object: `_PACKED` must not keep it alive
+            self._register(partial(_onednn_product, self.packed, self.scale, self.zeros, self.bias, self.weight_sums, n))
             self.raw(scale.new_zeros(1, q.shape[1]))
-
-    def _product(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        codes, x_scale, x_zero = _u8_codes(x2)
-        bias = torch.add(self.bias, self.weight_sums, alpha=-x_zero * x_scale) if x_zero else self.bias
-        y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, self.packed, self.scale, self.zeros, bias,
-                                               1.0, 0, torch.float32, "none", [], "")
-        return y[:, :self.out_features].view(*x.shape[:-1], self.out_features)  # without the padded channels
 
     def __deepcopy__(self, memo: dict) -> "_OnednnInt8":
         """Copies share it (read-only weights)."""
@@ -234,53 +230,82 @@ class _OnednnInt8(_Int8Gemm):
 
 
 class _NativeInt8(_Int8Gemm):
-    """mu's own int8 GEMM (`mu.model.native`) for the prefill's many-row products on AVX2 CPUs without VNNI, in
-    place of `_OnednnInt8`: the same 7-bit weight codes, packed once in the kernel's panels (a second copy of the
-    codes), 7-bit activation codes per call (one scale and zero point: the kernel sums four products in int16,
-    which 8-bit codes could overflow), the scales, the zero point's share and the bias applied in its output stage.
-    `product(x, gelu=True)` also applies the MLP's tanh-GELU there and returns its range, from which the next
-    product's codes follow without a pass over the wide activation (`_native_mlp`). At 512 rows ~1.2x oneDNN's
-    matmul on the AVX2 development machine (docs/efficiency.md, round 9)."""
+    """mu's own int8 kernels (`mu.model.native`) on x86 CPUs with AVX2 but no VNNI, for every product of an int8
+    layer: 7-bit weight codes packed once in the kernels' panels (the only copy), scales and bias applied in their
+    output stage. Below `NATIVE_MIN_ROWS` rows (a decode) the GEMV: each row's own 8-bit activation codes, the
+    weights streamed once (a little faster than fbgemm's per product, docs/efficiency.md round 9). From
+    `NATIVE_MIN_ROWS` rows (a prefill) the GEMM: 7-bit activation codes (one scale and zero point for the call),
+    whose int16 sums of four products make it ~1.2x oneDNN's and fbgemm's int8 GEMMs. `product(x, gelu=True)`
+    also applies the MLP's tanh-GELU in the GEMM's output stage and returns its range, from which the next
+    product's codes follow without a pass over the wide activation (`_native_mlp`)."""
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
         self.out_features, self.in_features = q.shape
         pad = -self.out_features % native.N_MULTIPLE  # zero channels: the kernel writes whole panels
-        self.packed = native.pack_weights(q)
-        self.scale = F.pad(scale.float(), (0, pad))
-        self.bias = F.pad(scale.new_zeros(self.out_features) if bias is None else bias.float(), (0, pad))
-        self.weight_sums = F.pad(q.sum(1, dtype=torch.int32) * scale, (0, pad))  # the dequantized weights' row sums
-        self._register(self._product)
+        packed, scale_pad = native.pack_weights(q), F.pad(scale.float(), (0, pad))
+        bias_pad = F.pad(scale.new_zeros(self.out_features) if bias is None else bias.float(), (0, pad))
+        sums = F.pad(q.sum(1, dtype=torch.int32) * scale, (0, pad))
+        self.weights = _NativeWeights(packed, scale_pad, bias_pad, sums, self.out_features,
+                                      native.layer(packed, self.in_features, scale_pad, bias_pad, sums))
+        self._register(partial(_native_product, self.weights))  # the weights, not this object: see `_Int8Gemm`
 
     def product(self, x: Tensor, gelu: bool = False, value_range: Optional[tuple[float, float]] = None
                 ) -> tuple[Tensor, Optional[tuple[float, float]]]:
-        """(rows of 2-D fp32 `x`, padded outputs) and, with `gelu`, the GELU's output range; `value_range`: x's,
-        when known."""
-        codes, x_scale, x_zero = native.activation_codes(x, value_range)
-        mult = self.scale * x_scale
-        off = torch.add(self.bias, self.weight_sums, alpha=-x_zero * x_scale) if x_zero else self.bias
-        return native.gemm(codes, x.shape[0], self.packed, mult, off, gelu)
-
-    def _product(self, x: Tensor) -> Tensor:
-        y, _ = self.product(x.reshape(-1, x.shape[-1]))
-        return y[:, :self.out_features].view(*x.shape[:-1], self.out_features)
+        """The GEMM over 2-D fp32 `x`: (rows, padded outputs) and, with `gelu`, the GELU's output range;
+        `value_range`: x's, when known."""
+        return _native_gemm(self.weights, x, gelu, value_range)
 
     def __deepcopy__(self, memo: dict) -> "_NativeInt8":
         """Copies share it (read-only weights)."""
         return self
 
 
+class _NativeWeights(NamedTuple):
+    packed: Tensor  # 7-bit codes in the kernels' panels
+    scale: Tensor  # per output channel, padded to the panels (as the next two)
+    bias: Tensor
+    weight_sums: Tensor  # the dequantized weights' row sums (the activation zero point's share comes off the bias)
+    out_features: int
+    gemv: native.Layer  # the GEMV's arguments (pointers into the tensors above)
+
+
+def _native_gemm(w: _NativeWeights, x: Tensor, gelu: bool = False,
+                 value_range: Optional[tuple[float, float]] = None) -> tuple[Tensor, Optional[tuple[float, float]]]:
+    codes, x_scale, x_zero = native.activation_codes(x, value_range)
+    off = torch.add(w.bias, w.weight_sums, alpha=-x_zero * x_scale) if x_zero else w.bias
+    return native.gemm(codes, x.shape[0], w.packed, w.scale * x_scale, off, gelu)
+
+
+def _native_product(w: _NativeWeights, x: Tensor) -> Tensor:
+    if _rows(x) >= NATIVE_MIN_ROWS:
+        y, _ = _native_gemm(w, x.reshape(-1, x.shape[-1]))
+        return y[:, :w.out_features].view(*x.shape[:-1], w.out_features)
+    y = native.gemv(x.contiguous(), w.gemv)  # a decode: as few Python steps as possible
+    return y if y.shape[-1] == w.out_features else y[..., :w.out_features]
+
+
 def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """An encoder MLP's prefill with both products native (`MLP.fused_forward`): the tanh-GELU runs in the first
+    """An int8 MLP's prefill with both products native (`MLP.fused_forward`): the tanh-GELU runs in the first
     product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if not (isinstance(getattr(fc1, "_many", None), _NativeInt8) and isinstance(getattr(fc2, "_many", None), _NativeInt8)
+    if not (isinstance(getattr(fc1, "_gemm", None), _NativeInt8) and isinstance(getattr(fc2, "_gemm", None), _NativeInt8)
             and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()
             and not mlp.training):  # (dropout: the plain path applies it)
         return None
     _check_inference(x)
-    h, value_range = fc1._many.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
-    y, _ = fc2._many.product(h[:, :fc1.out_features], value_range=value_range)
+    h, value_range = fc1._gemm.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
+    y, _ = fc2._gemm.product(h[:, :fc1.out_features], value_range=value_range)
     return y[:, :fc2.out_features].view(*x.shape[:-1], fc2.out_features)
+
+
+def _onednn_product(packed: Tensor, scale: Tensor, zeros: Tensor, bias: Tensor, weight_sums: Tensor, n: int,
+                    x: Tensor) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, x_scale, x_zero = _u8_codes(x2)
+    bias = torch.add(bias, weight_sums, alpha=-x_zero * x_scale) if x_zero else bias
+    y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, packed, scale, zeros, bias, 1.0, 0, torch.float32, "none",
+                                           [], "")
+    return y[:, :n].view(*x.shape[:-1], n)  # without the padded channels
 
 
 def _bind_dynamic(packed: object) -> Callable[[Tensor], Tensor]:
@@ -314,20 +339,24 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         b = None if bias is None else bias.detach().float().clone()
         self.register_buffer("bias", b, persistent=False)
-        fbgemm = _fbgemm_available() and weight.device.type == "cpu"
-        if fbgemm and _linear_int8 is not None:
+        cpu = weight.device.type == "cpu"
+        fbgemm = _fbgemm_available() and cpu
+        self._many: Optional[_OnednnInt8] = None
+        if native.int8_available() and cpu:  # mu's own kernels for every number of rows (one copy of the codes)
+            q, scale = _per_channel_int8(weight, native.WEIGHT_MAX)
+            self._gemm: Optional[_Int8Gemm] = _NativeInt8(q, scale, b)
+        elif fbgemm and _linear_int8 is not None:
             q, scale = _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
-            self._gemm: Optional[_Int8Gemm] = _FbgemmInt8(q, scale, b)
+            self._gemm = _FbgemmInt8(q, scale, b)
         else:
             q, scale = _per_channel_int8(weight)
             self._gemm = _DynamicInt8(q, scale, b) if fbgemm and _linear_dynamic is not None else None
-        # `prefill`: a layer that only prefills (an encoder's, the cross-attention's k/v) also gets a many-row kernel
-        # (mu's own on AVX2 CPUs without VNNI, else oneDNN's) over a second copy of 7-bit codes (1 byte more per weight)
-        self._many: Optional[_OnednnInt8 | _NativeInt8] = None
-        if prefill and self._gemm is not None and (native.int8_prefill_available() or _onednn_available()):
+        # `prefill`: a layer that only prefills (an encoder's, the cross-attention's k/v) also gets oneDNN's matmul
+        # for many rows, over a second copy of 7-bit codes (1 byte more per weight held)
+        if prefill and self._gemm is not None and not isinstance(self._gemm, _NativeInt8) and _onednn_available():
             same = isinstance(self._gemm, _FbgemmInt8)  # its codes are already 7-bit
             q7, scale7 = (q, scale) if same else _per_channel_int8(weight, FBGEMM_WEIGHT_MAX)
-            self._many = (_NativeInt8 if native.int8_prefill_available() else _OnednnInt8)(q7, scale7, b)
+            self._many = _OnednnInt8(q7, scale7, b)
         self.register_buffer("scale", scale, persistent=False)
         if self._gemm is None:
             self.register_buffer("weight_int8", q, persistent=False)
@@ -341,9 +370,10 @@ class Int8Linear(nn.Module):
 
     @property
     def backend(self) -> str:
+        if isinstance(self._gemm, _NativeInt8):
+            return f"native (GEMV below {NATIVE_MIN_ROWS} rows, GEMM from {NATIVE_MIN_ROWS})"
         name = {_FbgemmInt8: "fbgemm", _DynamicInt8: "fbgemm-dynamic"}.get(type(self._gemm), "dequant")
-        many = "native" if isinstance(self._many, _NativeInt8) else "onednn"
-        return name if self._many is None else f"{name} + {many} (from {self._min_rows()} rows)"
+        return name if self._many is None else f"{name} + onednn (from {ONEDNN_MIN_ROWS} rows)"
 
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
@@ -351,21 +381,17 @@ class Int8Linear(nn.Module):
         if g is None:
             y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        if self._many is not None and _rows(x) >= self._min_rows():  # a prefill (scales and bias inside)
+        if self._many is not None and _rows(x) >= ONEDNN_MIN_ROWS:  # a prefill (scales and bias inside)
             if torch.compiler.is_compiling():
                 return _int8_linear_op(x.float(), self._many.handle, self.out_features).to(x.dtype)
             return self._many.raw(x.float().contiguous()).to(x.dtype)
         if torch.compiler.is_compiling():
             y = _int8_linear_op(x.float(), g.handle, self.out_features)
             return (y * self.scale if g.scale_outside else y).to(x.dtype)
-        if x.dtype == torch.float32 and x.is_contiguous():  # the decode hot path: two calls into C++
+        if x.dtype == torch.float32 and x.is_contiguous():  # the decode hot path: one or two calls into C/C++
             return g.raw(x).mul_(self.scale) if g.scale_outside else g.raw(x)
         y = g.raw(x.float().contiguous())
         return (y.mul_(self.scale) if g.scale_outside else y).to(x.dtype)
-
-    def _min_rows(self) -> int:
-        """The rows from which `_many` runs instead of the decode kernel."""
-        return NATIVE_MIN_ROWS if isinstance(self._many, _NativeInt8) else ONEDNN_MIN_ROWS
 
     def weight_bytes(self) -> int:
         """Bytes of weights (and scales, bias) one product reads."""
@@ -381,7 +407,7 @@ def _rows(x: Tensor) -> int:
 
 class Int8WeightOnlyLinear(Int8Linear):
     """Int8 weights, float activations for decode (`torch._weight_int8pack_mm`, bf16 in and out); the
-    prefill (more than `DECODE_MAX_ROWS` rows) runs fbgemm's dynamic int8 GEMM over the same int8 codes."""
+    prefill (more than `DECODE_MAX_ROWS` rows) runs "int8"'s kernels over the same int8 codes."""
 
     act_dtype = torch.bfloat16  # the kernel's fast path on x86 (fp32 activations take a ~10x slower one)
 
@@ -421,7 +447,7 @@ def _int4_groups(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tenso
 
 class Int4Linear(nn.Module):
     """Group-wise int4 weights: decode through `torch._weight_int4pack_mm_for_cpu` (bf16 activations);
-    prefill through fbgemm's dynamic int8 GEMM over the dequantized int4 weights."""
+    prefill through "int8"'s kernels over the dequantized int4 weights."""
 
     act_dtype = torch.bfloat16
 
@@ -531,15 +557,15 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                     if is_plain_linear(child):
                         fn = make_prefill if block in encoder and id(child) not in unfused else make
                         setattr(parent, child_name, fn(child.weight, child.bias))
-            if block in encoder and mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
-                block.mlp.fused_forward = _native_mlp  # declines unless both products run natively
+            if mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
+                block.mlp.fused_forward = _native_mlp  # declines unless both products run natively, many rows
         model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
     return model
 
 
 def quantize_int8_(model: nn.Module, include_encoder: bool = True) -> nn.Module:
-    """`quantize_(model, "int8")`: fbgemm's dynamic int8 GEMM in both phases."""
+    """`quantize_(model, "int8")`: dynamic int8 in both phases (which kernels: see the module docstring)."""
     return quantize_(model, "int8", include_encoder)
 
 
