@@ -22,7 +22,7 @@ def _rows_used(mlp, x):
     """Rows the native GEMM multiplied in `mlp(x)` (the two products' calls counted)."""
     calls = []
     gemm = native.gemm
-    native.gemm = lambda codes, rows, *a, **k: calls.append(rows) or gemm(codes, rows, *a, **k)
+    native.gemm = lambda codes, sx, *a, **k: calls.append(sx.numel()) or gemm(codes, sx, *a, **k)
     try:
         mlp(x)
     finally:
@@ -33,23 +33,28 @@ def _rows_used(mlp, x):
 @needs_native
 def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
     """Odd shapes (rows, inner dimension and outputs not multiples of the kernel's tiles, so padding is exercised),
-    and the worst case for the int16 sums: every code at its maximum (127 x 63, four products per int16)."""
+    and the worst case for the int16 sums: every code at its maximum (127 x 63, four products per int16). Each row
+    has its own activation scale and zero point; the GELU's range comes back per row."""
     torch.manual_seed(0)
     for rows, k, n, worst in ((5, 20, 37, False), (67, 136, 48, False), (3, 64, 16, True)):
         a = torch.full((rows, k), 127, dtype=torch.uint8) if worst else torch.randint(0, 128, (rows, k), dtype=torch.uint8)
         w = torch.full((n, k), 63, dtype=torch.int8) if worst else torch.randint(-63, 64, (n, k), dtype=torch.int8)
         n_pad = -(-n // native.N_MULTIPLE) * native.N_MULTIPLE
-        mult, off = torch.rand(n_pad) * 1e-3, torch.randn(n_pad)
+        scale, bias = torch.nn.functional.pad(torch.rand(n) * 1e-3, (0, n_pad - n)), torch.randn(n_pad)
+        sums = torch.nn.functional.pad(w.sum(1, dtype=torch.int32) * scale[:n], (0, n_pad - n))
+        sx, zx = torch.rand(rows) * 0.1, torch.randint(0, 128, (rows,)).float()
         codes = torch.zeros(-(-rows // 2) * 2, -(-k // 8) * 8, dtype=torch.uint8)
         codes[:rows, :k] = a
-        exact = (a.long() @ w.long().t()).double() * mult[:n].double() + off[:n].double()
-        y, no_range = native.gemm(codes, rows, native.pack_weights(w), mult, off)
-        assert y.shape == (rows, n_pad) and no_range is None
-        torch.testing.assert_close(y[:, :n].double(), exact, rtol=1e-6, atol=1e-5)
-        g, (lo, hi) = native.gemm(codes, rows, native.pack_weights(w), mult, off, gelu=True)
-        expected = layers.gelu_tanh(exact.float())
-        torch.testing.assert_close(g[:, :n], expected, rtol=1e-5, atol=1e-5)
-        assert lo == pytest.approx(min(0.0, g.min().item())) and hi == pytest.approx(max(0.0, g.max().item()))
+        exact = ((a.double() - zx.double()[:, None]) @ w.double().t()) * sx.double()[:, None] * scale[:n].double() \
+            + bias[:n].double()
+        packed = native.pack_weights(w)
+        y, no_ranges = native.gemm(codes, sx, zx, packed, scale, bias, sums)
+        assert y.shape == (rows, n_pad) and no_ranges is None
+        torch.testing.assert_close(y[:, :n].double(), exact, rtol=1e-5, atol=1e-4)
+        g, ranges = native.gemm(codes, sx, zx, packed, scale, bias, sums, gelu=True)
+        torch.testing.assert_close(g[:, :n], layers.gelu_tanh(exact.float()), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ranges[:, 0], g.amin(1).clamp(max=0))
+        torch.testing.assert_close(ranges[:, 1], g.amax(1).clamp(min=0))
 
 
 @needs_native
@@ -86,19 +91,21 @@ def test_gemv_is_the_integer_product_of_each_rows_own_8bit_codes(monkeypatch):
 
 
 @needs_native
-def test_activation_codes_round_to_seven_bits_and_pad_with_zeros():
+def test_activation_codes_round_each_row_to_seven_bits_and_pad_with_zeros():
     torch.manual_seed(0)
-    x = torch.randn(7, 50) * 3 + 1
-    codes, scale, zero = native.activation_codes(x)
+    x = torch.randn(7, 50) * torch.arange(1, 8).float()[:, None] + 1  # rows of different ranges
+    x[3] = 0.0
+    codes, sx, zx = native.activation_codes(x)
     assert codes.shape == (8, 56) and codes[:7].max() <= native.ACTIVATION_MAX and (codes[:7, 50:] == 0).all()
-    lo, hi = min(0.0, x.min().item()), max(0.0, x.max().item())
-    assert scale == pytest.approx((hi - lo) / 127) and zero == round(-lo / scale)
-    assert ((codes[:7, :50].float() - zero) * scale - x).abs().max() <= scale / 2 + 1e-6
+    lo, hi = x.amin(1).clamp(max=0), x.amax(1).clamp(min=0)
+    live = torch.arange(7) != 3
+    torch.testing.assert_close(sx[live], ((hi - lo) / 127)[live])
+    assert torch.equal(zx[live], torch.round(-lo / sx)[live]) and (sx[3], zx[3]) == (1.0, 0.0)  # all zeros: valid
+    assert ((codes[:7, :50].float() - zx[:, None]) * sx[:, None] - x).abs().le(sx[:, None] / 2 + 1e-6).all()
     strided = torch.randn(7, 64)[:, :50]  # a view of a wider buffer (the GELU's padded output)
-    again = native.activation_codes(strided)
-    assert again[0][:7, :50].equal(native.activation_codes(strided.contiguous())[0][:7, :50])
-    assert native.activation_codes(x, (lo, hi))[0][:7].equal(codes[:7])  # a known range skips the pass, same codes
-    assert native.activation_codes(torch.zeros(3, 8))[1:] == (1.0, 0)  # nothing to scale: a valid scale
+    assert native.activation_codes(strided)[0][:7].equal(native.activation_codes(strided.contiguous())[0][:7])
+    known = native.activation_codes(x, torch.stack([lo, hi], 1))  # known ranges skip the pass, same codes
+    assert known[0][:7].equal(codes[:7]) and known[1].equal(sx) and known[2].equal(zx)
 
 
 @needs_native

@@ -1,12 +1,13 @@
 /* mu's native CPU kernels for int8 products on AVX2 CPUs without VNNI (built by mu/model/native.py).
 
    The GEMV (a few rows: decode) quantizes each row to 8-bit codes and streams the packed weights once, with a
-   software prefetch ahead of each panel. The GEMM (many rows: prefill) multiplies 7-bit activation codes (0..127, one scale and zero point per call) by 7-bit weight codes
-   (|w| <= 63, one scale per output channel). AVX2 multiplies u8 x s8 with vpmaddubsw, which sums pairs of
-   products in int16, then widens pairs of those with vpmaddwd: two multiply uops per 32 multiply-adds. With 7-bit
-   activations four products fit int16 (4 x 127 x 63 = 32004 < 32767), so two vpmaddubsw results are added in
-   int16 first and one vpmaddwd widens both: three multiply uops per 64 multiply-adds, which is why this kernel
-   beats the libraries' 8-bit ones on such CPUs (docs/efficiency.md, round 9). Weights are packed once. */
+   software prefetch ahead of each panel. The GEMM (many rows: prefill) multiplies 7-bit activation codes (0..127,
+   one scale and zero point per row) by 7-bit weight codes (|w| <= 63, one scale per output channel). AVX2
+   multiplies u8 x s8 with vpmaddubsw, which sums pairs of products in int16, then widens pairs of those with
+   vpmaddwd: two multiply uops per 32 multiply-adds. With 7-bit activations four products fit int16 (4 x 127 x 63
+   = 32004 < 32767), so two vpmaddubsw results are added in int16 first and one vpmaddwd widens both: three
+   multiply uops per 64 multiply-adds, which is why this kernel beats the libraries' 8-bit ones on such CPUs
+   (docs/efficiency.md, round 9). Weights are packed once, for both kernels. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,58 +75,57 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
-/* range[0] = min(0, min x), range[1] = max(0, max x) over rows x cols (row stride ld) */
-void mu_range(const float *x, int64_t rows, int64_t cols, int64_t ld, float *range, int nt) {
-    float lo = 0.0f, hi = 0.0f;
-    #pragma omp parallel for num_threads(nt) reduction(min:lo) reduction(max:hi) schedule(static)
-    for (int64_t i = 0; i < rows; i++) {
-        const float *row = x + i * ld;
-        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= cols; j += 8) {
-            __m256 v = _mm256_loadu_ps(row + j);
-            vlo = _mm256_min_ps(vlo, v);
-            vhi = _mm256_max_ps(vhi, v);
-        }
-        float l = hmin(vlo), h = hmax(vhi);
-        for (; j < cols; j++) { l = fminf(l, row[j]); h = fmaxf(h, row[j]); }
-        lo = fminf(lo, l); hi = fmaxf(hi, h);
-    }
-    range[0] = lo; range[1] = hi;
-}
-
-/* out[i, j] = clamp(rint(x[i, j] * inv) + zero, 0, 127) for j < cols, 0 for cols <= j < ldo */
-void mu_quantize_u7(const float *x, int64_t rows, int64_t cols, int64_t ld, float inv, float zero,
-                    uint8_t *out, int64_t ldo, int nt) {
+/* 7-bit codes of each row of x (rows x cols, row stride ld) with the row's own scale and zero point over
+   min(x, 0)..max(x, 0), or over ranges[2 r], ranges[2 r + 1] when given (a producer that knows them):
+   out[r, j] = clamp(rint(x[r, j] / sx[r]) + zx[r], 0, 127), zero for cols <= j < ldo */
+void mu_codes_u7(const float *x, int64_t rows, int64_t cols, int64_t ld, const float *ranges, uint8_t *out,
+                 int64_t ldo, float *sx, float *zx, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         const float *row = x + i * ld;
+        float lo, hi;
+        int64_t j = 0;
+        if (ranges) {
+            lo = fminf(ranges[2 * i], 0.0f);
+            hi = fmaxf(ranges[2 * i + 1], 0.0f);
+        } else {
+            __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+            for (; j + 8 <= cols; j += 8) {
+                __m256 v = _mm256_loadu_ps(row + j);
+                vlo = _mm256_min_ps(vlo, v);
+                vhi = _mm256_max_ps(vhi, v);
+            }
+            lo = hmin(vlo);
+            hi = hmax(vhi);
+            for (; j < cols; j++) { lo = fminf(lo, row[j]); hi = fmaxf(hi, row[j]); }
+        }
+        float s = (hi - lo) / 127.0f;
+        if (!(s > 0.0f && s < FLT_MAX)) { s = 1.0f; lo = 0.0f; }  /* all zeros (or non-finite: garbage in, out) */
+        float zero = fminf(127.0f, fmaxf(0.0f, rintf(-lo / s))), inv = 1.0f / s;
+        sx[i] = s;
+        zx[i] = zero;
         uint8_t *o = out + i * ldo;
         const __m256 vinv = _mm256_set1_ps(inv), vzero = _mm256_set1_ps(zero);
         const __m256 vmax = _mm256_set1_ps(127.0f), vmin = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 32 <= cols; j += 32) {
+        for (j = 0; j + 32 <= cols; j += 32) {
             __m256i q[4];
             for (int u = 0; u < 4; u++) {
-                __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(row + j + 8 * u), vinv, vzero);
-                v = _mm256_min_ps(_mm256_max_ps(v, vmin), vmax);
-                q[u] = _mm256_cvtps_epi32(v);  /* rounds to nearest even, as rintf */
+                __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * u), vinv),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vzero), vmin), vmax));
             }
-            __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
-            __m256i b = _mm256_packus_epi16(w01, w23);  /* lane-interleaved: restore the order */
-            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  /* undo the lane order */
             _mm256_storeu_si256((__m256i *)(o + j), b);
         }
-        for (; j < cols; j++) {
-            float v = fminf(fmaxf(rintf(row[j] * inv) + zero, 0.0f), 127.0f);
-            o[j] = (uint8_t)(int32_t)v;
-        }
+        for (; j < cols; j++) o[j] = (uint8_t)(int32_t)fminf(fmaxf(rintf(row[j] * inv) + zero, 0.0f), 127.0f);
         for (; j < ldo; j++) o[j] = 0;
     }
 }
 
 static inline void tile(const uint8_t *a, int64_t lda, const int8_t *b, int64_t k_pad, int rows, float *c,
-                        int64_t ldc, const float *mult, const float *off, int gelu, __m256 *lo, __m256 *hi) {
+                        int64_t ldc, const float *wscale, const float *bias, const float *wsum, const float *sx,
+                        const float *zx, int gelu, float *ranges) {
     __m256i acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int h = 0; h < NV; h++) acc[r][h] = _mm256_setzero_si256();
@@ -147,46 +147,65 @@ static inline void tile(const uint8_t *a, int64_t lda, const int8_t *b, int64_t 
             }
         }
     }
-    for (int r = 0; r < rows; r++)
+    for (int r = 0; r < rows; r++) {
+        const __m256 s = _mm256_set1_ps(sx[r]), sz = _mm256_set1_ps(sx[r] * zx[r]);
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
         for (int h = 0; h < NV; h++) {
-            __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), _mm256_loadu_ps(mult + 8 * h),
-                                       _mm256_loadu_ps(off + 8 * h));
+            __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), s);
+            y = _mm256_fmadd_ps(y, _mm256_loadu_ps(wscale + 8 * h), _mm256_loadu_ps(bias + 8 * h));
+            y = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(wsum + 8 * h), y);
             if (gelu) {
                 y = gelu_ps(y);
-                *lo = _mm256_min_ps(*lo, y);
-                *hi = _mm256_max_ps(*hi, y);
+                lo = _mm256_min_ps(lo, y);
+                hi = _mm256_max_ps(hi, y);
             }
             _mm256_storeu_ps(c + r * ldc + 8 * h, y);
         }
+        if (gelu) {
+            ranges[2 * r] = fminf(ranges[2 * r], hmin(lo));
+            ranges[2 * r + 1] = fmaxf(ranges[2 * r + 1], hmax(hi));
+        }
+    }
 }
 
-/* c[i, n] = (sum_k a[i, k] w[n, k]) mult[n] + off[n] for i < m, n < n_pad (c's row stride ldc >= n_pad);
-   a: 7-bit codes, m rows of k_pad (rows up to a multiple of MR must be readable); wp: mu_pack_weights' panels;
-   gelu: tanh-GELU applied, and its range (with 0) into range[0..1]. */
-void mu_gemm_u7s7(const uint8_t *a, int64_t m, int64_t k_pad, const int8_t *wp, int64_t n_pad,
-                  const float *mult, const float *off, float *c, int64_t ldc, int gelu, float *range, int nt) {
+/* c[i, n] = (sum_k a[i, k] w[n, k]) sx[i] wscale[n] + bias[n] - sx[i] zx[i] wsum[n] for i < m, n < n_pad (c's
+   row stride ldc >= n_pad; wscale, bias and wsum of n_pad; wsum: the dequantized weights' row sums): a holds each
+   row's 7-bit codes (mu_codes_u7; m rows of k_pad, readable up to a multiple of MR rows), wp mu_pack_weights'
+   panels. gelu: tanh-GELU applied, and each row's output range (with 0) into ranges[2 i], ranges[2 i + 1];
+   scratch: nt x m x 2 floats (each thread's ranges over its panels). */
+void mu_gemm_u7s7(const uint8_t *a, int64_t m, int64_t k_pad, const int8_t *wp, int64_t n_pad, const float *wscale,
+                  const float *bias, const float *wsum, const float *sx, const float *zx, float *c, int64_t ldc,
+                  int gelu, float *ranges, float *scratch, int nt) {
     int64_t panels = n_pad / NR;
-    float lo = 0.0f, hi = 0.0f;
-    #pragma omp parallel num_threads(nt) reduction(min:lo) reduction(max:hi)
+    if (gelu)
+        for (int64_t i = 0; i < 2 * m * nt; i++) scratch[i] = 0.0f;
+    #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         int64_t p0 = panels * tid / nth, p1 = panels * (tid + 1) / nth;
-        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+        float *part = gelu ? scratch + 2 * m * tid : NULL;
         for (int64_t i0 = 0; i0 < m; i0 += MC) {
             int64_t i1 = i0 + MC < m ? i0 + MC : m;
             for (int64_t p = p0; p < p1; p++) {
                 const int8_t *b = wp + p * (k_pad / 4) * 32 * NV;
                 for (int64_t i = i0; i < i1; i += MR) {
                     int rows = i1 - i < MR ? (int)(i1 - i) : MR;
-                    tile(a + i * k_pad, k_pad, b, k_pad, rows, c + i * ldc + NR * p, ldc, mult + NR * p,
-                         off + NR * p, gelu, &vlo, &vhi);
+                    tile(a + i * k_pad, k_pad, b, k_pad, rows, c + i * ldc + NR * p, ldc, wscale + NR * p,
+                         bias + NR * p, wsum + NR * p, sx + i, zx + i, gelu, gelu ? part + 2 * i : NULL);
                 }
             }
         }
-        lo = hmin(vlo);
-        hi = hmax(vhi);
     }
-    if (range) { range[0] = lo; range[1] = hi; }
+    if (gelu)
+        for (int64_t i = 0; i < m; i++) {
+            float lo = 0.0f, hi = 0.0f;
+            for (int t = 0; t < nt; t++) {
+                lo = fminf(lo, scratch[2 * (m * t + i)]);
+                hi = fmaxf(hi, scratch[2 * (m * t + i) + 1]);
+            }
+            ranges[2 * i] = lo;
+            ranges[2 * i + 1] = hi;
+        }
 }
 
 #define GEMV_ROWS 8      /* rows quantized and multiplied per pass over the weights */

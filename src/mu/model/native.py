@@ -1,15 +1,18 @@
-"""mu's native CPU kernels (`native.c`): the int8 prefill GEMM for AVX2 CPUs without VNNI, its activation codes
-and its fused tanh-GELU; compiled on first use with the system's C compiler, loaded with ctypes.
+"""mu's native CPU kernels (`native.c`) for int8 products on AVX2 CPUs without VNNI: a GEMV for a few rows (a
+decode), a GEMM for many (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation
+codes; compiled on first use with the system's C compiler, loaded with ctypes.
 
     from mu.model import native
     if native.int8_available():
         packed = native.pack_weights(codes)                  # (out, in) int8, |q| <= 63: once per layer
-        a, scale, zero = native.activation_codes(x)          # (rows, in) fp32 -> 7-bit codes
-        y, _ = native.gemm(a, packed, mult, off)             # y = (a . w) mult + off, fp32
+        codes, sx, zx = native.activation_codes(x)           # (rows, in) fp32 -> 7-bit codes per row
+        y, _ = native.gemm(codes, sx, zx, packed, scale, bias, sums)   # fp32 (rows, padded outputs)
+        y = native.gemv(x, native.layer(packed, in_features, scale, bias, sums))   # a few rows: 8-bit codes per row
 
-On such CPUs (AVX2's u8 x s8 multiply-add sums pairs in int16) 7-bit activation codes let the kernel add two pair
-sums in int16 before widening them: 3 multiply uops per 64 multiply-adds instead of 4, ~1.2x the int8 GEMMs of
-oneDNN and fbgemm at a 512-token prefill (docs/efficiency.md, round 9). CPUs with VNNI (AVX-512 or AVX-VNNI) get
+On such CPUs (AVX2's u8 x s8 multiply-add sums pairs in int16) the GEMM's 7-bit activation codes let it add two
+pair sums in int16 before widening them: 3 multiply uops per 64 multiply-adds instead of 4, ~1.2x the int8 GEMMs
+of oneDNN and fbgemm at a 512-token prefill (docs/efficiency.md, round 9); the GEMV streams the weights once per
+call with a few microseconds of fixed cost. CPUs with VNNI (AVX-512 or AVX-VNNI) get
 oneDNN's VNNI kernels instead, which this one would not beat.
 
 The library is built once per source, compiler and CPU into `$MU_CACHE_DIR` (default `~/.cache/mu`), with
@@ -44,9 +47,8 @@ WEIGHT_MAX = 63  # 7-bit weight codes
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
     "mu_pack_weights": [_P, _I64, _I64, _I64, _I64, _P],
-    "mu_range": [_P, _I64, _I64, _I64, _P, _INT],
-    "mu_quantize_u7": [_P, _I64, _I64, _I64, _F32, _F32, _P, _I64, _INT],
-    "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _I64, _INT, _P, _INT],
+    "mu_codes_u7": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _INT],
+    "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _INT, _P, _P, _INT],
     "mu_gemv_u8s7": [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _INT],
     "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
@@ -139,42 +141,33 @@ def pack_weights(q: Tensor) -> Tensor:
     return out
 
 
-def _scale_zero(lo: float, hi: float) -> tuple[float, int]:
-    """One scale and zero point mapping lo..hi (lo <= 0 <= hi) onto 0..ACTIVATION_MAX."""
-    scale = (hi - lo) / ACTIVATION_MAX
-    if not (scale > 0 and scale < float("inf")):  # all zeros (or non-finite input: garbage in, garbage out)
-        return 1.0, 0
-    return scale, min(ACTIVATION_MAX, max(0, round(-lo / scale)))
-
-
-def activation_codes(x: Tensor, value_range: Optional[tuple[float, float]] = None) -> tuple[Tensor, float, int]:
-    """7-bit codes of a 2-D fp32 `x` (unit column stride) with one scale and zero point over min(x, 0)..max(x, 0)
-    (or `value_range`, when the producer already knows it): (codes (rows padded, in padded) uint8, scale, zero)."""
-    lib = library()
+def activation_codes(x: Tensor, row_ranges: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """7-bit codes of each row of a 2-D fp32 `x` (unit column stride) with the row's own scale and zero point over
+    min(x, 0)..max(x, 0) (or `row_ranges`, (rows, 2), when the producer already knows them): (codes (rows padded,
+    in padded) uint8, scales (rows,), zero points (rows,) as floats)."""
     rows, cols = x.shape
-    nt = torch.get_num_threads()
-    if value_range is None:
-        r = torch.empty(2)
-        lib.mu_range(x.data_ptr(), rows, cols, x.stride(0), r.data_ptr(), nt)
-        value_range = tuple(r.tolist())
-    scale, zero = _scale_zero(*value_range)
     k_pad = _ceil(cols, K_MULTIPLE)
     codes = torch.empty(_ceil(rows, M_MULTIPLE), k_pad, dtype=torch.uint8)  # the padded row is read, never stored
-    lib.mu_quantize_u7(x.data_ptr(), rows, cols, x.stride(0), 1.0 / scale, float(zero), codes.data_ptr(), k_pad, nt)
-    return codes, scale, zero
+    sx, zx = torch.empty(rows), torch.empty(rows)
+    library().mu_codes_u7(x.data_ptr(), rows, cols, x.stride(0), None if row_ranges is None else row_ranges.data_ptr(),
+                          codes.data_ptr(), k_pad, sx.data_ptr(), zx.data_ptr(), torch.get_num_threads())
+    return codes, sx, zx
 
 
-def gemm(codes: Tensor, rows: int, packed: Tensor, mult: Tensor, off: Tensor,
-         gelu: bool = False) -> tuple[Tensor, Optional[tuple[float, float]]]:
-    """(rows, n_pad) fp32 = (codes . weights) * mult + off (per output channel, `mult` and `off` of n_pad), then
-    tanh-GELU if `gelu`, whose output range (with 0) comes back for the next product's codes."""
-    n_pad = mult.numel()
+def gemm(codes: Tensor, sx: Tensor, zx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor, weight_sums: Tensor,
+         gelu: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """(rows, n_pad) fp32 = codes . weights, dequantized with the rows' scales `sx` and zero points `zx` and the
+    per-channel `scale`, `bias` and dequantized row sums `weight_sums` (n_pad each); then tanh-GELU if `gelu`, whose
+    per-row output ranges ((rows, 2), with 0) come back for the next product's codes."""
+    rows, n_pad, nt = sx.numel(), scale.numel(), torch.get_num_threads()
     out = torch.empty(rows, n_pad)
-    r = torch.empty(2) if gelu else None
-    library().mu_gemm_u7s7(codes.data_ptr(), rows, codes.shape[1], packed.data_ptr(), n_pad, mult.data_ptr(),
-                           off.data_ptr(), out.data_ptr(), n_pad, int(gelu), None if r is None else r.data_ptr(),
-                           torch.get_num_threads())
-    return out, None if r is None else tuple(r.tolist())
+    ranges = torch.empty(rows, 2) if gelu else None
+    scratch = torch.empty(nt * rows * 2) if gelu else None
+    library().mu_gemm_u7s7(codes.data_ptr(), rows, codes.shape[1], packed.data_ptr(), n_pad, scale.data_ptr(),
+                           bias.data_ptr(), weight_sums.data_ptr(), sx.data_ptr(), zx.data_ptr(), out.data_ptr(), n_pad,
+                           int(gelu), None if ranges is None else ranges.data_ptr(),
+                           None if scratch is None else scratch.data_ptr(), nt)
+    return out, ranges
 
 
 class Layer(ctypes.Structure):
@@ -190,13 +183,13 @@ def layer(packed: Tensor, in_features: int, scale: Tensor, bias: Tensor, weight_
     args = Layer(packed.data_ptr(), in_features, _ceil(in_features, K_MULTIPLE), scale.numel(), tensors[1].data_ptr(),
                  tensors[2].data_ptr(), tensors[3].data_ptr())
     args.tensors = tensors  # alive as long as the pointers are
+    args.call, args.ref = library().mu_gemv_layer, ctypes.byref(args)  # the per-call lookups, done once
     return args
 
 
 def gemv(x: Tensor, args: Layer) -> Tensor:
     """(..., n_pad) fp32 = x . weights for a few rows of contiguous fp32 `x` (a decode): each row's own 8-bit codes,
     then the per-channel scales, bias and the activation zero point's share (`layer`'s)."""
-    out = torch.empty(*x.shape[:-1], args.n_pad)
-    library().mu_gemv_layer(ctypes.byref(args), x.data_ptr(), x.numel() // args.k, out.data_ptr(),
-                            torch.get_num_threads())
+    out = x.new_empty(*x.shape[:-1], args.n_pad)
+    args.call(args.ref, x.data_ptr(), x.numel() // args.k, out.data_ptr(), torch.get_num_threads())
     return out

@@ -16,7 +16,7 @@ different kernels over the same stored weights:
   AVX2's int16 pair sums cannot saturate), activations quantized on the fly; int32 accumulation. On x86 CPUs
   with AVX2 but no VNNI every product runs mu's own kernels (`_NativeInt8`, `mu.model.native`, compiled at first
   use; one copy of the codes): below `NATIVE_MIN_ROWS` rows (a decode) a GEMV with each row's own 8-bit
-  activation codes, from there (a prefill) a GEMM with 7-bit activation codes per call, ~1.2x the libraries'
+  activation codes, from there (a prefill) a GEMM with each row's own 7-bit activation codes, ~1.2x the libraries'
   int8 GEMMs, with the MLP's GELU in its output stage (`_native_mlp`). Elsewhere (VNNI or AVX-512 CPUs, no C
   compiler, `MU_NATIVE=0`) both phases run fbgemm's int8 GEMM through aten's tensor-only
   `fbgemm_linear_int8_weight_fp32_activation` (`_FbgemmInt8`: 8-bit activation codes with one scale and zero
@@ -234,10 +234,10 @@ class _NativeInt8(_Int8Gemm):
     layer: 7-bit weight codes packed once in the kernels' panels (the only copy), scales and bias applied in their
     output stage. Below `NATIVE_MIN_ROWS` rows (a decode) the GEMV: each row's own 8-bit activation codes, the
     weights streamed once (a little faster than fbgemm's per product, docs/efficiency.md round 9). From
-    `NATIVE_MIN_ROWS` rows (a prefill) the GEMM: 7-bit activation codes (one scale and zero point for the call),
+    `NATIVE_MIN_ROWS` rows (a prefill) the GEMM: 7-bit activation codes (one scale and zero point per row),
     whose int16 sums of four products make it ~1.2x oneDNN's and fbgemm's int8 GEMMs. `product(x, gelu=True)`
     also applies the MLP's tanh-GELU in the GEMM's output stage and returns its range, from which the next
-    product's codes follow without a pass over the wide activation (`_native_mlp`)."""
+    product's codes follow without a pass over the wide activation for them (`_native_mlp`)."""
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
         self.out_features, self.in_features = q.shape
@@ -249,11 +249,11 @@ class _NativeInt8(_Int8Gemm):
                                       native.layer(packed, self.in_features, scale_pad, bias_pad, sums))
         self._register(partial(_native_product, self.weights))  # the weights, not this object: see `_Int8Gemm`
 
-    def product(self, x: Tensor, gelu: bool = False, value_range: Optional[tuple[float, float]] = None
-                ) -> tuple[Tensor, Optional[tuple[float, float]]]:
-        """The GEMM over 2-D fp32 `x`: (rows, padded outputs) and, with `gelu`, the GELU's output range;
-        `value_range`: x's, when known."""
-        return _native_gemm(self.weights, x, gelu, value_range)
+    def product(self, x: Tensor, gelu: bool = False, row_ranges: Optional[Tensor] = None
+                ) -> tuple[Tensor, Optional[Tensor]]:
+        """The GEMM over 2-D fp32 `x`: (rows, padded outputs) and, with `gelu`, the GELU's output range per row;
+        `row_ranges`: x's, when known."""
+        return _native_gemm(self.weights, x, gelu, row_ranges)
 
     def __deepcopy__(self, memo: dict) -> "_NativeInt8":
         """Copies share it (read-only weights)."""
@@ -270,14 +270,13 @@ class _NativeWeights(NamedTuple):
 
 
 def _native_gemm(w: _NativeWeights, x: Tensor, gelu: bool = False,
-                 value_range: Optional[tuple[float, float]] = None) -> tuple[Tensor, Optional[tuple[float, float]]]:
-    codes, x_scale, x_zero = native.activation_codes(x, value_range)
-    off = torch.add(w.bias, w.weight_sums, alpha=-x_zero * x_scale) if x_zero else w.bias
-    return native.gemm(codes, x.shape[0], w.packed, w.scale * x_scale, off, gelu)
+                 row_ranges: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    codes, sx, zx = native.activation_codes(x, row_ranges)
+    return native.gemm(codes, sx, zx, w.packed, w.scale, w.bias, w.weight_sums, gelu)
 
 
 def _native_product(w: _NativeWeights, x: Tensor) -> Tensor:
-    if _rows(x) >= NATIVE_MIN_ROWS:
+    if x.numel() >= NATIVE_MIN_ROWS * x.shape[-1]:
         y, _ = _native_gemm(w, x.reshape(-1, x.shape[-1]))
         return y[:, :w.out_features].view(*x.shape[:-1], w.out_features)
     y = native.gemv(x.contiguous(), w.gemv)  # a decode: as few Python steps as possible
@@ -293,8 +292,8 @@ def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
             and not mlp.training):  # (dropout: the plain path applies it)
         return None
     _check_inference(x)
-    h, value_range = fc1._gemm.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
-    y, _ = fc2._gemm.product(h[:, :fc1.out_features], value_range=value_range)
+    h, row_ranges = fc1._gemm.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
+    y, _ = fc2._gemm.product(h[:, :fc1.out_features], row_ranges=row_ranges)
     return y[:, :fc2.out_features].view(*x.shape[:-1], fc2.out_features)
 
 
