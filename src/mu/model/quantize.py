@@ -229,6 +229,15 @@ class _OnednnInt8(_Int8Gemm):
         return self
 
 
+class _NativeWeights(NamedTuple):
+    packed: Tensor  # 7-bit codes in the kernels' panels
+    scale: Tensor  # per output channel, padded to the panels (as the next two)
+    bias: Tensor
+    weight_sums: Tensor  # the dequantized weights' row sums (the activation zero point's share comes off the bias)
+    out_features: int
+    gemv: native.Layer  # the GEMV's arguments (pointers into the tensors above)
+
+
 class _NativeInt8(_Int8Gemm):
     """mu's own int8 kernels (`mu.model.native`) on x86 CPUs with AVX2 but no VNNI, for every product of an int8
     layer: 7-bit weight codes packed once in the kernels' panels (the only copy), scales and bias applied in their
@@ -258,15 +267,6 @@ class _NativeInt8(_Int8Gemm):
     def __deepcopy__(self, memo: dict) -> "_NativeInt8":
         """Copies share it (read-only weights)."""
         return self
-
-
-class _NativeWeights(NamedTuple):
-    packed: Tensor  # 7-bit codes in the kernels' panels
-    scale: Tensor  # per output channel, padded to the panels (as the next two)
-    bias: Tensor
-    weight_sums: Tensor  # the dequantized weights' row sums (the activation zero point's share comes off the bias)
-    out_features: int
-    gemv: native.Layer  # the GEMV's arguments (pointers into the tensors above)
 
 
 def _native_gemm(w: _NativeWeights, x: Tensor, gelu: bool = False,
