@@ -224,7 +224,9 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 
 def int8_kernels() -> str:
     """Which kernels mu's int8 products run on this machine (`mu.model.quantize`)."""
-    return "native (mu's AVX2 GEMV and GEMM)" if native.int8_available() else "fbgemm (oneDNN for the encoder's prefill)"
+    if native.int8_available():
+        return "native (mu's AVX2 GEMV and GEMM)"
+    return "fbgemm (oneDNN for the encoder's prefill)"
 
 
 def build_mu(preset: str, arch: str, seed: int):

@@ -37,7 +37,8 @@ def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
     has its own activation scale and zero point; the GELU's range comes back per row."""
     torch.manual_seed(0)
     for rows, k, n, worst in ((5, 20, 37, False), (67, 136, 48, False), (3, 64, 16, True)):
-        a = torch.full((rows, k), 127, dtype=torch.uint8) if worst else torch.randint(0, 128, (rows, k), dtype=torch.uint8)
+        a = (torch.full((rows, k), 127, dtype=torch.uint8) if worst
+             else torch.randint(0, 128, (rows, k), dtype=torch.uint8))
         w = torch.full((n, k), 63, dtype=torch.int8) if worst else torch.randint(-63, 64, (n, k), dtype=torch.int8)
         n_pad = -(-n // native.N_MULTIPLE) * native.N_MULTIPLE
         scale, bias = torch.nn.functional.pad(torch.rand(n) * 1e-3, (0, n_pad - n)), torch.randn(n_pad)

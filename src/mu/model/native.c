@@ -34,7 +34,8 @@ void mu_pack_weights(const int8_t *w, int64_t n, int64_t k, int64_t n_pad, int64
                 for (int c = 0; c < 8; c++)
                     for (int j = 0; j < 4; j++) {
                         int64_t row = NR * p + 8 * h + c, col = 4 * t + j;
-                        out[((p * (k_pad / 4) + t) * NV + h) * 32 + c * 4 + j] = row < n && col < k ? w[row * k + col] : 0;
+                        out[((p * (k_pad / 4) + t) * NV + h) * 32 + c * 4 + j] =
+                            row < n && col < k ? w[row * k + col] : 0;
                     }
 }
 
@@ -291,7 +292,8 @@ void mu_gemv_u8s7(const float *x, int64_t rows, int64_t k, const int8_t *wp, int
                     for (int h = 0; h < NV; h++) {
                         int64_t n = NR * p + 8 * h;
                         __m256 y = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[h], acc[NV + h]));
-                        y = _mm256_fmadd_ps(_mm256_mul_ps(y, s), _mm256_loadu_ps(wscale + n), _mm256_loadu_ps(bias + n));
+                        y = _mm256_fmadd_ps(_mm256_mul_ps(y, s), _mm256_loadu_ps(wscale + n),
+                                            _mm256_loadu_ps(bias + n));
                         y = _mm256_fnmadd_ps(sz, _mm256_loadu_ps(wsum + n), y);
                         _mm256_storeu_ps(out + (r0 + r) * ldo + n, y);
                     }

@@ -221,7 +221,8 @@ class _OnednnInt8(_Int8Gemm):
         with warnings.catch_warnings():  # quantized-tensor constructors are deprecated (they warn once, here)
             warnings.simplefilter("ignore")
             # bound to the tensors, not to this object: `_PACKED` must not keep it alive
-            self._register(partial(_onednn_product, self.packed, self.scale, self.zeros, self.bias, self.weight_sums, n))
+            self._register(partial(_onednn_product, self.packed, self.scale, self.zeros, self.bias, self.weight_sums,
+                                   n))
             self.raw(scale.new_zeros(1, q.shape[1]))
 
     def __deepcopy__(self, memo: dict) -> "_OnednnInt8":
@@ -287,7 +288,8 @@ def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     """An int8 MLP's prefill with both products native (`MLP.fused_forward`): the tanh-GELU runs in the first
     product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if not (isinstance(getattr(fc1, "_gemm", None), _NativeInt8) and isinstance(getattr(fc2, "_gemm", None), _NativeInt8)
+    native_products = all(isinstance(getattr(fc, "_gemm", None), _NativeInt8) for fc in (fc1, fc2))
+    if not (native_products
             and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()
             and not mlp.training):  # (dropout: the plain path applies it)
         return None
