@@ -22,8 +22,6 @@
 #define NR (8 * NV) /* columns of a register tile: the panel width of the packed weights */
 #define MC 64       /* rows of the activation block kept in L2 while the panels stream by */
 
-int mu_native_abi(void) { return 1; }
-
 /* w (n x k, int8) into panels of NR output channels; for each k-quad t (k = 4t..4t+3) NV vectors of 8 channels x
    4 codes: out[((p * k_pad / 4 + t) * NV + h) * 32 + c * 4 + j] = w[NR p + 8 h + c, 4 t + j]; zero padded to
    n_pad (a multiple of NR) x k_pad (a multiple of 8). */
@@ -254,9 +252,9 @@ static void quantize_rows_u8(const float *x, int64_t rows, int64_t k, int64_t k_
 /* out[r, n] = x[r] . w[n] for a few rows (contiguous fp32 x, rows x k): each row's own 8-bit codes (u8 x s7
    pair sums fit int16: 2 x 255 x 63 < 32767), then acc sx wscale[n] + bias[n] - sx zx wsum[n] (wsum: the
    dequantized weights' row sums); n < n_pad, out's row stride ldo; scratch: GEMV_ROWS x k_pad bytes */
-void mu_gemv_u8s7(const float *x, int64_t rows, int64_t k, const int8_t *wp, int64_t k_pad, int64_t n_pad,
-                  const float *wscale, const float *bias, const float *wsum, float *out, int64_t ldo,
-                  uint8_t *scratch, int nt) {
+static void gemv_u8s7(const float *x, int64_t rows, int64_t k, const int8_t *wp, int64_t k_pad, int64_t n_pad,
+                      const float *wscale, const float *bias, const float *wsum, float *out, int64_t ldo,
+                      uint8_t *scratch, int nt) {
     int64_t panels = n_pad / NR;
     for (int64_t r0 = 0; r0 < rows; r0 += GEMV_ROWS) {
         int64_t nr = rows - r0 < GEMV_ROWS ? rows - r0 : GEMV_ROWS;
@@ -313,7 +311,7 @@ typedef struct {
 void mu_gemv_layer(const mu_layer *layer, const float *x, int64_t rows, float *out, int nt) {
     uint8_t *scratch = aligned_alloc(64, (size_t)(GEMV_ROWS * layer->k_pad + 63) / 64 * 64);
     if (!scratch) return;
-    mu_gemv_u8s7(x, rows, layer->k, layer->wp, layer->k_pad, layer->n_pad, layer->wscale, layer->bias, layer->wsum,
+    gemv_u8s7(x, rows, layer->k, layer->wp, layer->k_pad, layer->n_pad, layer->wscale, layer->bias, layer->wsum,
                  out, layer->n_pad, scratch, nt);
     free(scratch);
 }

@@ -49,7 +49,6 @@ _SIGNATURES = {
     "mu_pack_weights": [_P, _I64, _I64, _I64, _I64, _P],
     "mu_codes_u7": [_P, _I64, _I64, _I64, _P, _P, _I64, _P, _P, _INT],
     "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _INT, _P, _P, _INT],
-    "mu_gemv_u8s7": [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _INT],
     "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
@@ -86,7 +85,7 @@ def _build(compiler: str, flags: set[str]) -> Optional[Path]:
             if done.returncode != 0:
                 raise RuntimeError((done.stderr.strip().splitlines() or ["the compiler failed"])[-1])
     except Exception as e:  # no compiler, a read-only cache, a failed build: the library's kernels run instead
-        warnings.warn(f"mu: native kernels not built ({e}); the int8 prefill uses oneDNN", stacklevel=3)
+        warnings.warn(f"mu: native kernels not built ({e}); int8 layers use fbgemm and oneDNN", stacklevel=3)
         return None
     return path
 
@@ -107,7 +106,7 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # an unreadable or foreign file in the cache
-        warnings.warn(f"mu: native kernels not loaded ({e}); the int8 prefill uses oneDNN", stacklevel=2)
+        warnings.warn(f"mu: native kernels not loaded ({e}); int8 layers use fbgemm and oneDNN", stacklevel=2)
         return None
     for name, args in _SIGNATURES.items():
         getattr(lib, name).argtypes = args
@@ -116,7 +115,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def int8_available() -> bool:
-    """True when the native int8 prefill GEMM runs on this machine (built and loaded now if need be)."""
+    """True when mu's native int8 kernels run on this machine (built and loaded now if need be)."""
     return library() is not None
 
 
@@ -133,7 +132,7 @@ def _aligned(numel: int, dtype: torch.dtype, align: int = 64) -> Tensor:
 
 
 def pack_weights(q: Tensor) -> Tensor:
-    """7-bit weight codes (out, in) int8 in the GEMM's panel layout (64-byte aligned, zero padded)."""
+    """7-bit weight codes (out, in) int8 in the kernels' panel layout (64-byte aligned, zero padded)."""
     n, k = q.shape
     q = q.contiguous()
     out = _aligned(_ceil(n, N_MULTIPLE) * _ceil(k, K_MULTIPLE), torch.int8)
