@@ -74,6 +74,48 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
+/* *lo = min(0, min row), *hi = max(0, max row) over cols values */
+static inline void row_range(const float *row, int64_t cols, float *lo, float *hi) {
+    __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+        __m256 v = _mm256_loadu_ps(row + j);
+        vlo = _mm256_min_ps(vlo, v);
+        vhi = _mm256_max_ps(vhi, v);
+    }
+    float l = hmin(vlo), h = hmax(vhi);
+    for (; j < cols; j++) { l = fminf(l, row[j]); h = fmaxf(h, row[j]); }
+    *lo = l;
+    *hi = h;
+}
+
+/* o[j] = clamp(rint(row[j] / s) + z, 0, qmax) for j < cols, zero for cols <= j < ldo, with the scale s and zero point
+   z that map lo..hi (lo <= 0 <= hi) onto 0..qmax (into *s, *z) */
+static inline void quantize_row(const float *row, int64_t cols, float lo, float hi, float qmax, uint8_t *o,
+                                int64_t ldo, float *s, float *z) {
+    float scale = (hi - lo) / qmax;
+    if (!(scale > 0.0f && scale < FLT_MAX)) { scale = 1.0f; lo = 0.0f; }  /* all zeros (or non-finite: garbage) */
+    float zero = fminf(qmax, fmaxf(0.0f, rintf(-lo / scale))), inv = 1.0f / scale;
+    *s = scale;
+    *z = zero;
+    const __m256 vinv = _mm256_set1_ps(inv), vzero = _mm256_set1_ps(zero);
+    const __m256 vmax = _mm256_set1_ps(qmax), vmin = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {
+        __m256i q[4];
+        for (int u = 0; u < 4; u++) {
+            __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * u), vinv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vzero), vmin), vmax));
+        }
+        __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  /* undo the lane order */
+        _mm256_storeu_si256((__m256i *)(o + j), b);
+    }
+    for (; j < cols; j++) o[j] = (uint8_t)(int32_t)fminf(fmaxf(rintf(row[j] * inv) + zero, 0.0f), qmax);
+    for (; j < ldo; j++) o[j] = 0;
+}
+
 /* 7-bit codes of each row of x (rows x cols, row stride ld) with the row's own scale and zero point over
    min(x, 0)..max(x, 0), or over ranges[2 r], ranges[2 r + 1] when given (a producer that knows them):
    out[r, j] = clamp(rint(x[r, j] / sx[r]) + zx[r], 0, 127), zero for cols <= j < ldo */
@@ -81,44 +123,14 @@ void mu_codes_u7(const float *x, int64_t rows, int64_t cols, int64_t ld, const f
                  int64_t ldo, float *sx, float *zx, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < rows; i++) {
-        const float *row = x + i * ld;
         float lo, hi;
-        int64_t j = 0;
         if (ranges) {
             lo = fminf(ranges[2 * i], 0.0f);
             hi = fmaxf(ranges[2 * i + 1], 0.0f);
         } else {
-            __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
-            for (; j + 8 <= cols; j += 8) {
-                __m256 v = _mm256_loadu_ps(row + j);
-                vlo = _mm256_min_ps(vlo, v);
-                vhi = _mm256_max_ps(vhi, v);
-            }
-            lo = hmin(vlo);
-            hi = hmax(vhi);
-            for (; j < cols; j++) { lo = fminf(lo, row[j]); hi = fmaxf(hi, row[j]); }
+            row_range(x + i * ld, cols, &lo, &hi);
         }
-        float s = (hi - lo) / 127.0f;
-        if (!(s > 0.0f && s < FLT_MAX)) { s = 1.0f; lo = 0.0f; }  /* all zeros (or non-finite: garbage in, out) */
-        float zero = fminf(127.0f, fmaxf(0.0f, rintf(-lo / s))), inv = 1.0f / s;
-        sx[i] = s;
-        zx[i] = zero;
-        uint8_t *o = out + i * ldo;
-        const __m256 vinv = _mm256_set1_ps(inv), vzero = _mm256_set1_ps(zero);
-        const __m256 vmax = _mm256_set1_ps(127.0f), vmin = _mm256_setzero_ps();
-        for (j = 0; j + 32 <= cols; j += 32) {
-            __m256i q[4];
-            for (int u = 0; u < 4; u++) {
-                __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * u), vinv),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vzero), vmin), vmax));
-            }
-            __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  /* undo the lane order */
-            _mm256_storeu_si256((__m256i *)(o + j), b);
-        }
-        for (; j < cols; j++) o[j] = (uint8_t)(int32_t)fminf(fmaxf(rintf(row[j] * inv) + zero, 0.0f), 127.0f);
-        for (; j < ldo; j++) o[j] = 0;
+        quantize_row(x + i * ld, cols, lo, hi, 127.0f, out + i * ldo, ldo, sx + i, zx + i);
     }
 }
 
@@ -215,37 +227,9 @@ void mu_gemm_u7s7(const uint8_t *a, int64_t m, int64_t k_pad, const int8_t *wp, 
 static void quantize_rows_u8(const float *x, int64_t rows, int64_t k, int64_t k_pad, uint8_t *codes, float *sx,
                              float *zx) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * k;
-        __m256 vlo = _mm256_setzero_ps(), vhi = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= k; j += 8) {
-            __m256 v = _mm256_loadu_ps(xr + j);
-            vlo = _mm256_min_ps(vlo, v);
-            vhi = _mm256_max_ps(vhi, v);
-        }
-        float lo = hmin(vlo), hi = hmax(vhi);
-        for (; j < k; j++) { lo = fminf(lo, xr[j]); hi = fmaxf(hi, xr[j]); }
-        float s = (hi - lo) / 255.0f;
-        if (!(s > 0.0f && s < FLT_MAX)) { s = 1.0f; lo = 0.0f; }  /* all zeros (or non-finite: garbage in, out) */
-        float z = fminf(255.0f, fmaxf(0.0f, rintf(-lo / s))), inv = 1.0f / s;
-        uint8_t *c = codes + r * k_pad;
-        const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z);
-        const __m256 vmax = _mm256_set1_ps(255.0f), vmin = _mm256_setzero_ps();
-        for (j = 0; j + 32 <= k; j += 32) {
-            __m256i q[4];
-            for (int u = 0; u < 4; u++) {
-                __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j + 8 * u), vinv),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                q[u] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), vmin), vmax));
-            }
-            __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256((__m256i *)(c + j), b);
-        }
-        for (; j < k; j++) c[j] = (uint8_t)(int32_t)fminf(fmaxf(rintf(xr[j] * inv) + z, 0.0f), 255.0f);
-        for (; j < k_pad; j++) c[j] = 0;
-        sx[r] = s;
-        zx[r] = z;
+        float lo, hi;
+        row_range(x + r * k, k, &lo, &hi);
+        quantize_row(x + r * k, k, lo, hi, 255.0f, codes + r * k_pad, k_pad, sx + r, zx + r);
     }
 }
 
