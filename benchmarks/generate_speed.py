@@ -60,7 +60,7 @@ import mu
 from mu.bench.measure import measure_bandwidth
 from mu.bench.models import decode_weight_bytes
 from mu.config import MuConfig
-from mu.model import native
+from mu.model.quantize import int8_kernels
 from mu.utils import cpu_isa
 
 
@@ -220,13 +220,6 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def int8_kernels() -> str:
-    """Which kernels mu's int8 products run on this machine (`mu.model.quantize`)."""
-    if native.int8_available():
-        return "native (mu's AVX2 GEMV and GEMM)"
-    return "fbgemm (oneDNN for the encoder's prefill)"
 
 
 def build_mu(preset: str, arch: str, seed: int):

@@ -35,7 +35,6 @@ from mu.bench.measure import (count_generation_flops, measure_bandwidth, percent
 from mu.bench.models import MU_ARCHS, ModelSpec, build_runner, mu_config_for
 from mu.config import MuConfig
 from mu.errors import MuError
-from mu.model import native
 from mu.utils import cpu_isa
 
 PRIMARY_PAIR = ("encdec", "deconly")
@@ -461,12 +460,14 @@ def _assemble(cfg, specs, raw, models, counted, memory, bandwidth, device, repli
             item["relative_error"] = {k: (a[k] - c[k]) / c[k] if c[k] else None for k in a}
         flop_check.append(item)
 
+    from mu.model import quantize  # as the other quantization helpers here: only a run that reports needs it
+
     summary = _summary(cfg, ratios)
     meta = {"config": asdict(cfg), "device": str(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "isa": cpu_isa(), "cpu_count": os.cpu_count(), "prefill_batch": "replicate" if replicate else "full",
-            "int8_kernels": "native" if native.int8_available() else "fbgemm + onednn",
+            "int8_kernels": quantize.int8_kernels(),
             "bandwidth": bandwidth, "specs": {a: s.to_dict() for a, s in specs.items()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": _loadavg()}
     return {"meta": meta, "models": models, "rows": rows, "ratios": ratios, "flop_check": flop_check,

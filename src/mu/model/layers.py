@@ -258,8 +258,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(config.n_embd, config.hidden_dim)
         self.fc2 = nn.Linear(config.hidden_dim, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        # inference only: (mlp, x) -> the output, or None to decline; `quantize_` sets one on the encoder's int8
-        # MLPs that runs the GELU inside the first product (`mu.model.quantize._native_mlp`)
+        # inference only: (mlp, x) -> the output, or None to decline; `quantize_("int8")` sets one that runs the
+        # GELU inside the first product where both products are mu's native ones (`mu.model.quantize._native_mlp`)
         self.fused_forward: Optional[Callable[["MLP", Tensor], Optional[Tensor]]] = None
 
     def forward(self, x: Tensor) -> Tensor:

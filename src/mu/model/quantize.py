@@ -402,6 +402,13 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
 
 
+def int8_kernels() -> str:
+    """Which kernels `quantize_(model, "int8")` gives this machine, for reports beside speed figures."""
+    if native.int8_available():
+        return "native (mu's AVX2 GEMV and GEMM)"
+    return "fbgemm (oneDNN for the encoder's prefill)"
+
+
 def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1] if x.numel() else 0
 
