@@ -2,22 +2,28 @@
 decode), a GEMM for many (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation
 codes; compiled on first use with the system's C compiler, loaded with ctypes.
 
+    import torch
     from mu.model import native
+
     if native.int8_available():
-        packed = native.pack_weights(codes)                  # (out, in) int8, |q| <= 63: once per layer
-        codes, sx, zx = native.activation_codes(x)           # (rows, in) fp32 -> 7-bit codes per row
-        y, _ = native.gemm(codes, sx, zx, packed, scale, bias, sums)   # fp32 (rows, padded outputs)
-        y = native.gemv(x, native.layer(packed, in_features, scale, bias, sums))   # a few rows: 8-bit codes per row
+        q = torch.randint(-63, 64, (64, 32), dtype=torch.int8)   # 7-bit weight codes (out, in)
+        scale, bias = torch.full((64,), 0.01), torch.zeros(64)   # per output channel (64: a multiple of 16)
+        sums = q.sum(1, dtype=torch.int32) * scale              # the dequantized weights' row sums
+        packed = native.pack_weights(q)                         # once per layer
+        x = torch.randn(40, 32)
+        codes, sx, zx = native.activation_codes(x)              # each row's 7-bit codes
+        y, _ = native.gemm(codes, sx, zx, packed, scale, bias, sums)          # (40, 64): a prefill
+        y1 = native.gemv(x[:1], native.layer(packed, 32, scale, bias, sums))  # (1, 64): a decode
 
 On such CPUs (AVX2's u8 x s8 multiply-add sums pairs in int16) the GEMM's 7-bit activation codes let it add two
 pair sums in int16 before widening them: 3 multiply uops per 64 multiply-adds instead of 4, ~1.2x the int8 GEMMs
 of oneDNN and fbgemm at a 512-token prefill (docs/efficiency.md, round 9); the GEMV streams the weights once per
-call with a few microseconds of fixed cost. CPUs with VNNI (AVX-512 or AVX-VNNI) get
-oneDNN's VNNI kernels instead, which this one would not beat.
+call with a few microseconds of fixed cost. CPUs with VNNI (AVX-512 or AVX-VNNI) keep fbgemm's and oneDNN's VNNI
+kernels, which these would not beat.
 
 The library is built once per source, compiler and CPU into `$MU_CACHE_DIR` (default `~/.cache/mu`), with
 `-march=native` and OpenMP (the process's OpenMP runtime: torch's). Without a C compiler, with `MU_NATIVE=0`, or
-where the build fails, nothing native is used and the int8 prefill runs oneDNN's kernel as before.
+where the build fails, nothing native is used and int8 layers run fbgemm's and oneDNN's kernels as before.
 """
 
 from __future__ import annotations
