@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mu.errors import MuError
+from mu.model import native
 from mu.model.layers import is_exporting
 
 SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU.
+    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU, or of bf16 on a CPU with
+    AVX-512-BF16.
 
     A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
     not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
@@ -44,8 +46,18 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     back to `F.linear` whenever that does not apply (autograd, tracing/export, accelerators, other dtypes, many
     rows, one thread). Inside `torch.compile` the compiler traces the batched product, which a compiled graph
     calls as MKL's (`aten.baddbmm` over the same views, on every thread; at one thread about `F.linear`'s speed).
+
+    A few rows of bf16 run mu's native GEMV where the CPU has AVX-512-BF16 (`native.gemv_bf16`, `mu::gemv_bf16`
+    inside `torch.compile`): PyTorch's bf16 product for one row streams the weights at a third of the memory's rate.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= SPLIT_MAX_ROWS
+            and x.device.type == "cpu" and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
+            and not torch.is_grad_enabled() and not is_exporting() and not torch.jit.is_tracing()):
+        if torch.compiler.is_compiling():
+            return _gemv_bf16_op(x, weight, bias)
+        if native.bf16_available():
+            return native.gemv_bf16(x, weight, bias)
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
     if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
@@ -85,6 +97,14 @@ def cpu_op(schema: str, kernel: Callable[..., Tensor], fake: Callable[..., Tenso
         torch.library.register_fake(f"mu::{name}", fake, lib=lib)
         _LIBRARIES.append(lib)
     return getattr(torch.ops.mu, name).default
+
+
+def _gemv_bf16_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return native.gemv_bf16(x, weight, bias) if native.bf16_available() else F.linear(x, weight, bias)
+
+
+_gemv_bf16_op = cpu_op("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _gemv_bf16_kernel,
+                       lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 class SplitLinear(nn.Linear):

@@ -1,6 +1,9 @@
-"""mu's native CPU kernels (`native.c`) for int8 products on AVX2 CPUs without VNNI: a GEMV for a few rows (a
-decode), a GEMM for many (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation
-codes; compiled on first use with the system's C compiler, loaded with ctypes.
+"""mu's native CPU kernels (`native.c`), compiled on first use with the system's C compiler, loaded with ctypes:
+
+- int8 products on AVX2 CPUs without VNNI (`int8_available()`): a GEMV for a few rows (a decode), a GEMM for many
+  (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
+- bf16 products of a few rows on CPUs with AVX-512-BF16 (`bf16_available()`, `gemv_bf16`): a bf16 model's decode,
+  over its own weights.
 
     import torch
     from mu.model import native
@@ -14,16 +17,20 @@ codes; compiled on first use with the system's C compiler, loaded with ctypes.
         codes, sx, zx = native.activation_codes(x)              # each row's 7-bit codes
         y, _ = native.gemm(codes, sx, zx, packed, scale, bias, sums)          # (40, 64): a prefill
         y1 = native.gemv(x[:1], native.layer(packed, 32, scale, bias, sums))  # (1, 64): a decode
+    if native.bf16_available():
+        w, b = torch.randn(48, 40, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
+        y2 = native.gemv_bf16(torch.randn(2, 40, dtype=torch.bfloat16), w, b)   # (2, 48) bf16
 
 On such CPUs (AVX2's u8 x s8 multiply-add sums pairs in int16) the GEMM's 7-bit activation codes let it add two
 pair sums in int16 before widening them: 3 multiply uops per 64 multiply-adds instead of 4, ~1.2x the int8 GEMMs
 of oneDNN and fbgemm at a 512-token prefill (docs/efficiency.md, round 9); the GEMV streams the weights once per
 call with a few microseconds of fixed cost. CPUs with VNNI (AVX-512 or AVX-VNNI) keep fbgemm's and oneDNN's VNNI
-kernels, which these would not beat.
+kernels, which these would not beat. The bf16 GEMV reads each thread's share of the weights as one sequential
+stream, where PyTorch's bf16 matmul for one row reaches ~12 GB/s and oneDNN's on a packed copy ~20 (round 10).
 
 The library is built once per source, compiler and CPU into `$MU_CACHE_DIR` (default `~/.cache/mu`), with
 `-march=native` and OpenMP (the process's OpenMP runtime: torch's). Without a C compiler, with `MU_NATIVE=0`, or
-where the build fails, nothing native is used and int8 layers run fbgemm's and oneDNN's kernels as before.
+where the build fails, nothing native is used: int8 layers run fbgemm's and oneDNN's kernels, bf16 ones PyTorch's.
 """
 
 from __future__ import annotations
@@ -57,22 +64,24 @@ _SIGNATURES = {
     "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _INT, _P, _P, _INT],
     "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
+_OPTIONAL = {"mu_gemv_bf16": [_P, _I64, _I64, _P, _I64, _P, _P, _INT]}  # built only for CPUs with AVX-512-BF16
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 
 
-def _cpu_flags() -> set[str]:
+@lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return set()
+        return frozenset()
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("MU_CACHE_DIR") or Path.home() / ".cache" / "mu") / "native"
 
 
-def _build(compiler: str, flags: set[str]) -> Optional[Path]:
+def _build(compiler: str, flags: frozenset[str]) -> Optional[Path]:
     """The compiled library for this source, compiler and CPU (built now if missing), or None if the build fails."""
     source = SOURCE.read_bytes()
     try:
@@ -91,7 +100,7 @@ def _build(compiler: str, flags: set[str]) -> Optional[Path]:
             if done.returncode != 0:
                 raise RuntimeError((done.stderr.strip().splitlines() or ["the compiler failed"])[-1])
     except Exception as e:  # no compiler, a read-only cache, a failed build: the library's kernels run instead
-        warnings.warn(f"mu: native kernels not built ({e}); int8 layers use fbgemm and oneDNN", stacklevel=3)
+        warnings.warn(f"mu: native kernels not built ({e}); PyTorch's kernels run instead", stacklevel=3)
         return None
     return path
 
@@ -101,8 +110,7 @@ def library() -> Optional[ctypes.CDLL]:
     """The loaded native library, or None where this CPU, the environment or the toolchain rules it out."""
     flags = _cpu_flags()
     wanted = os.environ.get("MU_NATIVE", "1") != "0"
-    # AVX2 without VNNI: with VNNI (AVX-512 or AVX-VNNI) oneDNN's kernels multiply 4x faster per uop
-    suited = "avx2" in flags and "fma" in flags and not flags & {"avx512_vnni", "avx_vnni", "avx512f"}
+    suited = "avx2" in flags and "fma" in flags
     compiler = os.environ.get("CC") or "cc"
     if not (wanted and suited and platform.system() == "Linux" and shutil.which(compiler)):
         return None
@@ -112,17 +120,24 @@ def library() -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:  # an unreadable or foreign file in the cache
-        warnings.warn(f"mu: native kernels not loaded ({e}); int8 layers use fbgemm and oneDNN", stacklevel=2)
+        warnings.warn(f"mu: native kernels not loaded ({e}); PyTorch's kernels run instead", stacklevel=2)
         return None
-    for name, args in _SIGNATURES.items():
+    for name, args in [*_SIGNATURES.items(), *((n, a) for n, a in _OPTIONAL.items() if hasattr(lib, n))]:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     return lib
 
 
 def int8_available() -> bool:
-    """True when mu's native int8 kernels run on this machine (built and loaded now if need be)."""
-    return library() is not None
+    """True when mu's native int8 kernels run on this machine (built and loaded now if need be): AVX2 CPUs without
+    VNNI (with VNNI, AVX-512's or AVX-VNNI, oneDNN's and fbgemm's kernels multiply 4x faster per uop)."""
+    return not _cpu_flags() & {"avx512_vnni", "avx_vnni", "avx512f"} and library() is not None
+
+
+def bf16_available() -> bool:
+    """True when the native bf16 GEMV runs on this machine: a CPU with AVX-512-BF16 (and the library built)."""
+    lib = library()
+    return lib is not None and hasattr(lib, "mu_gemv_bf16")
 
 
 def _ceil(n: int, multiple: int) -> int:
@@ -197,4 +212,16 @@ def gemv(x: Tensor, args: Layer) -> Tensor:
     then the per-channel scales, bias and the activation zero point's share (`layer`'s)."""
     out = x.new_empty(*x.shape[:-1], args.n_pad)
     args.call(args.ref, x.data_ptr(), x.numel() // args.k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def gemv_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for a few rows of bf16 `x` and a contiguous bf16 `weight` (out, in) and `bias`:
+    fp32 sums, rounded once to bf16. Reads `weight` in place; needs `bf16_available()`."""
+    k, n = weight.shape[1], weight.shape[0]
+    x = x.contiguous()
+    out = x.new_empty(*x.shape[:-1], n)
+    library().mu_gemv_bf16(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), n,
+                           None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
+                           torch.get_num_threads())
     return out
