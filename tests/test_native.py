@@ -115,7 +115,7 @@ def test_activation_codes_round_each_row_to_seven_bits_and_pad_with_zeros():
 
 @needs_native
 def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
-    """`quantize_("int8")` gives every int8 MLP `_native_mlp`: from `NATIVE_MIN_ROWS` rows the same outputs as its two
+    """`quantize_("int8")` gives every int8 MLP `_fused_mlp`: from `NATIVE_MIN_ROWS` rows the same outputs as its two
     products with the eager GELU between them (to a flipped activation code), as close to the float MLP as that
     composition; below (a decode) the plain path through the GEMV; a compiled layer calls the native product through
     `mu::int8_linear`."""
@@ -125,7 +125,7 @@ def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
     m8.load_state_dict(model.state_dict())
     m8.quantize_("int8")
     mlp, mlp_float = m8.transformer.e[0].mlp, model.transformer.e[0].mlp
-    assert mlp.fused_forward is q8._native_mlp and m8.transformer.h[0].mlp.fused_forward is q8._native_mlp
+    assert mlp.fused_forward is q8._fused_mlp and m8.transformer.h[0].mlp.fused_forward is q8._fused_mlp
     assert isinstance(mlp.fc1._gemm, q8._NativeInt8) and mlp.fc1.backend.startswith("native")
     x = torch.randn(3, 7, model.config.n_embd)
     with torch.inference_mode():  # fewer rows than NATIVE_MIN_ROWS: the GEMV's products and the eager GELU
@@ -133,7 +133,7 @@ def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
     monkeypatch.setattr(q8, "NATIVE_MIN_ROWS", 1)
     with torch.inference_mode():
         assert _rows_used(mlp, x) == 21
-        assert q8._native_mlp(mlp.train(), x) is None  # training mode: the plain path (it applies dropout)
+        assert q8._fused_mlp(mlp.train(), x) is None  # training mode: the plain path (it applies dropout)
         mlp.eval()
         fused = mlp(x)
         unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))

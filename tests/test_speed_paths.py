@@ -429,6 +429,35 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
         assert traced.is_contiguous() and torch.equal(traced, y)
 
 
+def test_onednn_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
+    """Where the encoder's MLP products run oneDNN's matmul, an int8 prefill applies the tanh-GELU as the first
+    product's post-op (`_fused_mlp`): the outputs of the two products with the eager GELU between them, to rounding
+    (the GELU's 16 padded channels are zeros, and dropped); fewer rows take the plain path; training declines."""
+    if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
+        pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
+    monkeypatch.setattr(q8.native, "int8_available", lambda: False)
+    torch.manual_seed(0)
+    model = mu.build_model("tiny", n_embd=64, hidden_dim=2048).eval()  # 2048: fc1 padded (`ONEDNN_PAD_ROWS`)
+    model.quantize_("int8")
+    mlp = model.transformer.e[0].mlp
+    assert mlp.fused_forward is q8._fused_mlp and mlp.fc1._many.bias.shape == (2048 + q8.ONEDNN_PAD_ROWS,)
+    x = torch.randn(2, 9, 64)
+    posts = []
+    real = torch.ops.onednn.qlinear_pointwise
+    monkeypatch.setattr(q8.torch.ops.onednn, "qlinear_pointwise", lambda *a: posts.append(a[-3]) or real(*a),
+                        raising=False)
+    with torch.inference_mode():
+        unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))  # 18 rows < ONEDNN_MIN_ROWS: fbgemm's products
+        assert torch.equal(mlp(x), unfused) and posts == []
+        monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
+        unfused = mlp.fc2(layers.gelu_tanh(mlp.fc1(x)))
+        posts.clear()
+        fused = mlp(x)
+        assert posts == ["gelu", "none"] and fused.shape == (2, 9, 64)
+        assert _rel(fused, unfused) < 1e-5
+        assert q8._fused_mlp(mlp.train(), x) is None
+
+
 @pytest.mark.parametrize("kernel", ["onednn", "native"])
 def test_int8_encoder_layers_get_the_prefill_kernel_and_agree_with_fbgemm(monkeypatch, kernel):
     """With fbgemm, `quantize_("int8")` gives the encoder's products and the cross-attention's k/v oneDNN's matmul for

@@ -259,7 +259,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.hidden_dim, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         # inference only: (mlp, x) -> the output, or None to decline; `quantize_("int8")` sets one that runs the
-        # GELU inside the first product where both products are mu's native ones (`mu.model.quantize._native_mlp`)
+        # GELU inside the first product where both products are mu's or oneDNN's GEMMs (`mu.model.quantize._fused_mlp`)
         self.fused_forward: Optional[Callable[["MLP", Tensor], Optional[Tensor]]] = None
 
     def forward(self, x: Tensor) -> Tensor:

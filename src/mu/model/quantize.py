@@ -17,7 +17,7 @@ different kernels over the same stored weights:
   with AVX2 but no VNNI every product runs mu's own kernels (`_NativeInt8`, `mu.model.native`, compiled at first
   use; one copy of the codes): below `NATIVE_MIN_ROWS` rows (a decode) a GEMV with each row's own 8-bit
   activation codes, from there (a prefill) a GEMM with each row's own 7-bit activation codes, ~1.2x the libraries'
-  int8 GEMMs, with the MLP's GELU in its output stage (`_native_mlp`). Elsewhere (VNNI or AVX-512 CPUs, no C
+  int8 GEMMs, with the MLP's GELU in its output stage (`_fused_mlp`). Elsewhere (VNNI or AVX-512 CPUs, no C
   compiler, `MU_NATIVE=0`) both phases run fbgemm's int8 GEMM through aten's tensor-only
   `fbgemm_linear_int8_weight_fp32_activation` (`_FbgemmInt8`: 8-bit activation codes with one scale and zero
   point per call, the per-channel scales applied to its output), or where that op is missing
@@ -247,7 +247,7 @@ class _NativeInt8(_Int8Gemm):
     `NATIVE_MIN_ROWS` rows (a prefill) the GEMM: 7-bit activation codes (one scale and zero point per row),
     whose int16 sums of four products make it ~1.2x oneDNN's and fbgemm's int8 GEMMs. `product(x, gelu=True)`
     also applies the MLP's tanh-GELU in the GEMM's output stage and returns its range, from which the next
-    product's codes follow without a pass over the wide activation for them (`_native_mlp`)."""
+    product's codes follow without a pass over the wide activation for them (`_fused_mlp`)."""
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
         self.out_features, self.in_features = q.shape
@@ -284,28 +284,34 @@ def _native_product(w: _NativeWeights, x: Tensor) -> Tensor:
     return y if y.shape[-1] == w.out_features else y[..., :w.out_features]
 
 
-def _native_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """An int8 MLP's prefill with both products native (`MLP.fused_forward`): the tanh-GELU runs in the first
-    product's output stage and its range gives the second product's activation codes. None (declined) otherwise."""
+def _fused_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """An int8 MLP's prefill with the tanh-GELU in the first product's output stage (`MLP.fused_forward`): where
+    both products are mu's native ones (whose GELU also gives each row's range for the second product's activation
+    codes), or oneDNN's (a post-op; 8 vs 1 GELU passes over the wide activation: a 512-token `330m` fc1 with its
+    GELU 8.0 -> 7.0 ms on an AVX-512 CPU, docs/efficiency.md round 10). None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    native_products = all(isinstance(getattr(fc, "_gemm", None), _NativeInt8) for fc in (fc1, fc2))
-    if not (native_products
-            and x.dtype == torch.float32 and _rows(x) >= NATIVE_MIN_ROWS and not torch.compiler.is_compiling()
-            and not mlp.training):  # (dropout: the plain path applies it)
-        return None
-    _check_inference(x)
-    h, row_ranges = fc1._gemm.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
-    y, _ = fc2._gemm.product(h[:, :fc1.out_features], row_ranges=row_ranges)
-    return y[:, :fc2.out_features].view(*x.shape[:-1], fc2.out_features)
+    if not (x.dtype == torch.float32 and not torch.compiler.is_compiling() and not mlp.training):  # (dropout: the
+        return None                                                                                 # plain path)
+    rows = _rows(x)
+    if rows >= NATIVE_MIN_ROWS and all(isinstance(getattr(fc, "_gemm", None), _NativeInt8) for fc in (fc1, fc2)):
+        _check_inference(x)
+        h, row_ranges = fc1._gemm.product(x.reshape(-1, x.shape[-1]).contiguous(), gelu=True)
+        y, _ = fc2._gemm.product(h[:, :fc1.out_features], row_ranges=row_ranges)
+        return y[:, :fc2.out_features].view(*x.shape[:-1], fc2.out_features)
+    if rows >= ONEDNN_MIN_ROWS and all(getattr(fc, "_many", None) is not None for fc in (fc1, fc2)):
+        _check_inference(x)
+        return fc2._many.raw(fc1._many.raw(x.contiguous(), gelu=True))
+    return None
 
 
 def _onednn_product(packed: Tensor, scale: Tensor, zeros: Tensor, bias: Tensor, weight_sums: Tensor, n: int,
-                    x: Tensor) -> Tensor:
+                    x: Tensor, gelu: bool = False) -> Tensor:
+    """`gelu`: oneDNN's tanh-GELU applied in the matmul's output stage (a post-op)."""
     x2 = x.reshape(-1, x.shape[-1])
     codes, x_scale, x_zero = _u8_codes(x2)
     bias = torch.add(bias, weight_sums, alpha=-x_zero * x_scale) if x_zero else bias
-    y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, packed, scale, zeros, bias, 1.0, 0, torch.float32, "none",
-                                           [], "")
+    post = ("gelu", [], "tanh") if gelu else ("none", [], "")
+    y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, packed, scale, zeros, bias, 1.0, 0, torch.float32, *post)
     return y[:, :n].view(*x.shape[:-1], n)  # without the padded channels
 
 
@@ -566,7 +572,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                         fn = make_prefill if block in encoder and id(child) not in unfused else make
                         setattr(parent, child_name, fn(child.weight, child.bias))
             if mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
-                block.mlp.fused_forward = _native_mlp  # declines unless both products run natively, many rows
+                block.mlp.fused_forward = _fused_mlp  # declines unless both products run mu's or oneDNN's GEMM
         model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
     return model
