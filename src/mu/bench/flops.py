@@ -22,6 +22,8 @@ q = n_head * head_dim, kv = n_kv_head * head_dim, d = n_embd, f = hidden_dim, lm
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable
 
 import torch
@@ -116,17 +118,24 @@ def _cpu_sdpa_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, ou
     return 2 * b * h * pairs * d + 2 * b * h * pairs * d_v
 
 
-def sdpa_flop_mapping() -> dict[Any, Callable]:
-    """Formulas FlopCounterMode lacks (torch 2.13 counts CPU SDPA as 0 FLOPs): pass as `custom_mapping`.
+def _onednn_linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `mkldnn._linear_pointwise` (x (..., in), weight (out, in)): the prefill's fp32 products on a CPU."""
+    return 2 * math.prod(x[:-1]) * weight[0] * weight[1]
+
+
+def cpu_flop_mapping() -> dict[Any, Callable]:
+    """Formulas FlopCounterMode lacks for the CPU kernels mu runs (torch 2.13 counts CPU SDPA as 0 FLOPs and does not
+    know oneDNN's linear op): pass as `custom_mapping`.
 
     CUDA kernels (flash / efficient / cuDNN) are counted by torch's own formulas, which count
     causal attention as full; prefill attention at L=1024 is ~4% of the total, so the cross-check
     stays within a few percent there too.
     """
-    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+            torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops}
 
 
 def flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    return FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping())
+    return FlopCounterMode(display=False, custom_mapping=cpu_flop_mapping())

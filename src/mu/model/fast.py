@@ -36,8 +36,8 @@ SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-ve
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """`F.linear(x, weight, bias)`, faster for a few rows of fp32 on a multi-core CPU, or of bf16 on a CPU with
-    AVX-512-BF16.
+    """`F.linear(x, weight, bias)`, faster on a CPU: for a few rows of fp32 on several cores, for a few rows of bf16
+    with AVX-512-BF16, for many rows of fp32 everywhere (a prefill).
 
     A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
     not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
@@ -49,15 +49,26 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
     A few rows of bf16 run mu's native GEMV where the CPU has AVX-512-BF16 (`native.gemv_bf16`, `mu::gemv_bf16`
     inside `torch.compile`): PyTorch's bf16 product for one row streams the weights at a third of the memory's rate.
+
+    More rows of fp32 (a prefill, a batch) run oneDNN's matmul on the weight as it is (`mkldnn._linear_pointwise`,
+    no packed copy) instead of `F.linear`'s MKL GEMM: 1.2-1.6x faster at 512 rows and 2-3x at 9-64 on an AVX-512
+    AMD CPU, where MKL takes a slower path; on the AVX2 development machine the two were level at 128+ rows and
+    oneDNN ahead below (docs/efficiency.md, round 10). Eager inference only: training and compiled graphs keep
+    `F.linear`.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= SPLIT_MAX_ROWS
-            and x.device.type == "cpu" and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
-            and not torch.is_grad_enabled() and not is_exporting() and not torch.jit.is_tracing()):
+    inference = (x.device.type == "cpu" and not torch.is_grad_enabled() and not is_exporting()
+                 and not torch.jit.is_tracing())
+    if (inference and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= SPLIT_MAX_ROWS
+            and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)):
         if torch.compiler.is_compiling():
             return _gemv_bf16_op(x, weight, bias)
         if native.bf16_available():
             return native.gemv_bf16(x, weight, bias)
+    if (inference and rows > SPLIT_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and not torch.compiler.is_compiling()
+            and torch.backends.mkldnn.is_available()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
     if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
