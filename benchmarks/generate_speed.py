@@ -225,8 +225,11 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 
 def kernels() -> dict:
     """Which kernels mu's int8 and bf16 engines run on this machine, for the header and the JSON."""
+    native_gemv = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+                   if native.gemv_available(dtype)]
     return {"int8_kernels": int8_kernels(),
-            "bf16_decode_kernel": "native (mu's AVX-512-BF16 GEMV)" if native.bf16_available() else "PyTorch's"}
+            "float_decode_kernel": f"mu's AVX-512 GEMV for {' and '.join(native_gemv)}" if native_gemv
+            else "PyTorch's (fp32: split_linear)"}
 
 
 def build_mu(preset: str, arch: str, seed: int):
@@ -481,7 +484,7 @@ def report(results: dict, checks: dict, info: dict) -> None:
           f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
           + (", each engine in its own process" if info["isolated"] else "")
           + (f"; mu's int8 kernels: {info['int8_kernels']}" if info.get("int8_kernels") else "")
-          + (f"; bf16 decode: {info['bf16_decode_kernel']}" if info.get("bf16_decode_kernel") else ""))
+          + (f"; float decode: {info['float_decode_kernel']}" if info.get("float_decode_kernel") else ""))
     header = (f"{'engine':26s} {'dtype':22s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
               f" {'MiB/tok':>7s} {'roofl.':>6s} {'frac':>5s} | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
     print(header)

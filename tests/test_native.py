@@ -14,9 +14,6 @@ from mu.model import quantize as q8
 needs_native = pytest.mark.skipif(not native.int8_available(),
                                   reason="mu's int8 kernels need an x86 CPU with AVX2 but no VNNI and a C compiler")
 
-needs_bf16 = pytest.mark.skipif(not native.bf16_available(),
-                                reason="mu's bf16 GEMV needs an x86 CPU with AVX-512-BF16 and a C compiler")
-
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
@@ -147,34 +144,41 @@ def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
             mlp(x.requires_grad_())
 
 
-@needs_bf16
-def test_bf16_gemv_is_the_fp32_sum_rounded_once():
-    """Odd shapes (inner dimension not a multiple of 32 or of 128, outputs not a multiple of 16: the masked tails), one
-    to eight rows, with and without a bias: the fp32 sum of the exact bf16 products, rounded to bf16 once, equals
-    an fp32 product of the same values rounded at the end to within one bf16 step (summation order)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_gemv_is_the_fp32_sum(dtype):
+    """Odd shapes (inner dimension not a multiple of the vector or of four of them, outputs not a multiple of 16: the
+    masked tails), one to eight rows, with and without a bias: fp32 equals an fp32 product of the same values to
+    rounding; bf16 is the fp32 sum of the exact products rounded once, within one bf16 step of the rounded product."""
+    if not native.gemv_available(dtype):
+        pytest.skip(f"mu's {dtype} GEMV needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
     torch.manual_seed(0)
     for rows, k, n, bias in ((1, 70, 37, True), (3, 1024, 64, False), (8, 33, 1000, True), (2, 300, 16, True)):
-        x, w = torch.randn(rows, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
-        b = torch.randn(n, dtype=torch.bfloat16) if bias else None
+        x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        b = torch.randn(n, dtype=dtype) if bias else None
         ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-        got = native.gemv_bf16(x, w, b)
-        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        got = native.gemv_float(x, w, b)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        if dtype == torch.float32:
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-4)
+            continue
         step = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)  # one bf16 step at each value
         assert ((got.float() - ref).abs() <= step).all()
         assert (got == ref.bfloat16()).float().mean() > 0.98  # rounded once: nearly always the nearest value
 
 
-@needs_bf16
-def test_a_bf16_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch):
-    """Every few-row bf16 product of a decode step (fused q/k/v, out, MLP, lm_head) goes through the GEMV: in eager
-    mode directly, in a compiled step as the `mu::gemv_bf16` op; the tokens equal those of PyTorch's bf16 kernels
-    (so both are the same function to rounding) on a tiny model."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, dtype):
+    """Every few-row product of a decode step (fused q/k/v, out, MLP, lm_head) goes through the GEMV: in eager mode
+    directly, in a compiled step as the `mu::gemv` op; the tokens equal those of PyTorch's kernels (so both are the
+    same function to rounding) on a tiny model."""
+    if not native.gemv_available(dtype):
+        pytest.skip(f"mu's {dtype} GEMV needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
     torch.manual_seed(0)
-    model = mu.MuEncoderDecoder(mu.MuConfig.from_name("tiny")).eval().to(torch.bfloat16)
+    model = mu.MuEncoderDecoder(mu.MuConfig.from_name("tiny")).eval().to(dtype)
     ids = torch.randint(3, model.config.vocab_size, (1, 12))
     calls = []
-    gemv = native.gemv_bf16
-    monkeypatch.setattr(native, "gemv_bf16", lambda x, w, b=None: calls.append(tuple(w.shape)) or gemv(x, w, b))
+    gemv = native.gemv_float
+    monkeypatch.setattr(native, "gemv_float", lambda x, w, b=None: calls.append(tuple(w.shape)) or gemv(x, w, b))
     with torch.inference_mode():
         fast = model.generate(ids, max_new_tokens=6)
         lm_head = tuple(model.lm_head.weight.shape)
@@ -182,22 +186,10 @@ def test_a_bf16_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch):
         calls.clear()
         compiled = model.generate(ids, max_new_tokens=6, compile=True)
         assert calls.count(lm_head) == 6  # the eager first step's, then the op's in five compiled steps
-        monkeypatch.setattr(native, "bf16_available", lambda: False)
+        monkeypatch.setattr(native, "gemv_available", lambda dtype: False)
         calls.clear()
         plain = model.generate(ids, max_new_tokens=6)
     assert not calls and torch.equal(fast, plain) and torch.equal(compiled, plain)
-
-
-def test_bf16_products_without_the_native_gemv_are_pytorchs(monkeypatch):
-    """Where the GEMV is missing (AVX2, no compiler), a few-row bf16 product is `F.linear`, eagerly and in the op a
-    compiled step calls."""
-    from mu.model.fast import _gemv_bf16_kernel, split_linear
-
-    monkeypatch.setattr(native, "bf16_available", lambda: False)
-    x, w, b = (torch.randn(*s, dtype=torch.bfloat16) for s in ((2, 40), (24, 40), (24,)))
-    with torch.inference_mode():
-        assert torch.equal(split_linear(x, w, b), torch.nn.functional.linear(x, w, b))
-        assert torch.equal(_gemv_bf16_kernel(x, w, b), torch.nn.functional.linear(x, w, b))
 
 
 def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeypatch, tmp_path):

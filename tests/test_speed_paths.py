@@ -585,7 +585,8 @@ def test_compiled_step_multiplies_by_the_fused_projections(model, monkeypatch):
     compile_ = torch.compile
 
     def record(gm, example_inputs):
-        counts.append(sum(n.target is torch.baddbmm for n in gm.graph.nodes))
+        # the products: split_linear's batched ones, or mu's native GEMV where the CPU has AVX-512
+        counts.append(sum(n.target in (torch.baddbmm, torch.ops.mu.gemv.default) for n in gm.graph.nodes))
         return gm.forward
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=record, dynamic=False))
@@ -634,7 +635,9 @@ def test_split_linear_equals_linear_and_falls_back():
 def test_compiled_graphs_keep_the_split_product_and_export_does_not():
     """Inside torch.compile a few-row fp32 product is the batched product over row blocks of the weight (one
     `baddbmm`, which inductor calls as MKL's on both cores; its own 1-row product, what `F.linear` becomes, runs on
-    one), in one graph (no break); torch.export (the ONNX exporter's tracer) sees a plain linear."""
+    one), or mu's native GEMV (`mu::gemv`) where the CPU has AVX-512, in one graph (no break); torch.export (the
+    ONNX exporter's tracer) sees a plain linear."""
+    from mu.model import native
     from mu.model.fast import SplitLinear
 
     torch.manual_seed(0)
@@ -657,7 +660,8 @@ def test_compiled_graphs_keep_the_split_product_and_export_does_not():
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
-    assert len(graphs) == 1 and torch.baddbmm in graphs[0] and F.linear not in graphs[0]
+    product = torch.ops.mu.gemv.default if native.gemv_available(torch.float32) else torch.baddbmm
+    assert len(graphs) == 1 and product in graphs[0] and F.linear not in graphs[0]
     with torch.no_grad():  # as the ONNX export traces
         exported = torch.export.export(lin, (torch.randn(1, 1, 40),))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]

@@ -36,8 +36,8 @@ SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-ve
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """`F.linear(x, weight, bias)`, faster on a CPU: for a few rows of fp32 on several cores, for a few rows of bf16
-    with AVX-512-BF16, for many rows of fp32 everywhere (a prefill).
+    """`F.linear(x, weight, bias)`, faster on a CPU: for a few rows (a decode) of fp32 or bf16, and for many rows (a
+    prefill) of fp32.
 
     A decode step multiplies one row per sequence by each weight matrix. PyTorch's fp32 GEMV for that does
     not scale past one core (on our 2-core test machine two threads are slower than one), while a batched
@@ -47,8 +47,9 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     rows, one thread). Inside `torch.compile` the compiler traces the batched product, which a compiled graph
     calls as MKL's (`aten.baddbmm` over the same views, on every thread; at one thread about `F.linear`'s speed).
 
-    A few rows of bf16 run mu's native GEMV where the CPU has AVX-512-BF16 (`native.gemv_bf16`, `mu::gemv_bf16`
-    inside `torch.compile`): PyTorch's bf16 product for one row streams the weights at a third of the memory's rate.
+    On CPUs with AVX-512 a few rows of fp32, or of bf16 with AVX-512-BF16, run mu's native GEMV instead
+    (`native.gemv_float`; `mu::gemv` inside `torch.compile`), which streams the weights 1.15-1.45x faster than the
+    batched product (fp32) and ~2x faster than PyTorch's bf16 matmul for one row (docs/efficiency.md, round 10).
 
     More rows of fp32 (a prefill, a batch) run oneDNN's matmul on the weight as it is (`mkldnn._linear_pointwise`,
     no packed copy) instead of `F.linear`'s MKL GEMM: 1.2-1.6x faster at 512 rows and 2-3x at 9-64 on an AVX-512
@@ -59,12 +60,9 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     inference = (x.device.type == "cpu" and not torch.is_grad_enabled() and not is_exporting()
                  and not torch.jit.is_tracing())
-    if (inference and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and 0 < rows <= SPLIT_MAX_ROWS
-            and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)):
-        if torch.compiler.is_compiling():
-            return _gemv_bf16_op(x, weight, bias)
-        if native.bf16_available():
-            return native.gemv_bf16(x, weight, bias)
+    if (inference and 0 < rows <= SPLIT_MAX_ROWS and x.dtype == weight.dtype and weight.is_contiguous()
+            and (bias is None or bias.dtype == x.dtype) and _native_gemv(x.dtype)):
+        return _gemv_op(x, weight, bias) if torch.compiler.is_compiling() else native.gemv_float(x, weight, bias)
     if (inference and rows > SPLIT_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available()):
@@ -110,12 +108,14 @@ def cpu_op(schema: str, kernel: Callable[..., Tensor], fake: Callable[..., Tenso
     return getattr(torch.ops.mu, name).default
 
 
-def _gemv_bf16_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return native.gemv_bf16(x, weight, bias) if native.bf16_available() else F.linear(x, weight, bias)
+@torch.compiler.assume_constant_result  # a compiled step asks too: a constant to the tracer, not a call into ctypes
+def _native_gemv(dtype: torch.dtype) -> bool:
+    return native.gemv_available(dtype)
 
 
-_gemv_bf16_op = cpu_op("gemv_bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _gemv_bf16_kernel,
-                       lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+_gemv_op = cpu_op("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+                  lambda x, weight, bias: native.gemv_float(x, weight, bias),
+                  lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 class SplitLinear(nn.Linear):

@@ -300,19 +300,74 @@ void mu_gemv_layer(const mu_layer *layer, const float *x, int64_t rows, float *o
     free(scratch);
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-/* bf16 products of a few rows (the decode of a bf16 model) on CPUs with AVX-512-BF16. vdpbf16ps multiplies pairs
-   of bf16 values and adds both products into an fp32 lane; each output channel's dot product runs over its weight
-   row with four such accumulators, so a thread reads its contiguous range of the model's own weights (n x k,
-   row-major: no packed copy) front to back, one sequential stream, which the hardware prefetcher follows at the
-   memory's streaming rate (docs/efficiency.md, round 10). Built only where the compiler targets AVX-512-BF16. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* fp32 and bf16 products of a few rows (a decode) on CPUs with AVX-512 (bf16: with AVX-512-BF16). Each output
+   channel's dot product runs over its weight row with four vector accumulators, so a thread reads its contiguous
+   range of the model's own weights (n x k, row-major: no packed copy) front to back, one sequential stream that the
+   hardware prefetcher follows at the memory's streaming rate (docs/efficiency.md, round 10); 16 channels at a time,
+   each block read from memory for the first row of x and from cache for the others. */
 
+static inline float dot_f32(const void *xv, const void *wv, int64_t k) {
+    const float *x = xv, *w = wv;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 64 <= k; j += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(w + j), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(w + j + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32), _mm512_loadu_ps(w + j + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48), _mm512_loadu_ps(w + j + 48), a3);
+    }
+    for (; j < k; j += 16) {
+        __mmask16 m = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, w + j), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+static inline __m512 load_f32(const void *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+
+static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, y); }
+
+/* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
+   are the element type's (constants, so each caller gets its own inlined copy) */
+static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
+                             char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
+                             __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
+    int64_t blocks = (n + 15) / 16;
+    #pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+        for (int64_t b = b0; b < b1; b++) {
+            int64_t c0 = 16 * b;
+            int nb = n - c0 < 16 ? (int)(n - c0) : 16;
+            __mmask16 valid = (__mmask16)((1u << nb) - 1);
+            __m512 start = bias ? load(bias + c0 * size, valid) : _mm512_setzero_ps();
+            for (int64_t r = 0; r < rows; r++) {
+                float y[16] = {0};
+                for (int j = 0; j < nb; j++) y[j] = dot(x + r * k * size, w + (c0 + j) * k * size, k);
+                store(out + (r * n + c0) * size, _mm512_add_ps(_mm512_loadu_ps(y), start), valid);
+            }
+        }
+    }
+}
+
+/* out[r, c] = x[r] . w[c] + bias[c] (bias may be NULL) for r < rows, c < n; x rows x k and out rows x n contiguous */
+void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_t n, const float *bias, float *out,
+                 int nt) {
+    gemv_rows((const char *)x, rows, k, (const char *)w, n, (const char *)bias, (char *)out, nt, 4, dot_f32, load_f32,
+              store_f32);
+}
+
+#if defined(__AVX512BF16__)
+/* vdpbf16ps multiplies pairs of bf16 values and adds both products into an fp32 lane */
 static inline __m512bh load_bf16(const uint16_t *p, int64_t left) {
     if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
     return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
 }
 
-static inline float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k) {
+static inline float dot_bf16(const void *xv, const void *wv, int64_t k) {
+    const uint16_t *x = xv, *w = wv;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 128 <= k; j += 128) {
@@ -325,30 +380,19 @@ static inline float dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
-/* out[r, c] = x[r] . w[c] + bias[c] (bias may be NULL) for r < rows, c < n, rounded to bf16 (nearest even): x rows
-   x k and out rows x n contiguous; 16 channels at a time, each block read from memory for the first row and from
-   cache for the others */
+static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
+static inline void store_bf16x16(void *p, __m512 y, __mmask16 valid) {  /* rounded to nearest even */
+    _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(y));
+}
+
+/* the same in bf16: fp32 sums, rounded to bf16 once */
 void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, const uint16_t *bias,
                   uint16_t *out, int nt) {
-    int64_t blocks = (n + 15) / 16;
-    #pragma omp parallel num_threads(nt)
-    {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
-        for (int64_t b = b0; b < b1; b++) {
-            int64_t c0 = 16 * b;
-            int nb = n - c0 < 16 ? (int)(n - c0) : 16;
-            __mmask16 valid = (__mmask16)((1u << nb) - 1);
-            __m512 start = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                      _mm256_maskz_loadu_epi16(valid, bias + c0)), 16))
-                                : _mm512_setzero_ps();
-            for (int64_t r = 0; r < rows; r++) {
-                float y[16] = {0};
-                for (int j = 0; j < nb; j++) y[j] = dot_bf16(x + r * k, w + (c0 + j) * k, k);
-                __m256bh o = _mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(y), start));
-                _mm256_mask_storeu_epi16(out + r * n + c0, valid, (__m256i)o);
-            }
-        }
-    }
+    gemv_rows((const char *)x, rows, k, (const char *)w, n, (const char *)bias, (char *)out, nt, 2, dot_bf16,
+              load_bf16x16, store_bf16x16);
 }
+#endif
 #endif

@@ -2,8 +2,8 @@
 
 - int8 products on AVX2 CPUs without VNNI (`int8_available()`): a GEMV for a few rows (a decode), a GEMM for many
   (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
-- bf16 products of a few rows on CPUs with AVX-512-BF16 (`bf16_available()`, `gemv_bf16`): a bf16 model's decode,
-  over its own weights.
+- fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
+  `gemv_float`): a float model's decode, over its own weights.
 
     import torch
     from mu.model import native
@@ -17,16 +17,17 @@
         codes, sx, zx = native.activation_codes(x)              # each row's 7-bit codes
         y, _ = native.gemm(codes, sx, zx, packed, scale, bias, sums)          # (40, 64): a prefill
         y1 = native.gemv(x[:1], native.layer(packed, 32, scale, bias, sums))  # (1, 64): a decode
-    if native.bf16_available():
+    if native.gemv_available(torch.bfloat16):
         w, b = torch.randn(48, 40, dtype=torch.bfloat16), torch.randn(48, dtype=torch.bfloat16)
-        y2 = native.gemv_bf16(torch.randn(2, 40, dtype=torch.bfloat16), w, b)   # (2, 48) bf16
+        y2 = native.gemv_float(torch.randn(2, 40, dtype=torch.bfloat16), w, b)  # (2, 48) bf16
 
 On such CPUs (AVX2's u8 x s8 multiply-add sums pairs in int16) the GEMM's 7-bit activation codes let it add two
 pair sums in int16 before widening them: 3 multiply uops per 64 multiply-adds instead of 4, ~1.2x the int8 GEMMs
 of oneDNN and fbgemm at a 512-token prefill (docs/efficiency.md, round 9); the GEMV streams the weights once per
 call with a few microseconds of fixed cost. CPUs with VNNI (AVX-512 or AVX-VNNI) keep fbgemm's and oneDNN's VNNI
-kernels, which these would not beat. The bf16 GEMV reads each thread's share of the weights as one sequential
-stream, where PyTorch's bf16 matmul for one row reaches ~12 GB/s and oneDNN's on a packed copy ~20 (round 10).
+kernels, which these would not beat. The float GEMVs read each thread's share of the weights as one sequential
+stream: on an AVX-512 CPU 1.15-1.45x the fp32 rate of `mu.model.fast.split_linear`'s batched product, and ~2x
+PyTorch's bf16 matmul for one row (round 10).
 
 The library is built once per source, compiler and CPU into `$MU_CACHE_DIR` (default `~/.cache/mu`), with
 `-march=native` and OpenMP (the process's OpenMP runtime: torch's). Without a C compiler, with `MU_NATIVE=0`, or
@@ -64,7 +65,9 @@ _SIGNATURES = {
     "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _INT, _P, _P, _INT],
     "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
-_OPTIONAL = {"mu_gemv_bf16": [_P, _I64, _I64, _P, _I64, _P, _P, _INT]}  # built only for CPUs with AVX-512-BF16
+# built only for CPUs with AVX-512 (bf16: AVX-512-BF16)
+_OPTIONAL = {name: [_P, _I64, _I64, _P, _I64, _P, _P, _INT] for name in ("mu_gemv_f32", "mu_gemv_bf16")}
+_GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 
 
@@ -134,10 +137,10 @@ def int8_available() -> bool:
     return not _cpu_flags() & {"avx512_vnni", "avx_vnni", "avx512f"} and library() is not None
 
 
-def bf16_available() -> bool:
-    """True when the native bf16 GEMV runs on this machine: a CPU with AVX-512-BF16 (and the library built)."""
+def gemv_available(dtype: torch.dtype) -> bool:
+    """True when the native GEMV for `dtype` (fp32: AVX-512; bf16: AVX-512-BF16) runs on this machine."""
     lib = library()
-    return lib is not None and hasattr(lib, "mu_gemv_bf16")
+    return dtype in _GEMV and lib is not None and hasattr(lib, _GEMV[dtype])
 
 
 def _ceil(n: int, multiple: int) -> int:
@@ -215,13 +218,13 @@ def gemv(x: Tensor, args: Layer) -> Tensor:
     return out
 
 
-def gemv_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """`F.linear(x, weight, bias)` for a few rows of bf16 `x` and a contiguous bf16 `weight` (out, in) and `bias`:
-    fp32 sums, rounded once to bf16. Reads `weight` in place; needs `bf16_available()`."""
+def gemv_float(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for a few rows of fp32 or bf16 `x`, a contiguous `weight` (out, in) and `bias` of
+    the same dtype: fp32 sums (bf16: rounded once to bf16). Reads `weight` in place; needs `gemv_available(dtype)`."""
     k, n = weight.shape[1], weight.shape[0]
     x = x.contiguous()
     out = x.new_empty(*x.shape[:-1], n)
-    library().mu_gemv_bf16(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), n,
-                           None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
-                           torch.get_num_threads())
+    getattr(library(), _GEMV[x.dtype])(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), n,
+                                       None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
+                                       torch.get_num_threads())
     return out
