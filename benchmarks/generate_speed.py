@@ -44,15 +44,29 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-try:
-    # Before torch, on purpose: CTranslate2's wheel bundles its own libgomp, but its OpenMP calls bind to the first
-    # GOMP_* symbols in the process's global scope, which are torch's once torch is loaded. CTranslate2's worker
-    # thread then opens a second team in torch's runtime; with more OpenMP threads than CPUs, libgomp cuts the
-    # spin-wait of every team to ~100 iterations, so torch's workers sleep between parallel regions (mu's decode
-    # 143 -> 118 tok/s in one process, docs/efficiency.md). Loaded first, CTranslate2 binds to its own libgomp.
-    import ctranslate2  # noqa: F401
-except ImportError:
-    ctranslate2 = None
+
+def _ct2_wanted(argv: list[str]) -> bool:
+    """Whether this run's engines include a CTranslate2 one (read before argparse: the import must precede torch's)."""
+    if "--no-ct2" in argv:
+        return False
+    engines = next((argv[i + 1] if a == "--engines" and i + 1 < len(argv) else a.split("=", 1)[1]
+                    for i, a in enumerate(argv) if a == "--engines" or a.startswith("--engines=")), "all")
+    return engines == "all" or "ct2-" in engines
+
+
+ctranslate2 = None
+if _ct2_wanted(sys.argv[1:]):
+    try:
+        # Before torch, on purpose: CTranslate2's wheel bundles its own libgomp, but its OpenMP calls bind to the first
+        # GOMP_* symbols in the process's global scope, which are torch's once torch is loaded. CTranslate2's worker
+        # thread then opens a second team in torch's runtime; with more OpenMP threads than CPUs, libgomp cuts the
+        # spin-wait of every team to ~100 iterations, so torch's workers sleep between parallel regions (mu's decode
+        # 143 -> 118 tok/s in one process, docs/efficiency.md). Loaded first, CTranslate2 binds to its own libgomp.
+        # Only when a CTranslate2 engine runs: on the AVX-512 machine of round 10 the import alone slowed torch's
+        # decode by ~18% (fp32 34.2 vs 41.5 tok/s), so `--isolate` runs each mu engine in a process without it.
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        pass
 
 import torch
 
