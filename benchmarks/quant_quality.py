@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="evaluation batch (steps of at most 8 rows run the decode kernels: fast.SPLIT_MAX_ROWS)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp_obj = tempfile.TemporaryDirectory(prefix="quant_quality-")
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     results, preds = {}, {}
     for fmt in args.formats.split(","):
         model = load(model_dir, fmt)
-        metrics, preds[fmt] = evaluate_model(model, None, args.task, examples, batch_size=32, progress=False,
-                                             max_new_tokens=args.max_new_tokens)
+        metrics, preds[fmt] = evaluate_model(model, None, args.task, examples, batch_size=args.batch_size,
+                                             progress=False, max_new_tokens=args.max_new_tokens)
         results[fmt] = {"f1": metrics["f1"], "exact": metrics.get("exact")}
     tok = mu.load_model(model_dir).tokenizer
     ref = results.get("fp32")
