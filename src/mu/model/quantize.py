@@ -603,8 +603,9 @@ def auto_format(device: torch.device | str | None = None) -> str:
     """The fastest inference format this machine supports, by a rule measured in docs/efficiency.md.
 
     CPU with fbgemm (x86): "int8" (dynamic int8 in both phases): the fastest first token and decode measured
-    on AVX2 (fp32, bf16, int8wo and int4 are all slower there) and on AVX-512 with bf16 (int8 0.73 s / 58
-    tokens/s against bf16 0.84 s / ~28 and fp32 1.9 s / ~27 at 330m). CPU without fbgemm: "fp32" (int8
+    on AVX2 (fp32, bf16, int8wo and int4 are all slower there) and on AVX-512 with bf16 (docs/efficiency.md
+    round 10, 330m: int8 0.41-0.50 s / 119-133 tokens/s compiled against bf16 0.70-0.86 s / 73-77 and fp32
+    1.2-1.3 s / 38-51). CPU without fbgemm: "fp32" (int8
     would dequantize into a float matmul). Accelerators: "bf16" where supported, else "fp32".
     """
     device = torch.device(device or "cpu")
