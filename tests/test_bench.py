@@ -96,10 +96,11 @@ def test_analytic_flops_within_10_percent_of_the_counter(result):
             assert abs(c["relative_error"][part]) < 0.10, (c["arch"], part, c)
 
 
-@pytest.mark.parametrize("arch", ["encdec", "deconly"])
-def test_flop_formula_counts_attention_exactly(arch):
-    # At L=96 on `tiny` attention is ~30% of the FLOPs: an uncounted SDPA would be far off.
-    runner = build_runner(ModelSpec(arch, "tiny"), torch.float32, CPU)
+@pytest.mark.parametrize("arch,dtype", [("encdec", "fp32"), ("deconly", "fp32"), ("encdec", "int8")])
+def test_flop_formula_counts_attention_exactly(arch, dtype):
+    # At L=96 on `tiny` attention is ~30% of the FLOPs: an uncounted SDPA would be far off. The products run whatever
+    # this CPU's kernels are (oneDNN, mu's native ones, fbgemm): each is counted, none is a call the counter misses.
+    runner = build_runner(ModelSpec(arch, "tiny"), dtype, CPU)
     ids = random_input_ids(1, 96, runner.vocab_size, 0, CPU)
     counted = count_generation_flops(runner, ids, 5)
     analytic = generation_flops(runner.config, 96, 5)

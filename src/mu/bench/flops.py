@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from mu.config import MuConfig
+from mu.model import quantize  # noqa: F401  (defines the ops mu::gemv and mu::int8_linear that the counter meets)
 
 
 def _dims(c: MuConfig) -> tuple[int, int, int, int, int]:
@@ -118,21 +119,29 @@ def _cpu_sdpa_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, ou
     return 2 * b * h * pairs * d + 2 * b * h * pairs * d_v
 
 
-def _onednn_linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of `mkldnn._linear_pointwise` (x (..., in), weight (out, in)): the prefill's fp32 products on a CPU."""
+def _linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `mkldnn._linear_pointwise` (the prefill's fp32 products on a CPU) and `mu::gemv` (mu's float GEMV):
+    x (..., in), weight (out, in)."""
     return 2 * math.prod(x[:-1]) * weight[0] * weight[1]
 
 
+def _int8_linear_flops(x, handle, out_features, out_shape=None, **kwargs) -> int:
+    """FLOPs of `mu::int8_linear` (x (..., in), out_features outputs)."""
+    return 2 * math.prod(x) * out_features
+
+
 def cpu_flop_mapping() -> dict[Any, Callable]:
-    """Formulas FlopCounterMode lacks for the CPU kernels mu runs (torch 2.13 counts CPU SDPA as 0 FLOPs and does not
-    know oneDNN's linear op): pass as `custom_mapping`.
+    """Formulas FlopCounterMode lacks for the CPU kernels mu runs (torch 2.13 counts CPU SDPA as 0 FLOPs and knows
+    neither oneDNN's linear op nor mu's own ops, which mu's layers call as ops under a dispatch mode,
+    `mu.model.fast.as_op`): pass as `custom_mapping`.
 
     CUDA kernels (flash / efficient / cuDNN) are counted by torch's own formulas, which count
     causal attention as full; prefill attention at L=1024 is ~4% of the total, so the cross-check
     stays within a few percent there too.
     """
     return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-            torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops}
+            torch.ops.mkldnn._linear_pointwise: _linear_flops, torch.ops.mu.gemv: _linear_flops,
+            torch.ops.mu.int8_linear: _int8_linear_flops}
 
 
 def flop_counter():

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from mu.errors import MuError
 from mu.model import native
@@ -53,16 +54,16 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
     More rows of fp32 (a prefill, a batch) run oneDNN's matmul on the weight as it is (`mkldnn._linear_pointwise`,
     no packed copy) instead of `F.linear`'s MKL GEMM: 1.2-1.6x faster at 512 rows and 2-3x at 9-64 on an AVX-512
-    AMD CPU, where MKL takes a slower path; on the AVX2 development machine the two were level at 128+ rows and
-    oneDNN ahead below (docs/efficiency.md, round 10). Eager inference only: training and compiled graphs keep
-    `F.linear`.
+    AMD CPU, where MKL takes a slower path; on the AVX2 development machine oneDNN (on a packed copy, `packed_linear`)
+    was level with MKL at 128+ rows and ahead below (docs/efficiency.md, round 10). Eager inference only: training
+    and compiled graphs keep `F.linear`.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     inference = (x.device.type == "cpu" and not torch.is_grad_enabled() and not is_exporting()
                  and not torch.jit.is_tracing())
     if (inference and 0 < rows <= SPLIT_MAX_ROWS and x.dtype == weight.dtype and weight.is_contiguous()
             and (bias is None or bias.dtype == x.dtype) and _native_gemv(x.dtype)):
-        return _gemv_op(x, weight, bias) if torch.compiler.is_compiling() else native.gemv_float(x, weight, bias)
+        return _gemv_op(x, weight, bias) if as_op() else native.gemv_float(x, weight, bias)
     if (inference and rows > SPLIT_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and not torch.compiler.is_compiling()
             and torch.backends.mkldnn.is_available()):
@@ -83,6 +84,12 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if rows == 1:  # (chunks, 1, out/chunks) holds the outputs in order
         return y.view(*x.shape[:-1], out)
     return y.transpose(0, 1).reshape(*x.shape[:-1], out)
+
+
+def as_op() -> bool:
+    """Whether a native kernel must run as its op (`cpu_op`) rather than be called directly: while `torch.compile`
+    traces, and under a Python dispatch mode (`FlopCounterMode`, say), which sees ops, not calls into C."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 _LIBRARIES: list = []  # the `torch.library.Library` objects of `cpu_op` (an op lives as long as its library)

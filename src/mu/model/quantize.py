@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from mu.errors import MuError
 from mu.model import native
-from mu.model.fast import cpu_op
+from mu.model.fast import as_op, cpu_op
 
 DECODE_MAX_ROWS = 8  # at most this many input rows: a decode product (matrix-vector in effect)
 
@@ -290,7 +290,7 @@ def _fused_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     codes), or oneDNN's (a post-op; 8 vs 1 GELU passes over the wide activation: a 512-token `330m` fc1 with its
     GELU 8.0 -> 7.0 ms on an AVX-512 CPU, docs/efficiency.md round 10). None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if not (x.dtype == torch.float32 and not torch.compiler.is_compiling() and not mlp.training):  # (dropout: the
+    if not (x.dtype == torch.float32 and not as_op() and not mlp.training):  # (dropout: the
         return None                                                                                 # plain path)
     rows = _rows(x)
     if rows >= NATIVE_MIN_ROWS and all(isinstance(getattr(fc, "_gemm", None), _NativeInt8) for fc in (fc1, fc2)):
@@ -389,10 +389,10 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         if self._many is not None and _rows(x) >= ONEDNN_MIN_ROWS:  # a prefill (scales and bias inside)
-            if torch.compiler.is_compiling():
+            if as_op():
                 return _int8_linear_op(x.float(), self._many.handle, self.out_features).to(x.dtype)
             return self._many.raw(x.float().contiguous()).to(x.dtype)
-        if torch.compiler.is_compiling():
+        if as_op():  # traced, or watched by a dispatch mode: one opaque op (the FLOP counter knows its formula)
             y = _int8_linear_op(x.float(), g.handle, self.out_features)
             return (y * self.scale if g.scale_outside else y).to(x.dtype)
         if x.dtype == torch.float32 and x.is_contiguous():  # the decode hot path: one or two calls into C/C++
