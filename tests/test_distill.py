@@ -391,8 +391,9 @@ def test_topk_cache_matches_live_teacher_and_round_trips(tmp_path):
     merged = TopKCache.merge(shards)
     merged.save(tmp_path / "c.safetensors")
     loaded = TopKCache.load(tmp_path / "c.safetensors")
-    for x in (merged, loaded):
+    for x in (merged, loaded):  # the same to rounding: a shard's batches have other row counts, so other kernels
         for got, want in zip(x.lookup(torch.tensor([2, 0]), 4), small.lookup(torch.tensor([2, 0]), 4)):
-            assert torch.equal(got, want)
+            assert got.dtype == want.dtype and (torch.equal(got, want) if not got.is_floating_point()
+                                                else torch.allclose(got.float(), want.float(), atol=2e-3))
     assert loaded.settings() == small.settings()
     json.dumps(loaded.settings())
