@@ -1,6 +1,7 @@
-/* mu's native CPU kernels for int8 products on AVX2 CPUs without VNNI (built by mu/model/native.py).
+/* mu's native CPU kernels (built by mu/model/native.py): int8 products on AVX2 CPUs without VNNI (this part), fp32
+   and bf16 GEMVs on CPUs with AVX-512 (the end of the file, compiled only where the compiler targets AVX-512).
 
-   The GEMV (a few rows: decode) quantizes each row to 8-bit codes and streams the packed weights once, with a
+   The int8 GEMV (a few rows: decode) quantizes each row to 8-bit codes and streams the packed weights once, with a
    software prefetch ahead of each panel. The GEMM (many rows: prefill) multiplies 7-bit activation codes (0..127,
    one scale and zero point per row) by 7-bit weight codes (|w| <= 63, one scale per output channel). AVX2
    multiplies u8 x s8 with vpmaddubsw, which sums pairs of products in int16, then widens pairs of those with

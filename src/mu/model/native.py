@@ -113,7 +113,8 @@ def library() -> Optional[ctypes.CDLL]:
     """The loaded native library, or None where this CPU, the environment or the toolchain rules it out."""
     flags = _cpu_flags()
     wanted = os.environ.get("MU_NATIVE", "1") != "0"
-    suited = "avx2" in flags and "fma" in flags
+    # where a kernel of it runs: the int8 ones (AVX2 without VNNI) or the float GEMVs (AVX-512)
+    suited = "avx2" in flags and "fma" in flags and ("avx512f" in flags or not flags & {"avx512_vnni", "avx_vnni"})
     compiler = os.environ.get("CC") or "cc"
     if not (wanted and suited and platform.system() == "Linux" and shutil.which(compiler)):
         return None
