@@ -14,7 +14,7 @@ projections, + lm_head, in the engine's format) x decode tokens/s / bandwidth (1
 Engines (all random weights, greedy, batch 1, never stopping early):
   mu-encdec / mu-deconly  fp32, bf16, int8 (`model.quantize_("int8")`), int8wo, int4 (weight-only decode
                           kernels, `mu.model.quantize`): `model.generate` with a KV cache;
-                          "-compiled" (fp32, int8): generate(compile=True) (fixed-shape cache, torch.compile'd
+                          "-compiled" (fp32, bf16, int8): generate(compile=True) (fixed-shape cache, torch.compile'd
                           steps; compiled during the warm-up, which runs the full length for these)
   mu-encdec uncached      the paper's `generate`: encode once, then every step re-runs the whole decoder
                           (and the lm_head) over the full prefix, no cache; built from the model's own
@@ -238,7 +238,7 @@ def ct2_engine(path: str, compute_type: str, input_ids: torch.Tensor, threads: i
 
 
 def kernels() -> dict:
-    """Which kernels mu's int8 and bf16 engines run on this machine, for the header and the JSON."""
+    """Which kernels mu's int8 and float engines run on this machine, for the header and the JSON."""
     native_gemv = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
                    if native.gemv_available(dtype)]
     return {"int8_kernels": int8_kernels(),
@@ -272,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--side-by-side", action="store_true",
                    help="issue 19's engines only: mu encdec fp32/fp32-compiled/int8/int8-compiled/int8dec/int8wo/int4, "
                         "CT2 fp32/int8, "
-                        "HF T5 fp32")
+                        "HF T5 fp32; bf16 and bf16-compiled too where the CPU has AVX-512-BF16")
     p.add_argument("--isolate", action="store_true",
                    help="run each engine in its own process, one after another (needs --engines or --side-by-side): "
                         "no engine's runtime or thread pools share a process with another's")
