@@ -330,7 +330,8 @@ static inline __m512 load_f32(const void *p, __mmask16 valid) { return _mm512_ma
 static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, y); }
 
 /* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
-   are the element type's (constants, so each caller gets its own inlined copy) */
+   are the element type's (the OpenMP region is outlined once for both types, so they are indirect calls there: one
+   per output channel, nothing beside its 2-4 KiB of weights; measured level with a copy written out for bf16) */
 static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
                              char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
                              __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
