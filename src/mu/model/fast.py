@@ -21,7 +21,7 @@ while autograd is on):
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Optional
 
 import torch
@@ -52,11 +52,11 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     (`native.gemv_float`; `mu::gemv` inside `torch.compile`), which streams the weights 1.15-1.45x faster than the
     batched product (fp32) and ~2x faster than PyTorch's bf16 matmul for one row (docs/efficiency.md, round 10).
 
-    More rows of fp32 (a prefill, a batch) run oneDNN's matmul on the weight as it is (`mkldnn._linear_pointwise`,
-    no packed copy) instead of `F.linear`'s MKL GEMM: 1.2-1.6x faster at 512 rows and 2-3x at 9-64 on an AVX-512
-    AMD CPU, where MKL takes a slower path; on the AVX2 development machine oneDNN (on a packed copy, `packed_linear`)
-    was level with MKL at 128+ rows and ahead below (docs/efficiency.md, round 10). Eager inference only: training
-    and compiled graphs keep `F.linear`.
+    On CPUs with AVX-512, more rows of fp32 (a prefill, a batch) run oneDNN's matmul on the weight as it is
+    (`mkldnn._linear_pointwise`, no packed copy) instead of `F.linear`'s MKL GEMM: 1.2-1.6x faster at 512 rows and
+    2-3x at 9-64 on an AVX-512 AMD CPU, where MKL takes a slower path (docs/efficiency.md, round 10). AVX2 CPUs keep
+    MKL's, which was as fast as oneDNN's from 128 rows there (`packed_linear`). Eager inference only: training and
+    compiled graphs keep `F.linear`.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     inference = (x.device.type == "cpu" and not torch.is_grad_enabled() and not is_exporting()
@@ -66,7 +66,7 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return _gemv_op(x, weight, bias) if as_op() else native.gemv_float(x, weight, bias)
     if (inference and rows > SPLIT_MAX_ROWS and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and not torch.compiler.is_compiling()
-            and torch.backends.mkldnn.is_available()):
+            and _onednn_prefill()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
@@ -113,6 +113,12 @@ def cpu_op(schema: str, kernel: Callable[..., Tensor], fake: Callable[..., Tenso
         torch.library.register_fake(f"mu::{name}", fake, lib=lib)
         _LIBRARIES.append(lib)
     return getattr(torch.ops.mu, name).default
+
+
+@lru_cache(maxsize=None)
+def _onednn_prefill() -> bool:
+    """Whether many-row fp32 products run oneDNN's matmul: where it was measured faster than MKL's (AVX-512)."""
+    return torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @torch.compiler.assume_constant_result  # a compiled step asks too: a constant to the tracer, not a call into ctypes
