@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -99,6 +100,16 @@ def precision_note(dtype: Optional[torch.dtype], why: str) -> str:
     return f"{name} ({why})"
 
 
+@lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (`/proc/cpuinfo`; empty elsewhere), e.g. {'avx2', 'avx512_bf16'}."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def cpu_isa() -> str:
     """The CPU's vector ISA as it matters to torch's kernels, e.g. 'AVX512 (bf16, vnni, amx)' or 'AVX2'.
 
@@ -107,11 +118,6 @@ def cpu_isa() -> str:
     every speed figure.
     """
     level = torch.backends.cpu.get_cpu_capability()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
     extras = [name for name, flag in (("bf16", "avx512_bf16"), ("vnni", "avx512_vnni"), ("amx", "amx_bf16"))
-              if flag in flags]
+              if flag in cpu_flags()]
     return f"{level} ({', '.join(extras)})" if extras else level

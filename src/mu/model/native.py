@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from mu.atomic import atomic_file
+from mu.utils import cpu_flags as _cpu_flags
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -69,15 +70,8 @@ _SIGNATURES = {
 _OPTIONAL = {name: [_P, _I64, _I64, _P, _I64, _P, _P, _INT] for name in ("mu_gemv_f32", "mu_gemv_bf16")}
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
-
-
-@lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        return frozenset()
+# with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
+_NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
 
 
 def _cache_dir() -> Path:
@@ -114,7 +108,7 @@ def library() -> Optional[ctypes.CDLL]:
     flags = _cpu_flags()
     wanted = os.environ.get("MU_NATIVE", "1") != "0"
     # where a kernel of it runs: the int8 ones (AVX2 without VNNI) or the float GEMVs (AVX-512)
-    suited = "avx2" in flags and "fma" in flags and ("avx512f" in flags or not flags & {"avx512_vnni", "avx_vnni"})
+    suited = "avx2" in flags and "fma" in flags and ("avx512f" in flags or not flags & _NOT_FOR_INT8)
     compiler = os.environ.get("CC") or "cc"
     if not (wanted and suited and platform.system() == "Linux" and shutil.which(compiler)):
         return None
@@ -134,8 +128,8 @@ def library() -> Optional[ctypes.CDLL]:
 
 def int8_available() -> bool:
     """True when mu's native int8 kernels run on this machine (built and loaded now if need be): AVX2 CPUs without
-    VNNI (with VNNI, AVX-512's or AVX-VNNI, oneDNN's and fbgemm's kernels multiply 4x faster per uop)."""
-    return not _cpu_flags() & {"avx512_vnni", "avx_vnni", "avx512f"} and library() is not None
+    VNNI and without AVX-512 (`_NOT_FOR_INT8`)."""
+    return not _cpu_flags() & _NOT_FOR_INT8 and library() is not None
 
 
 def gemv_available(dtype: torch.dtype) -> bool:
