@@ -70,9 +70,8 @@ def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     out = weight.shape[0]
     chunks = 4 if out % 4 == 0 else 2 if out % 2 == 0 else 1
-    if (chunks == 1 or not 0 < rows <= SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or not weight.is_contiguous() or torch.is_grad_enabled()
-            or is_exporting() or torch.jit.is_tracing()
+    if (chunks == 1 or not inference or not 0 < rows <= SPLIT_MAX_ROWS or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or not weight.is_contiguous()
             or (not torch.compiler.is_compiling() and torch.get_num_threads() < 2)):  # (the count does not trace)
         return F.linear(x, weight, bias)
     blocks = weight.view(chunks, out // chunks, weight.shape[1]).transpose(1, 2)  # (chunks, in, out/chunks)

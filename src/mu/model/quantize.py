@@ -290,8 +290,8 @@ def _fused_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     codes), or oneDNN's (a post-op; 8 vs 1 GELU passes over the wide activation: a 512-token `330m` fc1 with its
     GELU 8.0 -> 7.0 ms on an AVX-512 CPU, docs/efficiency.md round 10). None (declined) otherwise."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    if not (x.dtype == torch.float32 and not as_op() and not mlp.training):  # (dropout: the
-        return None                                                                                 # plain path)
+    if x.dtype != torch.float32 or as_op() or mlp.training:  # (training: the plain path applies dropout)
+        return None
     rows = _rows(x)
     if rows >= NATIVE_MIN_ROWS and all(isinstance(getattr(fc, "_gemm", None), _NativeInt8) for fc in (fc1, fc2)):
         _check_inference(x)
