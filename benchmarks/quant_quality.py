@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32,
                    help="evaluation batch (steps of at most 8 rows run the decode kernels: fast.SPLIT_MAX_ROWS)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:  # before any training: a bad value found after it would waste minutes
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     torch.set_num_threads(args.threads)
     tmp_obj = tempfile.TemporaryDirectory(prefix="quant_quality-")
     if args.model:
