@@ -1,7 +1,8 @@
 """mu's native kernels (`mu.model.native`): the int8 GEMM's and GEMV's exact integer products, activation codes, the
-fused GELU, the MLP that uses them; the bf16 GEMV and the decode that uses it; the fallback when they cannot be
-built."""
+fused GELU, the MLP that uses them; the float GEMVs and the decode that uses them; the decoder step as one call; the
+fallback when they cannot be built."""
 
+import copy
 import warnings
 
 import pytest
@@ -169,8 +170,9 @@ def test_float_gemv_is_the_fp32_sum(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, dtype):
     """Every few-row product of a decode step (fused q/k/v, out, MLP, lm_head) goes through the GEMV: in eager mode
-    directly, in a compiled step as the `mu::gemv` op; the tokens equal those of PyTorch's kernels (so both are the
-    same function to rounding) on a tiny model."""
+    directly (the decoder blocks' inside the native decoder step, where that runs), in a compiled step as the
+    `mu::gemv` op; the tokens equal those of PyTorch's kernels (so all are the same function to rounding) on a tiny
+    model."""
     if not native.gemv_available(dtype):
         pytest.skip(f"mu's {dtype} GEMV needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
     torch.manual_seed(0)
@@ -179,17 +181,122 @@ def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, d
     calls = []
     gemv = native.gemv_float
     monkeypatch.setattr(native, "gemv_float", lambda x, w, b=None: calls.append(tuple(w.shape)) or gemv(x, w, b))
+    lm_head = tuple(model.lm_head.weight.shape)
     with torch.inference_mode():
         fast = model.generate(ids, max_new_tokens=6)
-        lm_head = tuple(model.lm_head.weight.shape)
-        assert calls.count(lm_head) == 6 and len(calls) > 6 * len(model.decoder_blocks())
+        assert calls == [lm_head] * 6  # (the blocks' products ran in the native decoder step)
         calls.clear()
         compiled = model.generate(ids, max_new_tokens=6, compile=True)
         assert calls.count(lm_head) == 6  # the eager first step's, then the op's in five compiled steps
+        monkeypatch.setattr(native, "decoder_step_available", lambda dtype: False)
+        calls.clear()
+        modules = model.generate(ids, max_new_tokens=6)
+        assert calls.count(lm_head) == 6 and len(calls) > 6 * len(model.decoder_blocks())
         monkeypatch.setattr(native, "gemv_available", lambda dtype: False)
         calls.clear()
         plain = model.generate(ids, max_new_tokens=6)
-    assert not calls and torch.equal(fast, plain) and torch.equal(compiled, plain)
+    assert not calls and torch.equal(fast, plain) and torch.equal(compiled, plain) and torch.equal(modules, plain)
+
+
+def _step_model(dtype, interleaved=False):
+    """A small encoder-decoder with every weight non-trivial (random norms and biases), widths that are not
+    multiples of the kernels' 16 (heads of 16, an MLP of 200)."""
+    config = mu.MuConfig(n_encoder_layer=2, n_decoder_layer=2, n_embd=96, qkv_embd=64, hidden_dim=200, n_head=4,
+                         n_kv_head=2, vocab_size=300, is_interleaved=interleaved, dropout=0.0)
+    model = mu.MuEncoderDecoder(config).eval()
+    model.init_weights("fan_in")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.to(dtype)
+
+
+def _decode(model, ids, attention_mask=None, steps=12, static=False, tokens=None):
+    """Logits of the start step and `steps` steps, (steps + 1, B, vocab) in fp32: greedy, or fed `tokens` (steps,
+    B) (so that two models see the same inputs)."""
+    with torch.inference_mode():
+        cache = model.new_cache(ids.shape[0], 40)
+        cache.static = static
+        logits = [model.prefill(ids, attention_mask, cache, torch.ones(ids.shape[0], 1, dtype=torch.long))]
+        for i in range(steps):
+            token = logits[-1].argmax(-1) if tokens is None else tokens[i]
+            logits.append(model.decode_step(token[:, None], cache))
+    return torch.stack(logits).float()
+
+
+def _module_path(model):
+    """The model with its decoder blocks' native step switched off (the PyTorch modules run)."""
+    for block in model.decoder_blocks():
+        block.fused_step = None
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
+    """One call per decoder block per step, for both GQA head orders, with and without padded encoder positions,
+    growing and fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded
+    where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly always)."""
+    if not native.decoder_step_available(dtype):
+        pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(dtype, interleaved)
+    ids = torch.randint(3, 300, (1, 37))
+    padded = torch.ones_like(ids)
+    padded[0, :5] = 0
+    calls = []
+    step = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    for mask, static in ((None, False), (padded, False), (padded, True)):
+        want = _decode(_module_path(copy.deepcopy(model)), ids, mask, static=static)
+        calls.clear()
+        got = _decode(model, ids, mask, static=static, tokens=want.argmax(-1)[:-1].long())
+        assert len(calls) == 13 * 2
+        tol = 1e-5 if dtype == torch.float32 else 0.1
+        assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
+        same = (got.argmax(-1) == want.argmax(-1)).float().mean()
+        assert same == 1 if dtype == torch.float32 else same >= 0.9  # (bf16: a near tie of a random model may flip)
+
+
+def test_native_decoder_step_steps_aside(monkeypatch):
+    """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter)
+    and quantized layers run the modules; a weight changed in place is read again."""
+    if not native.decoder_step_available(torch.float32):
+        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32)
+    calls = []
+    step = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    ids = torch.randint(3, 300, (2, 20))
+    want = _decode(_module_path(copy.deepcopy(model)), ids)
+    assert torch.allclose(_decode(model, ids), want, atol=1e-5) and not calls  # two rows: the modules
+    block = model.decoder_blocks()[0]
+    x, rope = torch.randn(1, 1, 96), (torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
+    with torch.enable_grad():
+        assert block.fused_step(x, rope, None, None, None, model.new_cache(1, 4)) is None
+    one = ids[:1]
+    with torch.no_grad():
+        model.decoder_blocks()[1].mlp.fc2.weight.mul_(-1)  # in place, after the native arguments were built
+    _decode(model, one, steps=1)
+    calls.clear()
+    assert torch.allclose(_decode(model, one), _decode(_module_path(copy.deepcopy(model)), one), atol=1e-5)
+    assert calls
+    adapter = copy.deepcopy(model)
+
+    class Adapter(torch.nn.Linear):  # an output that is more than the weight's product
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    adapter.decoder_blocks()[0].mlp.fc1.__class__ = Adapter
+    calls.clear()
+    plain = copy.deepcopy(adapter)
+    assert torch.allclose(_decode(adapter, one), _decode(_module_path(plain), one), atol=1e-5)
+    assert len(calls) == 13  # the other block
+    quantized = copy.deepcopy(model).quantize_("int8")
+    calls.clear()
+    _decode(quantized, one)
+    assert not calls
 
 
 def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeypatch, tmp_path):

@@ -802,3 +802,55 @@ def test_inference_gelu_equals_tanh_gelu_and_training_uses_f_gelu():
     with torch.no_grad():
         xb = x.bfloat16()
         torch.testing.assert_close(layers.gelu_tanh(xb), torch.nn.functional.gelu(xb, approximate="tanh"), atol=0, rtol=0)
+
+
+def _advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding `address` is advised for transparent huge pages (`hg` in /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()
+    return False
+
+
+def test_huge_pages_move_the_weights_not_the_parameters(monkeypatch, tmp_path):
+    """`huge_pages_` (which `generate` on a CPU does) moves the parameters' data onto memory advised for huge pages:
+    the same Parameter objects and values, the tied head still tied, moved once; the model then still trains,
+    saves and loads. Where huge pages cannot be asked for, nothing moves."""
+    from mu.model import fast
+    from mu.utils import huge_page_bytes
+
+    monkeypatch.setattr(fast, "HUGE_PAGES_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    model = mu.build_model("tiny")
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    if huge_page_bytes(1) is None:
+        pytest.skip("this system gives no transparent huge pages")
+    model.generate(_ids(1, 5), max_new_tokens=2)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(_advised_for_huge_pages(p.data_ptr()) for p in params)
+    where = [p.data_ptr() for p in params]
+    fast.huge_pages_(model)
+    assert [p.data_ptr() for p in params] == where  # once
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    enc, dec = _padded_inputs()
+    model.train()
+    model(encoder_input_ids=enc, decoder_input_ids=dec, targets=dec).loss.backward()
+    optimizer.step()
+    assert not torch.equal(params[1], before[1])
+    model.save_pretrained(tmp_path / "m")
+    loaded = mu.load_model(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
+    monkeypatch.setattr(fast, "huge_page_bytes", lambda nbytes: None)
+    other = mu.build_model("tiny")
+    where = [p.data_ptr() for p in other.parameters()]
+    fast.huge_pages_(other)
+    assert [p.data_ptr() for p in other.parameters()] == where

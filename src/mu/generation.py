@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mu.errors import MuError
 from mu.model.cache import KVCache
+from mu.model.fast import huge_pages_
 
 DEFAULT_BOS_ID = 1  # the paper's decoder start token (Phi-3.5's BOS)
 
@@ -149,6 +150,8 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
                           streamer is not None)
     pad = model.config.pad_token_id
     input_ids = _as_batch(input_ids, model.device, model.config.vocab_size)
+    if isinstance(model, torch.nn.Module) and model.device.type == "cpu":  # (not an ONNX Runtime session's model)
+        huge_pages_(model)
     run = prepare(model, input_ids, max_new_tokens, attention_mask, bos_token_id, compile)
     was_training = model.training
     model.eval()

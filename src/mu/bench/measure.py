@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mu.bench.flops import flop_counter
+from mu.utils import huge_page_bytes
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,9 +125,12 @@ def count_generation_flops(runner, input_ids: Tensor, new_tokens: int) -> dict[s
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 7) -> dict[str, float]:
-    """Memory bandwidth in bytes/s: reading a large fp32 tensor (sum), and copying it (read + write)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
+    """Memory bandwidth in bytes/s: reading a large fp32 tensor (sum), and copying it (read + write). On a CPU the
+    tensors lie on transparent huge pages where the system gives them (`mu.utils.huge_page_bytes`), as a model's
+    weights do for generation (`mu.model.fast.huge_pages_`): the rate a stream of reads reaches at best."""
+    x, y = (_huge_or_plain(nbytes) if device.type == "cpu" else torch.empty(nbytes // 4, device=device)
+            for _ in range(2))
+    x.fill_(1.0)
 
     def timed(fn) -> float:
         times = []
@@ -141,6 +145,12 @@ def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: in
     read = nbytes / timed(lambda: x.sum())
     copy = 2 * nbytes / timed(lambda: y.copy_(x))
     return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "tensor_bytes": nbytes}
+
+
+def _huge_or_plain(nbytes: int) -> torch.Tensor:
+    """An fp32 CPU tensor of nbytes // 4 elements on huge pages when possible."""
+    raw = huge_page_bytes(nbytes // 4 * 4)
+    return torch.empty(nbytes // 4) if raw is None else raw.view(torch.float32)
 
 
 def current_rss() -> int:

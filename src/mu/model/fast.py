@@ -21,6 +21,7 @@ while autograd is on):
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache, partial
 from typing import Callable, Optional
 
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from mu.errors import MuError
 from mu.model import native
 from mu.model.layers import is_exporting
+from mu.utils import huge_page_bytes
 
 SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
 
@@ -194,9 +196,135 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.compiler.assume_constant_result
+def _native_step(dtype: torch.dtype) -> bool:
+    return native.decoder_step_available(dtype)
+
+
+class NativeDecoderStep:
+    """A `DecoderBlock`'s decode step for one sequence as one call into mu's native library (`native.decoder_step`):
+    the block's norms, products, RoPE, cache write, both attentions and MLP in one OpenMP region, where the module
+    path makes ~30 PyTorch calls, each with its own threads' start and a new tensor. On CPUs with AVX-512 for fp32
+    (bf16: AVX-512-BF16) (docs/efficiency.md, round 11).
+
+    Called by the block (`DecoderBlock.fused_step`) with the step's arguments; returns the block's output, or None
+    to let the module path run: more than one row or position (a batch, the start tokens of several sequences),
+    autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
+    (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is not a plain linear layer (an
+    adapter, a quantized layer). The kernel reads the weights where they lie, so changes in place need nothing; which
+    modules and tensors the block holds is checked once per cache (a generation), where their pointers are taken.
+    """
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.args: Optional[native.Block] = None  # for the cache `checked` refers to
+        self.checked: Optional[weakref.ref] = None
+
+    def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) builds its own arguments: pointers do not copy
+        return {"block": self.block, "args": None, "checked": None}
+
+    def _arguments(self, dtype: torch.dtype) -> Optional[native.Block]:
+        """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout)."""
+        b = self.block
+        linears = (b.causal_attn.q_linear, b.causal_attn.k_linear, b.causal_attn.v_linear, b.causal_attn.out_linear,
+                   b.cross_attn.q_linear, b.cross_attn.out_linear, b.mlp.fc1, b.mlp.fc2)
+        if not all(is_plain_linear(m) for m in linears) or b.mlp.fused_forward is not None:
+            return None
+        q, k, v, o, cq, co, fc1, fc2 = linears
+        tensors = [b.ln1.weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias, b.ln2.weight,
+                   cq.weight, cq.bias, co.weight, co.bias, b.ln3.weight, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+        if (any(t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous())
+                for t in tensors) or len({n.eps for n in (b.ln1, b.ln2, b.ln3)}) != 1):
+            return None
+        attn = b.causal_attn
+        return native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
+                            attn.n_head, attn.n_kv_head, attn.head_dim, fc1.out_features, int(attn.interleaved),
+                            b.ln1.eps)
+
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
+                 self_mask: Optional[Tensor], cross_mask: Optional[Tensor], cache) -> Optional[Tensor]:
+        if (x.shape[0] != 1 or x.shape[1] != 1 or self.block.training or torch.is_grad_enabled() or as_op()
+                or is_exporting() or torch.jit.is_tracing()):
+            return None
+        kc, vc = cache.k_layers[self.block.layer_idx], cache.v_layers[self.block.layer_idx]  # (1, n_kv, max_len, hd)
+        ck, cv = cross_kv  # (1, n_kv, S, hd)
+        if self.checked is None or self.checked() is not cache:  # a new generation: the block and the cache
+            self.checked, self.args = None, None
+            if (x.device.type != "cpu" or not _native_step(x.dtype)
+                    or any(t.dtype != x.dtype or not t.is_contiguous() for t in (kc, vc, ck, cv))):
+                return None
+            self.args = self._arguments(x.dtype)
+            self.checked = weakref.ref(cache)
+        if self.args is None:
+            return None
+        slot = cache.length
+        if slot >= cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {slot + 1} positions > max_len {cache.max_len}")
+        cos, sin = rope
+        masks = tuple(m for m in (self_mask, cross_mask) if m is not None)
+        if (x.dtype != kc.dtype or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous())
+                or cos.numel() != kc.shape[-1]
+                or any(m.dtype != torch.bool or m.stride(-1) != 1 or m.numel() != m.shape[-1] for m in masks)
+                or (self_mask is not None and self_mask.shape[-1] <= slot)):
+            return None
+        return native.decoder_step(self.args, x, cos, sin, kc, vc, slot, self_mask, ck, cv, cross_mask)
+
+
+def native_decoder_step_(model: nn.Module) -> nn.Module:
+    """Give every `DecoderBlock` of `model` a `NativeDecoderStep` (used where the CPU and dtype allow)."""
+    from mu.model.layers import DecoderBlock
+
+    for m in model.modules():
+        if isinstance(m, DecoderBlock):
+            m.fused_step = NativeDecoderStep(m)
+    return model
+
+
+HUGE_PAGES_MIN_BYTES = 32 << 20  # below this the weights stay where they are (they nearly fit a CPU's L3 cache)
+ARENA_BYTES = 64 << 20  # parameters move in groups of about this size (the copy's extra memory at a time)
+
+
+def huge_pages_(model: nn.Module) -> nn.Module:
+    """Move `model`'s floating-point CPU parameters onto memory backed by transparent huge pages (Linux; see
+    `mu.utils.huge_page_bytes`), in groups of `ARENA_BYTES`, so a decode step's stream of weight reads crosses 2 MiB
+    pages instead of 4 KiB ones. Same parameters (their data moves), same values; nothing happens where huge pages
+    cannot be asked for, for models under `HUGE_PAGES_MIN_BYTES`, or when done already. `generate` calls it on CPU."""
+    params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_floating_point()]
+    done = model.__dict__.get("_huge_pages")
+    if done is not None and all(p.data_ptr() in done for p in params):
+        return model
+    if sum(p.nbytes for p in params) < HUGE_PAGES_MIN_BYTES:
+        return model
+    groups: list[list[nn.Parameter]] = [[]]
+    for p in params:
+        if groups[-1] and sum(_padded(q.nbytes) for q in groups[-1]) + p.nbytes > ARENA_BYTES:
+            groups.append([])
+        groups[-1].append(p)
+    moved = set()
+    with torch.no_grad(), torch.inference_mode(False):  # (normal tensors: the model may train afterwards)
+        for group in groups:
+            arena = huge_page_bytes(sum(_padded(p.nbytes) for p in group))
+            if arena is None:
+                return model
+            at = 0
+            for p in group:
+                data = arena[at:at + p.nbytes].view(p.dtype).view(p.shape)
+                data.copy_(p.data)
+                p.data = data
+                moved.add(data.data_ptr())
+                at += _padded(p.nbytes)
+    model.__dict__["_huge_pages"] = moved
+    return model
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
 def speed_up_(model: nn.Module) -> nn.Module:
-    """The CPU fast paths every mu model gets when built: `split_linear_` and `fuse_projections_`."""
-    return fuse_projections_(split_linear_(model))
+    """The CPU fast paths every mu model gets when built: `split_linear_`, `fuse_projections_` and
+    `native_decoder_step_`."""
+    return native_decoder_step_(fuse_projections_(split_linear_(model)))
 
 
 PACK_MAX_ROWS = 128  # above this many rows (a prefill) PyTorch's own GEMM is as fast as oneDNN's packed one
@@ -261,6 +389,10 @@ def compile_decode_(model: nn.Module) -> Callable:
     if getattr(model, "quantization", None) not in (None, "int8"):
         raise MuError(f"compile=True supports float and int8 models: this one is {model.quantization}-quantized "
                       "(its decode runs eagerly)")
+    for block in model.decoder_blocks():  # (an encoder-decoder's eager steps run `NativeDecoderStep`, which reads the
+        attn = getattr(block, "causal_attn", None)  # separate projections: the fused one a compiled step uses is
+        if attn is not None:  # built or refreshed here, eagerly)
+            attn.fused_linear("qkv")
     core = model.__dict__.get("_compiled_core")
     if core is None:  # one compiled function per model; torch.compile caches a graph per shape
         # on a CPU, inductor's C++ wrapper: the ~150 kernel and op calls of a step are made from C++, not from a

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from mu.atomic import atomic_directory
 from mu.config import SHAPE_FIELDS, MuConfig
 from mu.errors import MuError
+from mu.model.fast import huge_pages_
 from mu.model.quantize import split_format
 from mu.tokenizer import has_tokenizer_files, load_tokenizer
 
@@ -182,6 +183,8 @@ def load_model(path: str | os.PathLike, device: Optional[str | torch.device] = N
     model.to(device=device, dtype=dtype)
     if quantization:
         model.quantize_(quantization)
+    if model.device.type == "cpu":  # (here, not in the first `generate`'s first token)
+        huge_pages_(model)
     model.tokenizer = tokenizer
     return model.eval()
 

@@ -361,6 +361,261 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
               store_f32);
 }
 
+/* ---- one decoder block's decode step for one sequence, as one call (mu.model.fast.NativeDecoderStep) ----
+   The block of mu.model.layers.DecoderBlock for one new token: RMSNorm, q/k/v, RoPE, the token's K/V written into
+   the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's q,
+   attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual. One
+   OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor per op: the
+   products are the GEMVs above (each thread its share of every weight, 16 channels at a time), the attention
+   splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops round
+   them (bf16: each op's output; the math in between in fp32). */
+
+typedef struct {
+    const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
+    const void *ln2, *cwq, *cbq, *cwo, *cbo;                   /* cross-attention: norm weight, q, out */
+    const void *ln3, *w1, *b1, *w2, *b2;                       /* MLP: norm weight, fc1, fc2 */
+    int64_t d, n_head, n_kv, hd, hidden, interleaved;
+    float eps;
+} mu_block;
+
+typedef float (*dot_fn)(const void *, const void *, int64_t);
+
+static inline float get_el(const void *p, int64_t i, int bf) {
+    if (!bf) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_bits(float f) {  /* round to nearest even, as PyTorch's conversion */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float rnd(float f, int bf) {  /* f rounded to the model's dtype */
+    if (!bf) return f;
+    uint32_t u = (uint32_t)bf16_bits(f) << 16;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void put_el(void *p, int64_t i, float f, int bf) {
+    if (bf) ((uint16_t *)p)[i] = bf16_bits(f);
+    else ((float *)p)[i] = f;
+}
+
+static inline __m512 load16(const void *p, int64_t i, int64_t n, int bf) {  /* elements i .. min(i + 16, n) */
+    __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    if (!bf) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* exp(t) for t in [-87, 87] to ~2 ulp: exp_ps's polynomial, 16 lanes */
+static inline __m512 exp512(__m512 t) {
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* this thread's share [*c0, *c1) of n output channels, in blocks of 16 */
+static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) {
+    int64_t blocks = (n + 15) / 16, b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+    *c0 = 16 * b0 < n ? 16 * b0 : n;
+    *c1 = 16 * b1 < n ? 16 * b1 : n;
+}
+
+/* y[c] = rnd(x . w[c] + bias[c]) for c in [c0, c1): one rounding of the fp32 sum, as mu_gemv_* */
+static inline void gemv_part(const void *x, int64_t k, const void *w, const void *bias, float *y, int64_t c0,
+                             int64_t c1, int bf, dot_fn dot) {
+    size_t row = (size_t)k * (bf ? 2 : 4);
+    for (int64_t c = c0; c < c1; c++)
+        y[c] = rnd(dot(x, (const char *)w + c * row, k) + (bias ? get_el(bias, c, bf) : 0.0f), bf);
+}
+
+/* out = rnd(rnd(x * rsqrt(mean(x^2) + eps)) * weight) (bf16: RMSNorm in fp32, cast, then scaled), in the dtype */
+static void rms_norm(const float *x, int64_t d, const void *weight, float eps, void *out, int bf) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) put_el(out, i, bf ? rnd(rnd(x[i] * r, 1) * get_el(weight, i, 1), 1)
+                                                      : x[i] * r * get_el(weight, i, 0), bf);
+}
+
+/* v (hd, already rounded) rotated by RoPE in place: rnd(rnd(v cos) + rotate_half(v) sin) */
+static void rope(float *v, int64_t hd, const void *cos, const void *sin, int bf) {
+    float t[hd];
+    int64_t half = hd / 2;
+    for (int64_t i = 0; i < hd; i++) {
+        float rot = i < half ? -v[i + half] : v[i - half];
+        t[i] = rnd(rnd(v[i] * get_el(cos, i, bf), bf) + rot * get_el(sin, i, bf), bf);
+    }
+    memcpy(v, t, sizeof(float) * hd);
+}
+
+/* out = softmax(q . K[s] / sqrt(hd), s < L, valid ones) V, rounded to the dtype; K, V: L x hd (dtype); scores: L */
+static void attend_head(const float *q, const void *K, const void *V, int64_t L, int64_t hd, const uint8_t *valid,
+                        float *scores, void *out, int bf) {
+    size_t row = (size_t)hd * (bf ? 2 : 4);
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
+    for (int64_t s = 0; s < L; s++) {
+        if (valid && !valid[s]) { scores[s] = -INFINITY; continue; }
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < hd; j += 16)
+            acc = _mm512_fmadd_ps(load16(q, j, hd, 0), load16((const char *)K + s * row, j, hd, bf), acc);
+        scores[s] = _mm512_reduce_add_ps(acc) * scale;
+        mx = fmaxf(mx, scores[s]);
+    }
+    if (mx == -INFINITY) {  /* no valid key: attend to all (mu.model.layers.key_padding_mask's convention) */
+        valid = NULL;
+        for (int64_t s = 0; s < L; s++) scores[s] = 0.0f;
+        mx = 0.0f;
+    }
+    __m512 total = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= L; s += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + s), _mm512_set1_ps(mx)));
+        __mmask16 ok = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores + s), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        e = _mm512_maskz_mov_ps(ok, e);
+        _mm512_storeu_ps(scores + s, e);
+        total = _mm512_add_ps(total, e);
+    }
+    float sum = _mm512_reduce_add_ps(total);
+    for (; s < L; s++) {
+        scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
+        sum += scores[s];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t j = 0; j < hd; j += 16) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; t++)
+            if (scores[t] != 0.0f)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16((const char *)V + t * row, j, hd, bf), acc);
+        float o[16];
+        _mm512_storeu_ps(o, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+        for (int64_t i = 0; i < 16 && j + i < hd; i++) put_el(out, j + i, o[i], bf);
+    }
+}
+
+static inline int64_t kv_head(const mu_block *b, int64_t h) {  /* the KV head query head h reads */
+    return b->interleaved ? h / (b->n_head / b->n_kv) : h % b->n_kv;
+}
+
+/* xout (d) = the block applied to xin (d) at cache slot `slot`: the token's K/V go into kc, vc (n_kv x max_len x hd)
+   there, self-attention reads slots 0..slot (those with self_valid[s] when given), cross-attention reads ck, cv
+   (n_kv x S x hd; positions with cross_valid[s] when given). xout may be xin. Returns 0, or -1 if out of memory. */
+static int decoder_step(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
+                        void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
+                        const void *cv, int64_t S, const uint8_t *cross_valid, int nt, int bf, dot_fn dot) {
+    const int64_t d = b->d, H = b->n_head, KV = b->n_kv, hd = b->hd, qd = H * hd, kvd = KV * hd, F = b->hidden;
+    const size_t es = bf ? 2 : 4;
+    const int64_t L = slot + 1, keys = L > S ? L : S, wide = F > qd + 2 * kvd ? F : qd + 2 * kvd;
+    /* fp32: x (d), y (wide: q|k|v or fc1's outputs); the dtype's: the next product's input (wide), o (qd); and
+       each thread's scores */
+    float *x = malloc(sizeof(float) * (size_t)(d + wide + (int64_t)nt * keys) + es * (size_t)(wide + qd));
+    if (!x) return -1;
+    float *y = x + d, *scores = y + wide;
+    void *in = scores + (int64_t)nt * keys, *o = (char *)in + es * wide;
+    for (int64_t i = 0; i < d; i++) x[i] = get_el(xin, i, bf);
+    #pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *sc = scores + (int64_t)tid * keys;
+        int64_t c0, c1, h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
+
+        /* self-attention */
+        #pragma omp single
+        rms_norm(x, d, b->ln1, b->eps, in, bf);
+        share(qd, tid, nth, &c0, &c1);
+        gemv_part(in, d, b->wq, b->bq, y, c0, c1, bf, dot);
+        share(kvd, tid, nth, &c0, &c1);
+        gemv_part(in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot);
+        gemv_part(in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot);
+        #pragma omp barrier
+        #pragma omp single
+        for (int64_t h = 0; h < H + KV; h++) {  /* q and k heads rotated; the token's K/V into the cache */
+            rope(y + h * hd, hd, cos, sin, bf);
+            if (h >= H)
+                for (int64_t i = 0; i < hd; i++) {
+                    int64_t at = ((h - H) * max_len + slot) * hd + i;
+                    put_el(kc, at, y[h * hd + i], bf);
+                    put_el(vc, at, y[qd + kvd + (h - H) * hd + i], bf);
+                }
+        }
+        for (int64_t h = h0; h < h1; h++) {
+            size_t at = (size_t)kv_head(b, h) * max_len * hd * es;
+            attend_head(y + h * hd, (char *)kc + at, (char *)vc + at, L, hd, self_valid, sc, (char *)o + h * hd * es,
+                        bf);
+        }
+        #pragma omp barrier
+        share(d, tid, nth, &c0, &c1);
+        gemv_part(o, qd, b->wo, b->bo, y, c0, c1, bf, dot);
+        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
+        #pragma omp barrier
+
+        /* cross-attention */
+        #pragma omp single
+        rms_norm(x, d, b->ln2, b->eps, in, bf);
+        share(qd, tid, nth, &c0, &c1);
+        gemv_part(in, d, b->cwq, b->cbq, y, c0, c1, bf, dot);
+        #pragma omp barrier
+        for (int64_t h = h0; h < h1; h++) {
+            size_t at = (size_t)kv_head(b, h) * S * hd * es;
+            attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
+                        (char *)o + h * hd * es, bf);
+        }
+        #pragma omp barrier
+        share(d, tid, nth, &c0, &c1);
+        gemv_part(o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot);
+        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
+        #pragma omp barrier
+
+        /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
+        #pragma omp single
+        rms_norm(x, d, b->ln3, b->eps, in, bf);
+        share(F, tid, nth, &c0, &c1);
+        gemv_part(in, d, b->w1, b->b1, y, c0, c1, bf, dot);
+        #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
+        for (int64_t c = c0; c < c1; c += 16) {
+            __mmask16 m = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(m, y + c);
+            __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), _mm512_set1_ps(0.044715f), v),
+                                      _mm512_set1_ps(-1.5957691216057308f));
+            _mm512_mask_storeu_ps(y + c, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(z2))));
+            for (int64_t i = c; i < c + 16 && i < c1; i++) put_el(in, i, y[i], bf);
+        }
+        #pragma omp barrier
+        share(d, tid, nth, &c0, &c1);
+        gemv_part(in, F, b->w2, b->b2, y, c0, c1, bf, dot);
+        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
+    }
+    for (int64_t i = 0; i < d; i++) put_el(xout, i, x[i], bf);
+    free(x);
+    return 0;
+}
+
+int mu_decoder_step_f32(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
+                        void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
+                        const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
+    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 0,
+                        dot_f32);
+}
+
+
 #if defined(__AVX512BF16__)
 /* vdpbf16ps multiplies pairs of bf16 values and adds both products into an fp32 lane */
 static inline __m512bh load_bf16(const uint16_t *p, int64_t left) {
@@ -395,6 +650,13 @@ void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w,
                   uint16_t *out, int nt) {
     gemv_rows((const char *)x, rows, k, (const char *)w, n, (const char *)bias, (char *)out, nt, 2, dot_bf16,
               load_bf16x16, store_bf16x16);
+}
+
+int mu_decoder_step_bf16(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
+                         void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
+                         const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
+    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 1,
+                        dot_bf16);
 }
 #endif
 #endif

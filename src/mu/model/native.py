@@ -66,9 +66,14 @@ _SIGNATURES = {
     "mu_gemm_u7s7": [_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _INT, _P, _P, _INT],
     "mu_gemv_layer": [_P, _P, _I64, _P, _INT],
 }
-# built only for CPUs with AVX-512 (bf16: AVX-512-BF16)
-_OPTIONAL = {name: [_P, _I64, _I64, _P, _I64, _P, _P, _INT] for name in ("mu_gemv_f32", "mu_gemv_bf16")}
+# built only for CPUs with AVX-512 (bf16: AVX-512-BF16); name -> (argument types, result type)
+_OPTIONAL = {
+    **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
+    **{name: ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _INT], _INT)
+       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16")},
+}
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
+_STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 # with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
 _NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
@@ -120,9 +125,11 @@ def library() -> Optional[ctypes.CDLL]:
     except OSError as e:  # an unreadable or foreign file in the cache
         warnings.warn(f"mu: native kernels not loaded ({e}); PyTorch's kernels run instead", stacklevel=2)
         return None
-    for name, args in [*_SIGNATURES.items(), *((n, a) for n, a in _OPTIONAL.items() if hasattr(lib, n))]:
-        getattr(lib, name).argtypes = args
-        getattr(lib, name).restype = None
+    signatures = [*((n, (a, None)) for n, a in _SIGNATURES.items()), *_OPTIONAL.items()]
+    for name, (args, result) in signatures:
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = result
     return lib
 
 
@@ -136,6 +143,12 @@ def gemv_available(dtype: torch.dtype) -> bool:
     """True when the native GEMV for `dtype` (fp32: AVX-512; bf16: AVX-512-BF16) runs on this machine."""
     lib = library()
     return dtype in _GEMV and lib is not None and hasattr(lib, _GEMV[dtype])
+
+
+def decoder_step_available(dtype: torch.dtype) -> bool:
+    """True when `decoder_step` runs for `dtype` on this machine (where `gemv_available(dtype)` is)."""
+    lib = library()
+    return dtype in _STEP and lib is not None and hasattr(lib, _STEP[dtype])
 
 
 def _ceil(n: int, multiple: int) -> int:
@@ -222,4 +235,34 @@ def gemv_float(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     getattr(library(), _GEMV[x.dtype])(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), n,
                                        None if bias is None else bias.contiguous().data_ptr(), out.data_ptr(),
                                        torch.get_num_threads())
+    return out
+
+
+class Block(ctypes.Structure):
+    """One decoder block's constant arguments (native.c's `mu_block`): the data pointers of its norm weights,
+    projections (self-attention q, k, v, out; cross-attention q, out; fc1, fc2) and biases (None: no bias), and its
+    shape. The caller keeps the tensors alive."""
+
+    _fields_ = [(name, _P) for name in ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2", "cwq", "cbq",
+                                        "cwo", "cbo", "ln3", "w1", "b1", "w2", "b2")] + [
+        (name, _I64) for name in ("d", "n_head", "n_kv", "hd", "hidden", "interleaved")] + [("eps", _F32)]
+
+
+def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int,
+                 self_valid: Optional[Tensor], cross_k: Tensor, cross_v: Tensor,
+                 cross_valid: Optional[Tensor]) -> Tensor:
+    """One decoder block applied to one token of one sequence (`mu.model.layers.DecoderBlock` at a decode step):
+    x (..., d) in the block's dtype (fp32 or bf16; needs `decoder_step_available`), RoPE's cos and sin at its
+    position (head_dim each), the layer's self-attention cache k_cache, v_cache (..., n_kv_head, max_len, head_dim),
+    into which the token's K/V are written at `slot` and whose slots 0..slot it attends (those with `self_valid`,
+    (..., max_len) bool, when given), the cross-attention K/V (..., n_kv_head, S, head_dim) and their valid positions
+    (..., S) bool or None (all); leading dimensions of size one. All contiguous. Returns the block's output, shaped
+    as x."""
+    out = torch.empty_like(x)
+    if getattr(library(), _STEP[x.dtype])(
+            ctypes.byref(block), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), k_cache.shape[-2], slot, None if self_valid is None else self_valid.data_ptr(),
+            cross_k.data_ptr(), cross_v.data_ptr(), cross_k.shape[-2],
+            None if cross_valid is None else cross_valid.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
     return out
