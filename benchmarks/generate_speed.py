@@ -7,9 +7,12 @@ and CTranslate2, in one run.
     .venv/bin/python benchmarks/generate_speed.py --side-by-side --isolate   # the same, each engine in its own process
 
 Every run prints the ISA (`mu.utils.cpu_isa()`) and thread count, measures the streaming-read bandwidth
-with the same threads (sum of a 512 MiB fp32 tensor, `mu.bench.measure_bandwidth`) and gives each engine's
-decode roofline fraction: bytes of weights one decode token reads (decoder without the cross-attention K/V
-projections, + lm_head, in the engine's format) x decode tokens/s / bandwidth (1.0 = memory-bound).
+with the same threads (sum of a 512 MiB fp32 tensor on huge pages where the system gives them,
+`mu.bench.measure.read_bandwidth`) before the first timed run and after each one, and gives each engine's decode
+roofline fraction: bytes of weights one decode token reads (decoder without the cross-attention K/V projections, +
+lm_head, in the engine's format) x decode tokens/s / the bandwidth measured around that run (the mean of the reads
+just before and just after it), the median over repeats (1.0 = memory-bound). On a shared host the memory's rate
+moves by tens of percent within minutes; one reading for the whole run made fractions above 1 possible.
 
 Engines (all random weights, greedy, batch 1, never stopping early):
   mu-encdec / mu-deconly  fp32, bf16, int8 (`model.quantize_("int8")`), int8wo, int4 (weight-only decode
@@ -71,7 +74,7 @@ if _ct2_wanted(sys.argv[1:]):
 import torch
 
 import mu
-from mu.bench.measure import measure_bandwidth
+from mu.bench.measure import read_bandwidth, stream_tensor
 from mu.bench.models import decode_weight_bytes
 from mu.config import MuConfig
 from mu.model import native
@@ -359,9 +362,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     names = list(engines)
     isa = cpu_isa()
-    bw = measure_bandwidth(torch.device("cpu"), nbytes=512 << 20)["read_bytes_per_s"]
+    stream = stream_tensor(512 << 20)
+    bws = [read_bandwidth(stream)]  # and again after each timed run: the memory's rate moves on a shared host
     print(f"# ISA {isa}, {args.threads} threads; streaming read (sum of 512 MiB fp32, {args.threads} threads) "
-          f"{bw / 1e9:.1f} GB/s", file=sys.stderr)
+          f"{bws[0] / 1e9:.1f} GB/s", file=sys.stderr)
     print(f"# {preset}, batch 1, {L} input tokens, {N} new, {args.threads} threads, {args.repeats} repeats; "
           f"engines: {', '.join(names)}", file=sys.stderr)
     for name in names:  # warm-up: allocators, thread pools, packed weights; compiled engines compile here
@@ -375,6 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in names:
             res = timed(lambda s, name=name: engines[name](s, N), N, meta[name]["skip_first_put"])
             tokens[name] = res.pop("out")
+            bws.append(read_bandwidth(stream))
+            res["read_bandwidth"] = (bws[-2] + bws[-1]) / 2  # just before and just after this run
             runs[name].append(res)
             print(f"  repeat {r + 1} {name:26s} ttft {res['ttft_s']:.3f}s  decode {res['decode_tok_s']:.1f} tok/s  "
                   f"e2e {res['e2e_s']:.2f}s | cpu: ttft {res['cpu_ttft_s']:.3f}s decode {res['cpu_decode_tok_s']:.1f} "
@@ -389,15 +395,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             vals = [r[k] for r in runs[name]]
             row[k] = statistics.median(vals)
             row[k + "_range"] = [min(vals), max(vals)]
-        if row.get("decode_weight_bytes"):
-            row["roofline_tok_s"] = bw / row["decode_weight_bytes"]
-            row["roofline_fraction"] = row["decode_tok_s"] / row["roofline_tok_s"]
+        if row.get("decode_weight_bytes"):  # each repeat against the bandwidth measured around it
+            row["roofline_tok_s"] = statistics.median(r["read_bandwidth"] for r in runs[name]) / row["decode_weight_bytes"]
+            row["roofline_fraction"] = statistics.median(r["decode_tok_s"] * row["decode_weight_bytes"]
+                                                         / r["read_bandwidth"] for r in runs[name])
         results[name] = row
+    bw = statistics.median(bws)
 
     checks = {}
     if "mu-encdec-fp32" in tokens and "mu-encdec-fp32-uncached" in tokens:
         checks["uncached_tokens_equal_cached"] = tokens["mu-encdec-fp32"] == tokens["mu-encdec-fp32-uncached"]
-    report(results, checks, {"isa": isa, "read_bandwidth_bytes_per_s": bw, "preset": preset, "input_len": L,
+    report(results, checks, {"isa": isa, "read_bandwidth_bytes_per_s": bw,
+                             "read_bandwidth_range": [min(bws), max(bws)], "preset": preset, "input_len": L,
                              "new_tokens": N, "batch": 1, "threads": args.threads, "repeats": args.repeats,
                              "torch": torch.__version__, "cpu_count": os.cpu_count(), "loadavg_start": load_start[0],
                              "isolated": False, **kernels()})
@@ -494,7 +503,9 @@ def report(results: dict, checks: dict, info: dict) -> None:
     ratios = target_ratios("")
     cpu_ratios = target_ratios("cpu_")
     isa, bw = info["isa"], info["read_bandwidth_bytes_per_s"]
-    print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f} GB/s; {info['preset']}, "
+    spread = info.get("read_bandwidth_range")
+    spread = f" ({spread[0] / 1e9:.1f}-{spread[1] / 1e9:.1f})" if spread else ""
+    print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f}{spread} GB/s; {info['preset']}, "
           f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
           + (", each engine in its own process" if info["isolated"] else "")
           + (f"; mu's int8 kernels: {info['int8_kernels']}" if info.get("int8_kernels") else "")
@@ -513,7 +524,8 @@ def report(results: dict, checks: dict, info: dict) -> None:
               f"{cell('e2e_s', '{:.2f}'):>20s} {roof} | {r['cpu_ttft_s']:11.2f} {r['cpu_decode_tok_s']:6.1f} "
               f"{r['cpu_e2e_s']:7.2f}")
     print("medians over repeats (min-max in brackets); CPU = process CPU seconds (see `timed`); MiB/tok = weights "
-          "one decode token reads; roofl. = bandwidth / that (tokens/s); frac = decode tokens/s / roofl.")
+          "one decode token reads; roofl. = bandwidth / that (tokens/s); frac = decode tokens/s x MiB/tok / the "
+          "bandwidth read around each repeat (median over repeats)")
     print(f"  {'ratio':34s} {'wall':>8s} {'CPU':>8s}")
     for k, v in ratios.items():
         def fmt(x):

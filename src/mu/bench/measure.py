@@ -126,31 +126,35 @@ def count_generation_flops(runner, input_ids: Tensor, new_tokens: int) -> dict[s
 
 def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20, repeats: int = 7) -> dict[str, float]:
     """Memory bandwidth in bytes/s: reading a large fp32 tensor (sum), and copying it (read + write). On a CPU the
-    tensors lie on transparent huge pages where the system gives them (`mu.utils.huge_page_bytes`), as a model's
-    weights do for generation (`mu.model.fast.huge_pages_`): the rate a stream of reads reaches at best."""
-    x, y = (_huge_or_plain(nbytes) if device.type == "cpu" else torch.empty(nbytes // 4, device=device)
-            for _ in range(2))
-    x.fill_(1.0)
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])  # the first touches fresh pages
-
-    read = nbytes / timed(lambda: x.sum())
-    copy = 2 * nbytes / timed(lambda: y.copy_(x))
-    return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "tensor_bytes": nbytes}
+    tensors lie on transparent huge pages where the system gives them (`stream_tensor`), as a model's weights do for
+    generation (`mu.model.fast.huge_pages_`): the rate a stream of reads reaches at best."""
+    x = stream_tensor(nbytes, device)
+    y = stream_tensor(nbytes, device)
+    copy = 2 * nbytes / _median_time(lambda: y.copy_(x), device, repeats)
+    return {"read_bytes_per_s": read_bandwidth(x, repeats), "copy_bytes_per_s": copy, "tensor_bytes": nbytes}
 
 
-def _huge_or_plain(nbytes: int) -> torch.Tensor:
-    """An fp32 CPU tensor of nbytes // 4 elements on huge pages when possible."""
-    raw = huge_page_bytes(nbytes // 4 * 4)
-    return torch.empty(nbytes // 4) if raw is None else raw.view(torch.float32)
+def stream_tensor(nbytes: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """An fp32 tensor of nbytes // 4 ones to read for `read_bandwidth`; on a CPU on huge pages when possible."""
+    raw = huge_page_bytes(nbytes // 4 * 4) if device.type == "cpu" else None
+    x = torch.empty(nbytes // 4, device=device) if raw is None else raw.view(torch.float32)
+    return x.fill_(1.0)
+
+
+def read_bandwidth(x: torch.Tensor, repeats: int = 7) -> float:
+    """Bytes/s of reading `x` once (its sum), the median of `repeats` reads after a first one."""
+    return x.nbytes / _median_time(lambda: x.sum(), x.device, repeats)
+
+
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])  # the first of them touches fresh pages
 
 
 def current_rss() -> int:
