@@ -3,7 +3,10 @@
 - int8 products on AVX2 CPUs without VNNI (`int8_available()`): a GEMV for a few rows (a decode), a GEMM for many
   (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
 - fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
-  `gemv_float`): a float model's decode, over its own weights.
+  `gemv_float`): a float model's decode, over its own weights;
+- on the same CPUs, a decoder block's whole decode step for one sequence (`decoder_step_available(dtype)`,
+  `decoder_step`, called by `mu.model.fast.NativeDecoderStep`): norms, those GEMVs, RoPE, the cache write, both
+  attentions and the MLP in one OpenMP region.
 
     import torch
     from mu.model import native
