@@ -138,9 +138,9 @@ def _huge_pages_possible() -> bool:
 
 
 def huge_page_bytes(nbytes: int) -> Optional[torch.Tensor]:
-    """An uninitialised (zero) uint8 CPU tensor of `nbytes` on fresh memory that starts on a huge-page boundary and
-    is advised to be backed by transparent huge pages (Linux's `MADV_HUGEPAGE`, on an anonymous mapping of its own:
-    memory from the allocator may have been touched already, in 4 KiB pages), or None where that cannot be asked for.
+    """A uint8 CPU tensor of `nbytes` zeros on fresh memory that starts on a huge-page boundary and is advised to be
+    backed by transparent huge pages (Linux's `MADV_HUGEPAGE`, on a private anonymous mapping of its own: memory from
+    the allocator may have been touched already, in 4 KiB pages), or None where that cannot be asked for.
 
     A stream of reads that crosses many 4 KiB pages pays a TLB miss per page, and the hardware prefetchers stop at
     page boundaries: reading a decode step's weights (61 products of 0.4-64 MiB) from huge pages ran 1.28x faster on

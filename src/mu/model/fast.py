@@ -296,10 +296,13 @@ def huge_pages_(model: nn.Module) -> nn.Module:
     if sum(p.nbytes for p in params) < HUGE_PAGES_MIN_BYTES:
         return model
     groups: list[list[nn.Parameter]] = [[]]
+    size = 0  # of the last group
     for p in params:
-        if groups[-1] and sum(_padded(q.nbytes) for q in groups[-1]) + p.nbytes > ARENA_BYTES:
+        if groups[-1] and size + p.nbytes > ARENA_BYTES:
             groups.append([])
+            size = 0
         groups[-1].append(p)
+        size += _padded(p.nbytes)
     moved = set()
     with torch.no_grad(), torch.inference_mode(False):  # (normal tensors: the model may train afterwards)
         for group in groups:
