@@ -293,10 +293,37 @@ def test_native_decoder_step_steps_aside(monkeypatch):
     plain = copy.deepcopy(adapter)
     assert torch.allclose(_decode(adapter, one), _decode(_module_path(plain), one), atol=1e-5)
     assert len(calls) == 13  # the other block
-    quantized = copy.deepcopy(model).quantize_("int8")
+    for mode in ("int8", "int8wo"):  # int8: the step's own kernel where the CPU has VNNI; int8wo: the modules
+        quantized = copy.deepcopy(model).quantize_(mode)
+        calls.clear()
+        _decode(quantized, one)
+        assert len(calls) == (26 if mode == "int8" and native.decoder_step_available("int8") else 0)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
+    """An int8 model's decoder blocks (VNNI CPUs): one call per block per step over the layers' row-major 7-bit codes,
+    each product's input with its own 8-bit codes, as fbgemm's kernel makes them: the logits equal the int8 modules'
+    to float rounding, the same tokens; a layer without row-major codes (quantized elsewhere) runs the modules."""
+    if not native.decoder_step_available("int8"):
+        pytest.skip("mu's int8 decoder step needs an x86 CPU with AVX-512 VNNI and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32, interleaved).quantize_("int8")
+    assert all(m.codes is not None for m in model.decoder_blocks()[0].mlp.modules() if hasattr(m, "codes"))
+    calls = []
+    step = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    ids = torch.randint(3, 300, (1, 37))
+    want = _decode(_module_path(copy.deepcopy(model)), ids)
     calls.clear()
-    _decode(quantized, one)
-    assert not calls
+    got = _decode(model, ids, tokens=want.argmax(-1)[:-1].long())
+    assert len(calls) == 13 * 2
+    assert ((got - want).norm() / want.norm()) < 1e-5
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    model.decoder_blocks()[1].mlp.fc2.codes = None  # as a layer quantized without them
+    calls.clear()
+    _decode(model, ids, steps=2)
+    assert len(calls) == 3  # the first block only
 
 
 def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeypatch, tmp_path):

@@ -196,22 +196,18 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.compiler.assume_constant_result
-def _native_step(dtype: torch.dtype) -> bool:
-    return native.decoder_step_available(dtype)
-
-
 class NativeDecoderStep:
     """A `DecoderBlock`'s decode step for one sequence as one call into mu's native library (`native.decoder_step`):
     the block's norms, products, RoPE, cache write, both attentions and MLP in one OpenMP region, where the module
     path makes ~30 PyTorch calls, each with its own threads' start and a new tensor. On CPUs with AVX-512 for fp32
-    (bf16: AVX-512-BF16) (docs/efficiency.md, round 11).
+    (bf16: AVX-512-BF16), and for an int8 model's blocks with VNNI (their `Int8Linear`s keep the row-major codes for
+    it, `quantize_`) (docs/efficiency.md, round 11).
 
     Called by the block (`DecoderBlock.fused_step`) with the step's arguments; returns the block's output, or None
     to let the module path run: more than one row or position (a batch, the start tokens of several sequences),
     autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
-    (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is not a plain linear layer (an
-    adapter, a quantized layer). The kernel reads the weights where they lie, so changes in place need nothing; which
+    (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is neither a plain linear layer nor
+    an int8 one with row-major codes (an adapter, another quantization). The kernel reads the weights where they lie, so changes in place need nothing; which
     modules and tensors the block holds is checked once per cache (a generation), where their pointers are taken.
     """
 
@@ -224,22 +220,33 @@ class NativeDecoderStep:
         return {"block": self.block, "args": None, "checked": None}
 
     def _arguments(self, dtype: torch.dtype) -> Optional[native.Block]:
-        """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout)."""
+        """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout, CPU)."""
         b = self.block
         linears = (b.causal_attn.q_linear, b.causal_attn.k_linear, b.causal_attn.v_linear, b.causal_attn.out_linear,
                    b.cross_attn.q_linear, b.cross_attn.out_linear, b.mlp.fc1, b.mlp.fc2)
-        if not all(is_plain_linear(m) for m in linears) or b.mlp.fused_forward is not None:
+        if all(is_plain_linear(m) for m in linears) and b.mlp.fused_forward is None:
+            kind, weights, extra = dtype, [m.weight for m in linears], ()
+        elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in linears):  # int8
+            kind, weights = "int8", [m.codes for m in linears]
+            extra = ([m.scale.data_ptr() for m in linears], [m.weight_sums.data_ptr() for m in linears])
+        else:
             return None
-        q, k, v, o, cq, co, fc1, fc2 = linears
-        tensors = [b.ln1.weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, o.bias, b.ln2.weight,
-                   cq.weight, cq.bias, co.weight, co.bias, b.ln3.weight, fc1.weight, fc1.bias, fc2.weight, fc2.bias]
-        if (any(t is not None and (t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous())
-                for t in tensors) or len({n.eps for n in (b.ln1, b.ln2, b.ln3)}) != 1):
+        if not native.decoder_step_available(kind):
+            return None
+        q, k, v, o, cq, co, fc1, fc2 = [(w, m.bias) for w, m in zip(weights, linears)]
+        tensors = [b.ln1.weight, *q, *k, *v, *o, b.ln2.weight, *cq, *co, b.ln3.weight, *fc1, *fc2]
+        wanted = {id(w) for w in weights}  # int8: the codes; everything else in the activations' dtype
+        if (any(t is not None and ((t.dtype != dtype and id(t) not in wanted) or t.device.type != "cpu"
+                                   or not t.is_contiguous()) for t in tensors)
+                or len({n.eps for n in (b.ln1, b.ln2, b.ln3)}) != 1):
             return None
         attn = b.causal_attn
-        return native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
-                            attn.n_head, attn.n_kv_head, attn.head_dim, fc1.out_features, int(attn.interleaved),
+        args = native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
+                            attn.n_head, attn.n_kv_head, attn.head_dim, linears[6].out_features, int(attn.interleaved),
                             b.ln1.eps)
+        if extra:
+            args.scale[:], args.wsum[:] = extra
+        return args
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
                  self_mask: Optional[Tensor], cross_mask: Optional[Tensor], cache) -> Optional[Tensor]:
@@ -250,8 +257,7 @@ class NativeDecoderStep:
         ck, cv = cross_kv  # (1, n_kv, S, hd)
         if self.checked is None or self.checked() is not cache:  # a new generation: the block and the cache
             self.checked, self.args = None, None
-            if (x.device.type != "cpu" or not _native_step(x.dtype)
-                    or any(t.dtype != x.dtype or not t.is_contiguous() for t in (kc, vc, ck, cv))):
+            if x.device.type != "cpu" or any(t.dtype != x.dtype or not t.is_contiguous() for t in (kc, vc, ck, cv)):
                 return None
             self.args = self._arguments(x.dtype)
             self.checked = weakref.ref(cache)
@@ -285,11 +291,13 @@ ARENA_BYTES = 64 << 20  # parameters move in groups of about this size (the copy
 
 
 def huge_pages_(model: nn.Module) -> nn.Module:
-    """Move `model`'s floating-point CPU parameters onto memory backed by transparent huge pages (Linux; see
-    `mu.utils.huge_page_bytes`), in groups of `ARENA_BYTES`, so a decode step's stream of weight reads crosses 2 MiB
-    pages instead of 4 KiB ones. Same parameters (their data moves), same values; nothing happens where huge pages
-    cannot be asked for, for models under `HUGE_PAGES_MIN_BYTES`, or when done already. `generate` calls it on CPU."""
-    params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_floating_point()]
+    """Move `model`'s CPU parameters and buffers (floating point, and int8 weight codes) onto memory backed by
+    transparent huge pages (Linux; see `mu.utils.huge_page_bytes`), in groups of `ARENA_BYTES`, so a decode step's
+    stream of weight reads crosses 2 MiB pages instead of 4 KiB ones. Same parameters (their data moves), same values;
+    nothing happens where huge pages cannot be asked for, for models under `HUGE_PAGES_MIN_BYTES`, or when done
+    already. `mu.load_model` and `generate` call it on CPU."""
+    params = [p for p in (*model.parameters(), *model.buffers())
+              if p.device.type == "cpu" and (p.is_floating_point() or p.dtype == torch.int8)]
     done = model.__dict__.get("_huge_pages")
     if done is not None and all(p.data_ptr() in done for p in params):
         return model

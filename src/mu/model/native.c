@@ -368,7 +368,10 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor per op: the
    products are the GEMVs above (each thread its share of every weight, 16 channels at a time), the attention
    splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops round
-   them (bf16: each op's output; the math in between in fp32). */
+   them (bf16: each op's output; the math in between in fp32). An int8 model's block (fp32 activations, 7-bit weight
+   codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way with VNNI dot products:
+   each product's input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)), the weights' codes
+   are read row by row as they lie. */
 
 typedef struct {
     const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
@@ -376,7 +379,12 @@ typedef struct {
     const void *ln3, *w1, *b1, *w2, *b2;                       /* MLP: norm weight, fc1, fc2 */
     int64_t d, n_head, n_kv, hd, hidden, interleaved;
     float eps;
+    /* int8 weights only (else NULL): per output channel, the scale and the dequantized weights' row sum, of q, k,
+       v, out, cross q, cross out, fc1, fc2 in that order */
+    const float *scale[8], *wsum[8];
 } mu_block;
+
+enum { P_Q, P_K, P_V, P_O, P_CQ, P_CO, P_W1, P_W2 };
 
 typedef float (*dot_fn)(const void *, const void *, int64_t);
 
@@ -439,12 +447,24 @@ static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) 
     *c1 = 16 * b1 < n ? 16 * b1 : n;
 }
 
-/* y[c] = rnd(x . w[c] + bias[c]) for c in [c0, c1): one rounding of the fp32 sum, as mu_gemv_* */
+/* y[c] = rnd(x . w[c] + bias[c]) for c in [c0, c1): one rounding of the fp32 sum, as mu_gemv_*; with int8 weights
+   (scale given: x is the input's 8-bit codes, sx and zx their scale and zero point) y[c] = sx scale[c] (x . w[c]) -
+   sx zx wsum[c] + bias[c], in fp32 */
 static inline void gemv_part(const void *x, int64_t k, const void *w, const void *bias, float *y, int64_t c0,
-                             int64_t c1, int bf, dot_fn dot) {
-    size_t row = (size_t)k * (bf ? 2 : 4);
-    for (int64_t c = c0; c < c1; c++)
-        y[c] = rnd(dot(x, (const char *)w + c * row, k) + (bias ? get_el(bias, c, bf) : 0.0f), bf);
+                             int64_t c1, int bf, dot_fn dot, const float *scale, const float *wsum, float sx,
+                             float zx) {
+    size_t row = (size_t)k * (scale ? 1 : bf ? 2 : 4);
+    for (int64_t c = c0; c < c1; c++) {
+        float s = dot(x, (const char *)w + c * row, k), b = bias ? get_el(bias, c, bf) : 0.0f;
+        y[c] = scale ? s * sx * scale[c] - sx * zx * wsum[c] + b : rnd(s + b, bf);
+    }
+}
+
+/* codes = 8-bit codes of v (k fp32 values) over min(v, 0)..max(v, 0), their scale and zero point into *sx, *zx */
+static void input_codes(const float *v, int64_t k, uint8_t *codes, float *sx, float *zx) {
+    float lo, hi;
+    row_range(v, k, &lo, &hi);
+    quantize_row(v, k, lo, hi, 255.0f, codes, k, sx, zx);
 }
 
 /* out = rnd(rnd(x * rsqrt(mean(x^2) + eps)) * weight) (bf16: RMSNorm in fp32, cast, then scaled), in the dtype */
@@ -524,12 +544,17 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
     const int64_t d = b->d, H = b->n_head, KV = b->n_kv, hd = b->hd, qd = H * hd, kvd = KV * hd, F = b->hidden;
     const size_t es = bf ? 2 : 4;
     const int64_t L = slot + 1, keys = L > S ? L : S, wide = F > qd + 2 * kvd ? F : qd + 2 * kvd;
-    /* fp32: x (d), y (wide: q|k|v or fc1's outputs); the dtype's: the next product's input (wide), o (qd); and
-       each thread's scores */
-    float *x = malloc(sizeof(float) * (size_t)(d + wide + (int64_t)nt * keys) + es * (size_t)(wide + qd));
+    const int q8 = b->scale[0] != NULL;
+    /* fp32: x (d), y (wide: q|k|v or fc1's outputs); the dtype's: the next product's input (wide), o (qd); each
+       thread's scores; int8: the next product's input codes (wide) */
+    float *x = malloc(sizeof(float) * (size_t)(d + wide + (int64_t)nt * keys) + es * (size_t)(wide + qd) +
+                      (q8 ? (size_t)wide : 0));
     if (!x) return -1;
     float *y = x + d, *scores = y + wide;
     void *in = scores + (int64_t)nt * keys, *o = (char *)in + es * wide;
+    uint8_t *codes = (uint8_t *)o + es * qd;
+    float sx = 0.0f, zx = 0.0f;  /* the codes' scale and zero point */
+    const void *from_in = q8 ? (const void *)codes : in, *from_o = q8 ? (const void *)codes : o;
     for (int64_t i = 0; i < d; i++) x[i] = get_el(xin, i, bf);
     #pragma omp parallel num_threads(nt)
     {
@@ -539,12 +564,15 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
 
         /* self-attention */
         #pragma omp single
-        rms_norm(x, d, b->ln1, b->eps, in, bf);
+        {
+            rms_norm(x, d, b->ln1, b->eps, in, bf);
+            if (q8) input_codes(in, d, codes, &sx, &zx);
+        }
         share(qd, tid, nth, &c0, &c1);
-        gemv_part(in, d, b->wq, b->bq, y, c0, c1, bf, dot);
+        gemv_part(from_in, d, b->wq, b->bq, y, c0, c1, bf, dot, b->scale[P_Q], b->wsum[P_Q], sx, zx);
         share(kvd, tid, nth, &c0, &c1);
-        gemv_part(in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot);
-        gemv_part(in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot);
+        gemv_part(from_in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot, b->scale[P_K], b->wsum[P_K], sx, zx);
+        gemv_part(from_in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot, b->scale[P_V], b->wsum[P_V], sx, zx);
         #pragma omp barrier
         #pragma omp single
         for (int64_t h = 0; h < H + KV; h++) {  /* q and k heads rotated; the token's K/V into the cache */
@@ -562,16 +590,23 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
                         bf);
         }
         #pragma omp barrier
+        if (q8) {
+            #pragma omp single
+            input_codes(o, qd, codes, &sx, &zx);
+        }
         share(d, tid, nth, &c0, &c1);
-        gemv_part(o, qd, b->wo, b->bo, y, c0, c1, bf, dot);
+        gemv_part(from_o, qd, b->wo, b->bo, y, c0, c1, bf, dot, b->scale[P_O], b->wsum[P_O], sx, zx);
         for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
         #pragma omp barrier
 
         /* cross-attention */
         #pragma omp single
-        rms_norm(x, d, b->ln2, b->eps, in, bf);
+        {
+            rms_norm(x, d, b->ln2, b->eps, in, bf);
+            if (q8) input_codes(in, d, codes, &sx, &zx);
+        }
         share(qd, tid, nth, &c0, &c1);
-        gemv_part(in, d, b->cwq, b->cbq, y, c0, c1, bf, dot);
+        gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], sx, zx);
         #pragma omp barrier
         for (int64_t h = h0; h < h1; h++) {
             size_t at = (size_t)kv_head(b, h) * S * hd * es;
@@ -579,16 +614,23 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
                         (char *)o + h * hd * es, bf);
         }
         #pragma omp barrier
+        if (q8) {
+            #pragma omp single
+            input_codes(o, qd, codes, &sx, &zx);
+        }
         share(d, tid, nth, &c0, &c1);
-        gemv_part(o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot);
+        gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], sx, zx);
         for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
         #pragma omp barrier
 
         /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
         #pragma omp single
-        rms_norm(x, d, b->ln3, b->eps, in, bf);
+        {
+            rms_norm(x, d, b->ln3, b->eps, in, bf);
+            if (q8) input_codes(in, d, codes, &sx, &zx);
+        }
         share(F, tid, nth, &c0, &c1);
-        gemv_part(in, d, b->w1, b->b1, y, c0, c1, bf, dot);
+        gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], sx, zx);
         #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
         for (int64_t c = c0; c < c1; c += 16) {
             __mmask16 m = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
@@ -599,8 +641,12 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
             for (int64_t i = c; i < c + 16 && i < c1; i++) put_el(in, i, y[i], bf);
         }
         #pragma omp barrier
+        if (q8) {
+            #pragma omp single
+            input_codes(in, F, codes, &sx, &zx);
+        }
         share(d, tid, nth, &c0, &c1);
-        gemv_part(in, F, b->w2, b->b2, y, c0, c1, bf, dot);
+        gemv_part(from_in, F, b->w2, b->b2, y, c0, c1, bf, dot, b->scale[P_W2], b->wsum[P_W2], sx, zx);
         for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
     }
     for (int64_t i = 0; i < d; i++) put_el(xout, i, x[i], bf);
@@ -614,6 +660,36 @@ int mu_decoder_step_f32(const mu_block *b, const void *xin, void *xout, const vo
     return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 0,
                         dot_f32);
 }
+
+#if defined(__AVX512VNNI__)
+/* the u8 x s8 dot product of k codes (vpdpbusd: four products into each int32 lane; 255 x 63 x 4 fits), as a float */
+static inline float dot_u8s8(const void *xv, const void *wv, int64_t k) {
+    const uint8_t *x = xv;
+    const int8_t *w = wv;
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512(), a2 = _mm512_setzero_si512(),
+            a3 = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 256 <= k; j += 256) {
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x + j), _mm512_loadu_si512(w + j));
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(x + j + 64), _mm512_loadu_si512(w + j + 64));
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(x + j + 128), _mm512_loadu_si512(w + j + 128));
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(x + j + 192), _mm512_loadu_si512(w + j + 192));
+    }
+    for (; j < k; j += 64) {
+        __mmask64 m = k - j >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - j)) - 1);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(m, x + j), _mm512_maskz_loadu_epi8(m, w + j));
+    }
+    return (float)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
+}
+
+/* an int8 model's block: fp32 activations, the products over 7-bit weight codes (`scale`, `wsum` set) */
+int mu_decoder_step_i8(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
+                       void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
+                       const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
+    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 0,
+                        dot_u8s8);
+}
+#endif
 
 
 #if defined(__AVX512BF16__)

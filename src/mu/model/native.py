@@ -4,9 +4,10 @@
   (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
 - fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
   `gemv_float`): a float model's decode, over its own weights;
-- on the same CPUs, a decoder block's whole decode step for one sequence (`decoder_step_available(dtype)`,
+- on the same CPUs, a decoder block's whole decode step for one sequence (`decoder_step_available(kind)`,
   `decoder_step`, called by `mu.model.fast.NativeDecoderStep`): norms, those GEMVs, RoPE, the cache write, both
-  attentions and the MLP in one OpenMP region.
+  attentions and the MLP in one OpenMP region; with VNNI also an int8 model's block (VNNI dot products over the
+  7-bit weight codes of `mu.model.quantize.Int8Linear`, each product's input with its own 8-bit codes).
 
     import torch
     from mu.model import native
@@ -73,10 +74,10 @@ _SIGNATURES = {
 _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
     **{name: ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _INT], _INT)
-       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16")},
+       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
-_STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16"}
+_STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 # with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
 _NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
@@ -148,10 +149,11 @@ def gemv_available(dtype: torch.dtype) -> bool:
     return dtype in _GEMV and lib is not None and hasattr(lib, _GEMV[dtype])
 
 
-def decoder_step_available(dtype: torch.dtype) -> bool:
-    """True when `decoder_step` runs for `dtype` on this machine (where `gemv_available(dtype)` is)."""
+def decoder_step_available(kind: torch.dtype | str) -> bool:
+    """True when `decoder_step` runs for `kind` on this machine: fp32 or bf16 (where `gemv_available(dtype)` is), or
+    "int8" (an int8 model's block: 7-bit weight codes, fp32 activations; AVX-512 with VNNI)."""
     lib = library()
-    return dtype in _STEP and lib is not None and hasattr(lib, _STEP[dtype])
+    return kind in _STEP and lib is not None and hasattr(lib, _STEP[kind])
 
 
 def _ceil(n: int, multiple: int) -> int:
@@ -244,11 +246,14 @@ def gemv_float(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 class Block(ctypes.Structure):
     """One decoder block's constant arguments (native.c's `mu_block`): the data pointers of its norm weights,
     projections (self-attention q, k, v, out; cross-attention q, out; fc1, fc2) and biases (None: no bias), and its
-    shape. The caller keeps the tensors alive."""
+    shape; for int8 weights (7-bit codes, fp32 biases) each product's per-channel `scale` and `wsum` (the dequantized
+    weights' row sums), in the order q, k, v, out, cross q, cross out, fc1, fc2. The caller keeps the tensors
+    alive."""
 
     _fields_ = [(name, _P) for name in ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2", "cwq", "cbq",
                                         "cwo", "cbo", "ln3", "w1", "b1", "w2", "b2")] + [
-        (name, _I64) for name in ("d", "n_head", "n_kv", "hd", "hidden", "interleaved")] + [("eps", _F32)]
+        (name, _I64) for name in ("d", "n_head", "n_kv", "hd", "hidden", "interleaved")] + [
+        ("eps", _F32), ("scale", _P * 8), ("wsum", _P * 8)]
 
 
 def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int,
@@ -260,9 +265,10 @@ def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
     into which the token's K/V are written at `slot` and whose slots 0..slot it attends (those with `self_valid`,
     (..., max_len) bool, when given), the cross-attention K/V (..., n_kv_head, S, head_dim) and their valid positions
     (..., S) bool or None (all); leading dimensions of size one. All contiguous. Returns the block's output, shaped
-    as x."""
+    as x. A block with int8 weights (`Block.scale` set) takes fp32 x and caches (needs `decoder_step_available("int8")`).
+    """
     out = torch.empty_like(x)
-    if getattr(library(), _STEP[x.dtype])(
+    if getattr(library(), _STEP["int8" if block.scale[0] else x.dtype])(
             ctypes.byref(block), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), k_cache.shape[-2], slot, None if self_valid is None else self_valid.data_ptr(),
             cross_k.data_ptr(), cross_v.data_ptr(), cross_k.shape[-2],

@@ -341,7 +341,8 @@ class _DynamicInt8(_Int8Gemm):
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (per-output-channel symmetric scales); inference only."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, prefill: bool = False):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, prefill: bool = False,
+                 keep_codes: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         b = None if bias is None else bias.detach().float().clone()
@@ -367,6 +368,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         if self._gemm is None:
             self.register_buffer("weight_int8", q, persistent=False)
+        # `keep_codes` (a decoder block's layer where mu's native decoder step runs int8, `quantize_`): the codes
+        # row-major as they are, and the dequantized weights' row sums, for that step (1 byte more per weight held)
+        keep = keep_codes and isinstance(self._gemm, _FbgemmInt8)
+        self.register_buffer("codes", q.contiguous() if keep else None, persistent=False)
+        self.register_buffer("weight_sums", q.sum(1, dtype=torch.int32) * scale if keep else None, persistent=False)
 
     @classmethod
     def from_linears(cls, linears: Iterable[nn.Linear], **kw) -> "Int8Linear":
@@ -548,6 +554,9 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
         raise MuError(f"quantize_: attention projections must be plain nn.Linear layers, found {odd} "
                       "(merge LoRA adapters first, e.g. peft's merge_and_unload())")
     make = QUANT_MODES[mode]
+    # "int8" where mu's native decoder step runs int8 (AVX-512 VNNI): the layers it reads also keep row-major codes
+    make_step = partial(Int8Linear, keep_codes=True) if mode == "int8" and native.decoder_step_available("int8") \
+        else make
     # "int8": the products that only ever prefill (an encoder's, the cross-attention's k/v of the encoder output)
     # also get oneDNN's int8 matmul for many rows (`Int8Linear(prefill=True)`)
     make_prefill = partial(Int8Linear, prefill=True) if mode == "int8" else make
@@ -566,10 +575,17 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                 attn.set_fused(fused, fn(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])))
             unfused = {id(getattr(m, n)) for m in block.modules() if isinstance(m, Attention)
                        for n in m.FUSED["qkv"]}  # run only with autograd on, which a quantized model refuses
+            stepped = set()  # the layers `NativeDecoderStep` reads (the decoder's, but the cross-attention's k/v)
+            if isinstance(block, DecoderBlock):
+                stepped = {id(m) for m in (block.causal_attn.q_linear, block.causal_attn.k_linear,
+                                           block.causal_attn.v_linear, block.causal_attn.out_linear,
+                                           block.cross_attn.q_linear, block.cross_attn.out_linear, block.mlp.fc1,
+                                           block.mlp.fc2)}
             for parent in block.modules():
                 for child_name, child in list(parent.named_children()):
                     if is_plain_linear(child):
-                        fn = make_prefill if block in encoder and id(child) not in unfused else make
+                        fn = (make_prefill if block in encoder and id(child) not in unfused
+                              else make_step if id(child) in stepped else make)
                         setattr(parent, child_name, fn(child.weight, child.bias))
             if mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
                 block.mlp.fused_forward = _fused_mlp  # declines unless both products run mu's or oneDNN's GEMM
