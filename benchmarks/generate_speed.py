@@ -396,7 +396,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             row[k] = statistics.median(vals)
             row[k + "_range"] = [min(vals), max(vals)]
         if row.get("decode_weight_bytes"):  # each repeat against the bandwidth measured around it
-            row["roofline_tok_s"] = statistics.median(r["read_bandwidth"] for r in runs[name]) / row["decode_weight_bytes"]
+            row["roofline_tok_s"] = (statistics.median(r["read_bandwidth"] for r in runs[name])
+                                     / row["decode_weight_bytes"])
             row["roofline_fraction"] = statistics.median(r["decode_tok_s"] * row["decode_weight_bytes"]
                                                          / r["read_bandwidth"] for r in runs[name])
         results[name] = row
@@ -505,7 +506,8 @@ def report(results: dict, checks: dict, info: dict) -> None:
     isa, bw = info["isa"], info["read_bandwidth_bytes_per_s"]
     spread = info.get("read_bandwidth_range")
     spread = f" ({spread[0] / 1e9:.1f}-{spread[1] / 1e9:.1f})" if spread else ""
-    print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f}{spread} GB/s; {info['preset']}, "
+    print(f"ISA {isa}, {info['threads']} threads, streaming read bandwidth {bw / 1e9:.1f}{spread} GB/s; "
+          f"{info['preset']}, "
           f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
           + (", each engine in its own process" if info["isolated"] else "")
           + (f"; mu's int8 kernels: {info['int8_kernels']}" if info.get("int8_kernels") else "")

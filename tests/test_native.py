@@ -236,7 +236,8 @@ def _module_path(model):
 def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
     """One call per decoder block per step, for both GQA head orders, with and without padded encoder positions,
     growing and fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded
-    where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly always)."""
+    where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly
+    always)."""
     if not native.decoder_step_available(dtype):
         pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
     torch.manual_seed(0)

@@ -207,8 +207,9 @@ class NativeDecoderStep:
     to let the module path run: more than one row or position (a batch, the start tokens of several sequences),
     autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
     (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is neither a plain linear layer nor
-    an int8 one with row-major codes (an adapter, another quantization). The kernel reads the weights where they lie, so changes in place need nothing; which
-    modules and tensors the block holds is checked once per cache (a generation), where their pointers are taken.
+    an int8 one with row-major codes (an adapter, another quantization). The kernel reads the weights where they
+    lie, so changes in place need nothing; which modules and tensors the block holds is checked once per cache (a
+    generation), where their pointers are taken.
     """
 
     def __init__(self, block: nn.Module):

@@ -635,7 +635,8 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
         for (int64_t c = c0; c < c1; c += 16) {
             __mmask16 m = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
             __m512 v = _mm512_maskz_loadu_ps(m, y + c);
-            __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), _mm512_set1_ps(0.044715f), v),
+            __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+            __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), v),
                                       _mm512_set1_ps(-1.5957691216057308f));
             _mm512_mask_storeu_ps(y + c, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(z2))));
             for (int64_t i = c; i < c + 16 && i < c1; i++) put_el(in, i, y[i], bf);

@@ -265,8 +265,8 @@ def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Ten
     into which the token's K/V are written at `slot` and whose slots 0..slot it attends (those with `self_valid`,
     (..., max_len) bool, when given), the cross-attention K/V (..., n_kv_head, S, head_dim) and their valid positions
     (..., S) bool or None (all); leading dimensions of size one. All contiguous. Returns the block's output, shaped
-    as x. A block with int8 weights (`Block.scale` set) takes fp32 x and caches (needs `decoder_step_available("int8")`).
-    """
+    as x. A block with int8 weights (`Block.scale` set) takes fp32 x and caches (needs
+    `decoder_step_available("int8")`)."""
     out = torch.empty_like(x)
     if getattr(library(), _STEP["int8" if block.scale[0] else x.dtype])(
             ctypes.byref(block), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
