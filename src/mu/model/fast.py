@@ -197,13 +197,14 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
 
 
 class NativeDecoderStep:
-    """A `DecoderBlock`'s decode step for one sequence as one call into mu's native library (`native.decoder_step`):
-    the block's norms, products, RoPE, cache write, both attentions and MLP in one OpenMP region, where the module
-    path makes ~30 PyTorch calls, each with its own threads' start and a new tensor. On CPUs with AVX-512 for fp32
+    """A decoder block's decode step for one sequence as one call into mu's native library (`native.decoder_step`):
+    the block's norms, products, RoPE, cache write, attention (both, in an encoder-decoder's `DecoderBlock`; the
+    causal one in a decoder-only model's `SelfAttentionBlock`) and MLP in one OpenMP region, where the module path
+    makes ~20-30 PyTorch calls, each with its own threads' start and a new tensor. On CPUs with AVX-512 for fp32
     (bf16: AVX-512-BF16), and for an int8 model's blocks with VNNI (their `Int8Linear`s keep the row-major codes for
     it, `quantize_`) (docs/efficiency.md, round 11).
 
-    Called by the block (`DecoderBlock.fused_step`) with the step's arguments; returns the block's output, or None
+    Called by the block (`fused_step`) with the step's arguments; returns the block's output, or None
     to let the module path run: more than one row or position (a batch, the start tokens of several sequences),
     autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
     (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is neither a plain linear layer nor
@@ -223,8 +224,7 @@ class NativeDecoderStep:
     def _arguments(self, dtype: torch.dtype) -> Optional[native.Block]:
         """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout, CPU)."""
         b = self.block
-        linears = (b.causal_attn.q_linear, b.causal_attn.k_linear, b.causal_attn.v_linear, b.causal_attn.out_linear,
-                   b.cross_attn.q_linear, b.cross_attn.out_linear, b.mlp.fc1, b.mlp.fc2)
+        linears = step_linears(b)
         if all(is_plain_linear(m) for m in linears) and b.mlp.fused_forward is None:
             kind, weights, extra = dtype, [m.weight for m in linears], ()
         elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in linears):  # int8
@@ -234,19 +234,27 @@ class NativeDecoderStep:
             return None
         if not native.decoder_step_available(kind):
             return None
-        q, k, v, o, cq, co, fc1, fc2 = [(w, m.bias) for w, m in zip(weights, linears)]
-        tensors = [b.ln1.weight, *q, *k, *v, *o, b.ln2.weight, *cq, *co, b.ln3.weight, *fc1, *fc2]
+        pairs = [(w, m.bias) for w, m in zip(weights, linears)]
+        cross = len(linears) == 8  # a DecoderBlock: q, k, v, out, cross q, cross out, fc1, fc2; else no cross pair
+        (q, k, v, o), (fc1, fc2) = pairs[:4], pairs[-2:]
+        cq, co = pairs[4:6] if cross else ((None, None), (None, None))
+        norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self, cross, MLP)
+        tensors = [norms[0].weight, *q, *k, *v, *o, norms[1] and norms[1].weight, *cq, *co, norms[2].weight, *fc1,
+                   *fc2]
         wanted = {id(w) for w in weights}  # int8: the codes; everything else in the activations' dtype
         if (any(t is not None and ((t.dtype != dtype and id(t) not in wanted) or t.device.type != "cpu"
                                    or not t.is_contiguous()) for t in tensors)
-                or len({n.eps for n in (b.ln1, b.ln2, b.ln3)}) != 1):
+                or len({n.eps for n in norms if n is not None}) != 1):
             return None
-        attn = b.causal_attn
+        attn = b.causal_attn if cross else b.attn
         args = native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
-                            attn.n_head, attn.n_kv_head, attn.head_dim, linears[6].out_features, int(attn.interleaved),
-                            b.ln1.eps)
+                            attn.n_head, attn.n_kv_head, attn.head_dim, linears[-2].out_features,
+                            int(attn.interleaved), b.ln1.eps)
         if extra:
-            args.scale[:], args.wsum[:] = extra
+            scales, sums = extra
+            if not cross:  # the cross pair's places stay empty
+                scales, sums = scales[:4] + [None, None] + scales[4:], sums[:4] + [None, None] + sums[4:]
+            args.scale[:], args.wsum[:] = scales, sums
         return args
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
@@ -255,10 +263,11 @@ class NativeDecoderStep:
                 or is_exporting() or torch.jit.is_tracing()):
             return None
         kc, vc = cache.k_layers[self.block.layer_idx], cache.v_layers[self.block.layer_idx]  # (1, n_kv, max_len, hd)
-        ck, cv = cross_kv  # (1, n_kv, S, hd)
+        ck, cv = cross_kv if cross_kv is not None else (None, None)  # (1, n_kv, S, hd)
         if self.checked is None or self.checked() is not cache:  # a new generation: the block and the cache
             self.checked, self.args = None, None
-            if x.device.type != "cpu" or any(t.dtype != x.dtype or not t.is_contiguous() for t in (kc, vc, ck, cv)):
+            if x.device.type != "cpu" or any(t.dtype != x.dtype or not t.is_contiguous()
+                                             for t in (kc, vc, ck, cv) if t is not None):
                 return None
             self.args = self._arguments(x.dtype)
             self.checked = weakref.ref(cache)
@@ -277,13 +286,20 @@ class NativeDecoderStep:
         return native.decoder_step(self.args, x, cos, sin, kc, vc, slot, self_mask, ck, cv, cross_mask)
 
 
-def native_decoder_step_(model: nn.Module) -> nn.Module:
-    """Give every `DecoderBlock` of `model` a `NativeDecoderStep` (used where the CPU and dtype allow)."""
-    from mu.model.layers import DecoderBlock
+def step_linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    """The linear layers `NativeDecoderStep` reads, in its order: a `DecoderBlock`'s q, k, v, out, cross q, cross out,
+    fc1, fc2; a decoder-only `SelfAttentionBlock`'s q, k, v, out, fc1, fc2."""
+    attn = getattr(block, "causal_attn", None) or block.attn
+    cross = getattr(block, "cross_attn", None)
+    return (attn.q_linear, attn.k_linear, attn.v_linear, attn.out_linear,
+            *((cross.q_linear, cross.out_linear) if cross is not None else ()), block.mlp.fc1, block.mlp.fc2)
 
-    for m in model.modules():
-        if isinstance(m, DecoderBlock):
-            m.fused_step = NativeDecoderStep(m)
+
+def native_decoder_step_(model: nn.Module) -> nn.Module:
+    """Give every decoder block of `model` (`decoder_blocks()`: an encoder-decoder's `DecoderBlock`s, a decoder-only
+    model's blocks) a `NativeDecoderStep` (used where the CPU and dtype allow)."""
+    for block in model.decoder_blocks():
+        block.fused_step = NativeDecoderStep(block)
     return model
 
 

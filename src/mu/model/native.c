@@ -537,7 +537,8 @@ static inline int64_t kv_head(const mu_block *b, int64_t h) {  /* the KV head qu
 
 /* xout (d) = the block applied to xin (d) at cache slot `slot`: the token's K/V go into kc, vc (n_kv x max_len x hd)
    there, self-attention reads slots 0..slot (those with self_valid[s] when given), cross-attention reads ck, cv
-   (n_kv x S x hd; positions with cross_valid[s] when given). xout may be xin. Returns 0, or -1 if out of memory. */
+   (n_kv x S x hd; positions with cross_valid[s] when given; none when the block has no cross-attention, cwq NULL:
+   a decoder-only block, whose MLP norm is ln3). xout may be xin. Returns 0, or -1 if out of memory. */
 static int decoder_step(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
                         void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
                         const void *cv, int64_t S, const uint8_t *cross_valid, int nt, int bf, dot_fn dot) {
@@ -599,29 +600,30 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
         for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
         #pragma omp barrier
 
-        /* cross-attention */
-        #pragma omp single
-        {
-            rms_norm(x, d, b->ln2, b->eps, in, bf);
-            if (q8) input_codes(in, d, codes, &sx, &zx);
-        }
-        share(qd, tid, nth, &c0, &c1);
-        gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], sx, zx);
-        #pragma omp barrier
-        for (int64_t h = h0; h < h1; h++) {
-            size_t at = (size_t)kv_head(b, h) * S * hd * es;
-            attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
-                        (char *)o + h * hd * es, bf);
-        }
-        #pragma omp barrier
-        if (q8) {
+        if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
             #pragma omp single
-            input_codes(o, qd, codes, &sx, &zx);
+            {
+                rms_norm(x, d, b->ln2, b->eps, in, bf);
+                if (q8) input_codes(in, d, codes, &sx, &zx);
+            }
+            share(qd, tid, nth, &c0, &c1);
+            gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], sx, zx);
+            #pragma omp barrier
+            for (int64_t h = h0; h < h1; h++) {
+                size_t at = (size_t)kv_head(b, h) * S * hd * es;
+                attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
+                            (char *)o + h * hd * es, bf);
+            }
+            #pragma omp barrier
+            if (q8) {
+                #pragma omp single
+                input_codes(o, qd, codes, &sx, &zx);
+            }
+            share(d, tid, nth, &c0, &c1);
+            gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], sx, zx);
+            for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
+            #pragma omp barrier
         }
-        share(d, tid, nth, &c0, &c1);
-        gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], sx, zx);
-        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
-        #pragma omp barrier
 
         /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
         #pragma omp single

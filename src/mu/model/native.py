@@ -257,21 +257,23 @@ class Block(ctypes.Structure):
 
 
 def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int,
-                 self_valid: Optional[Tensor], cross_k: Tensor, cross_v: Tensor,
+                 self_valid: Optional[Tensor], cross_k: Optional[Tensor], cross_v: Optional[Tensor],
                  cross_valid: Optional[Tensor]) -> Tensor:
     """One decoder block applied to one token of one sequence (`mu.model.layers.DecoderBlock` at a decode step):
     x (..., d) in the block's dtype (fp32 or bf16; needs `decoder_step_available`), RoPE's cos and sin at its
     position (head_dim each), the layer's self-attention cache k_cache, v_cache (..., n_kv_head, max_len, head_dim),
     into which the token's K/V are written at `slot` and whose slots 0..slot it attends (those with `self_valid`,
     (..., max_len) bool, when given), the cross-attention K/V (..., n_kv_head, S, head_dim) and their valid positions
-    (..., S) bool or None (all); leading dimensions of size one. All contiguous. Returns the block's output, shaped
+    (..., S) bool or None (all; a decoder-only block, without cross-attention pointers in `block`, takes None for
+    all three); leading dimensions of size one. All contiguous. Returns the block's output, shaped
     as x. A block with int8 weights (`Block.scale` set) takes fp32 x and caches (needs
     `decoder_step_available("int8")`)."""
     out = torch.empty_like(x)
     if getattr(library(), _STEP["int8" if block.scale[0] else x.dtype])(
             ctypes.byref(block), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), k_cache.shape[-2], slot, None if self_valid is None else self_valid.data_ptr(),
-            cross_k.data_ptr(), cross_v.data_ptr(), cross_k.shape[-2],
+            None if cross_k is None else cross_k.data_ptr(), None if cross_v is None else cross_v.data_ptr(),
+            0 if cross_k is None else cross_k.shape[-2],
             None if cross_valid is None else cross_valid.data_ptr(), torch.get_num_threads()):
         raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
     return out

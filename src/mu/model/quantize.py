@@ -544,7 +544,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
     `include_encoder=False` keeps the encoder in its float dtype (an exact prefill; only the
     decoder and lm_head, whose weight reads bound the decode steps, are quantized).
     """
-    from mu.model.fast import is_plain_linear
+    from mu.model.fast import is_plain_linear, step_linears
     from mu.model.layers import MLP, Attention, DecoderBlock
 
     if mode not in QUANT_MODES:
@@ -578,12 +578,8 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                 attn.set_fused(fused, fn(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])))
             unfused = {id(getattr(m, n)) for m in block.modules() if isinstance(m, Attention)
                        for n in m.FUSED["qkv"]}  # run only with autograd on, which a quantized model refuses
-            stepped = set()  # the layers `NativeDecoderStep` reads (the decoder's, but the cross-attention's k/v)
-            if isinstance(block, DecoderBlock):
-                stepped = {id(m) for m in (block.causal_attn.q_linear, block.causal_attn.k_linear,
-                                           block.causal_attn.v_linear, block.causal_attn.out_linear,
-                                           block.cross_attn.q_linear, block.cross_attn.out_linear, block.mlp.fc1,
-                                           block.mlp.fc2)}
+            # the layers `NativeDecoderStep` reads (a decoder block's, but the cross-attention's k/v)
+            stepped = {id(m) for m in step_linears(block)} if block not in encoder else set()
             for parent in block.modules():
                 for child_name, child in list(parent.named_children()):
                     if is_plain_linear(child):
