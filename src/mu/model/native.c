@@ -329,20 +329,29 @@ static inline __m512 load_f32(const void *p, __mmask16 valid) { return _mm512_ma
 
 static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, y); }
 
+static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {  /* bf16 widened to fp32 (no BF16 unit needed) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
+/* this thread's share [*c0, *c1) of n output channels, in blocks of 16 */
+static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) {
+    int64_t blocks = (n + 15) / 16, b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+    *c0 = 16 * b0 < n ? 16 * b0 : n;
+    *c1 = 16 * b1 < n ? 16 * b1 : n;
+}
+
 /* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
    are the element type's (the OpenMP region is outlined once for both types, so they are indirect calls there: one
    per output channel, nothing beside its 2-4 KiB of weights; measured level with a copy written out for bf16) */
 static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
                              char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
                              __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
-    int64_t blocks = (n + 15) / 16;
     #pragma omp parallel num_threads(nt)
     {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
-        for (int64_t b = b0; b < b1; b++) {
-            int64_t c0 = 16 * b;
-            int nb = n - c0 < 16 ? (int)(n - c0) : 16;
+        int64_t first, last;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        for (int64_t c0 = first; c0 < last; c0 += 16) {
+            int nb = last - c0 < 16 ? (int)(last - c0) : 16;
             __mmask16 valid = (__mmask16)((1u << nb) - 1);
             __m512 start = bias ? load(bias + c0 * size, valid) : _mm512_setzero_ps();
             for (int64_t r = 0; r < rows; r++) {
@@ -417,34 +426,14 @@ static inline void put_el(void *p, int64_t i, float f, int bf) {
 
 static inline __m512 load16(const void *p, int64_t i, int64_t n, int bf) {  /* elements i .. min(i + 16, n) */
     __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    if (!bf) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-    __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    return bf ? load_bf16x16((const uint16_t *)p + i, m) : load_f32((const float *)p + i, m);
 }
 
-/* exp(t) for t in [-87, 87] to ~2 ulp: exp_ps's polynomial, 16 lanes */
-static inline __m512 exp512(__m512 t) {
-    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), t);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-/* this thread's share [*c0, *c1) of n output channels, in blocks of 16 */
-static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) {
-    int64_t blocks = (n + 15) / 16, b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
-    *c0 = 16 * b0 < n ? 16 * b0 : n;
-    *c1 = 16 * b1 < n ? 16 * b1 : n;
+/* f (an 8-lane function above: exp_ps, gelu_ps) on 16 lanes, as two halves: one polynomial for both widths */
+static inline __m512 halves(__m256 (*f)(__m256), __m512 v) {
+    __m256 lo = f(_mm512_castps512_ps256(v));
+    __m256 hi = f(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
 
 /* y[c] = rnd(x . w[c] + bias[c]) for c in [c0, c1): one rounding of the fp32 sum, as mu_gemv_*; with int8 weights
@@ -508,7 +497,7 @@ static void attend_head(const float *q, const void *K, const void *V, int64_t L,
     __m512 total = _mm512_setzero_ps();
     int64_t s = 0;
     for (; s + 16 <= L; s += 16) {
-        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + s), _mm512_set1_ps(mx)));
+        __m512 e = halves(exp_ps, _mm512_sub_ps(_mm512_loadu_ps(scores + s), _mm512_set1_ps(mx)));
         __mmask16 ok = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores + s), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
         e = _mm512_maskz_mov_ps(ok, e);
         _mm512_storeu_ps(scores + s, e);
@@ -636,11 +625,7 @@ static int decoder_step(const mu_block *b, const void *xin, void *xout, const vo
         #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
         for (int64_t c = c0; c < c1; c += 16) {
             __mmask16 m = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(m, y + c);
-            __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-            __m512 z2 = _mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), v),
-                                      _mm512_set1_ps(-1.5957691216057308f));
-            _mm512_mask_storeu_ps(y + c, m, _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(z2))));
+            _mm512_mask_storeu_ps(y + c, m, halves(gelu_ps, _mm512_maskz_loadu_ps(m, y + c)));
             for (int64_t i = c; i < c + 16 && i < c1; i++) put_el(in, i, y[i], bf);
         }
         #pragma omp barrier
@@ -714,10 +699,6 @@ static inline float dot_bf16(const void *xv, const void *wv, int64_t k) {
     }
     for (; j < k; j += 32) a0 = _mm512_dpbf16_ps(a0, load_bf16(x + j, k - j), load_bf16(w + j, k - j));
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
-static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
 }
 
 static inline void store_bf16x16(void *p, __m512 y, __mmask16 valid) {  /* rounded to nearest even */
