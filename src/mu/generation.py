@@ -23,6 +23,7 @@ from torch import Tensor
 from mu.errors import MuError
 from mu.model.cache import KVCache
 from mu.model.fast import huge_pages_
+from mu.utils import round_up
 
 DEFAULT_BOS_ID = 1  # the paper's decoder start token (Phi-3.5's BOS)
 
@@ -208,7 +209,7 @@ def new_tokens(model, output: Tensor, prompt: Tensor | int) -> Tensor:
 
 def _cache_len(n: int, compile: bool) -> int:
     """Cache slots for n positions; a compiled (fixed-shape) cache rounds up so shapes repeat across calls."""
-    return -(-n // 64) * 64 if compile else n
+    return round_up(n, 64) if compile else n
 
 
 def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optional[int], pad: int, streamer,

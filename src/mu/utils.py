@@ -124,6 +124,11 @@ def cpu_isa() -> str:
     return f"{level} ({', '.join(extras)})" if extras else level
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
 HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mu.data.tasks import encode_source, get_task
 from mu.errors import MuError
+from mu.utils import round_up
 
 IGNORE_INDEX = -100  # target positions the loss skips
 ARCHS = ("encdec", "deconly")
@@ -39,10 +40,6 @@ ARCHS = ("encdec", "deconly")
 
 class TruncationWarning(UserWarning):
     """Some examples were longer than the token budget and were cut (one warning per call, with counts)."""
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 # ---------------------------------------------------------------------------------------------

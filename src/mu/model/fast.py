@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from mu.errors import MuError
 from mu.model import native
 from mu.model.layers import is_exporting
-from mu.utils import huge_page_bytes
+from mu.utils import huge_page_bytes, round_up
 
 SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
 
@@ -327,11 +327,11 @@ def huge_pages_(model: nn.Module) -> nn.Module:
             groups.append([])
             size = 0
         groups[-1].append(p)
-        size += _padded(p.nbytes)
+        size += round_up(p.nbytes, 64)
     moved = set()
     with torch.no_grad(), torch.inference_mode(False):  # (normal tensors: the model may train afterwards)
         for group in groups:
-            arena = huge_page_bytes(sum(_padded(p.nbytes) for p in group))
+            arena = huge_page_bytes(sum(round_up(p.nbytes, 64) for p in group))
             if arena is None:
                 return model
             at = 0
@@ -340,13 +340,9 @@ def huge_pages_(model: nn.Module) -> nn.Module:
                 data.copy_(p.data)
                 p.data = data
                 moved.add(data.data_ptr())
-                at += _padded(p.nbytes)
+                at += round_up(p.nbytes, 64)
     model.__dict__["_huge_pages"] = moved
     return model
-
-
-def _padded(nbytes: int) -> int:
-    return -(-nbytes // 64) * 64
 
 
 def speed_up_(model: nn.Module) -> nn.Module:

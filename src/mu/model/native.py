@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from mu.atomic import atomic_file
-from mu.utils import cpu_flags as _cpu_flags
+from mu.utils import cpu_flags as _cpu_flags, round_up
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -156,10 +156,6 @@ def decoder_step_available(kind: torch.dtype | str) -> bool:
     return kind in _STEP and lib is not None and hasattr(lib, _STEP[kind])
 
 
-def _ceil(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _aligned(numel: int, dtype: torch.dtype, align: int = 64) -> Tensor:
     """An uninitialised 1-D tensor whose data starts on an `align`-byte boundary."""
     size = torch.empty(0, dtype=dtype).element_size()
@@ -172,8 +168,8 @@ def pack_weights(q: Tensor) -> Tensor:
     """7-bit weight codes (out, in) int8 in the kernels' panel layout (64-byte aligned, zero padded)."""
     n, k = q.shape
     q = q.contiguous()
-    out = _aligned(_ceil(n, N_MULTIPLE) * _ceil(k, K_MULTIPLE), torch.int8)
-    library().mu_pack_weights(q.data_ptr(), n, k, _ceil(n, N_MULTIPLE), _ceil(k, K_MULTIPLE), out.data_ptr())
+    out = _aligned(round_up(n, N_MULTIPLE) * round_up(k, K_MULTIPLE), torch.int8)
+    library().mu_pack_weights(q.data_ptr(), n, k, round_up(n, N_MULTIPLE), round_up(k, K_MULTIPLE), out.data_ptr())
     return out
 
 
@@ -182,8 +178,8 @@ def activation_codes(x: Tensor, row_ranges: Optional[Tensor] = None) -> tuple[Te
     min(x, 0)..max(x, 0) (or `row_ranges`, (rows, 2), when the producer already knows them): (codes (rows padded,
     in padded) uint8, scales (rows,), zero points (rows,) as floats)."""
     rows, cols = x.shape
-    k_pad = _ceil(cols, K_MULTIPLE)
-    codes = torch.empty(_ceil(rows, M_MULTIPLE), k_pad, dtype=torch.uint8)  # the padded row is read, never stored
+    k_pad = round_up(cols, K_MULTIPLE)
+    codes = torch.empty(round_up(rows, M_MULTIPLE), k_pad, dtype=torch.uint8)  # the padded row is read, never stored
     sx, zx = torch.empty(rows), torch.empty(rows)
     library().mu_codes_u7(x.data_ptr(), rows, cols, x.stride(0), None if row_ranges is None else row_ranges.data_ptr(),
                           codes.data_ptr(), k_pad, sx.data_ptr(), zx.data_ptr(), torch.get_num_threads())
@@ -216,7 +212,7 @@ def layer(packed: Tensor, in_features: int, scale: Tensor, bias: Tensor, weight_
     """The GEMV's arguments for weights packed by `pack_weights` and per-channel `scale`, `bias` and dequantized row
     sums `weight_sums` (fp32, contiguous, n_pad each)."""
     tensors = (packed, scale.contiguous(), bias.contiguous(), weight_sums.contiguous())
-    args = Layer(packed.data_ptr(), in_features, _ceil(in_features, K_MULTIPLE), scale.numel(), tensors[1].data_ptr(),
+    args = Layer(packed.data_ptr(), in_features, round_up(in_features, K_MULTIPLE), scale.numel(), tensors[1].data_ptr(),
                  tensors[2].data_ptr(), tensors[3].data_ptr())
     args.tensors = tensors  # alive as long as the pointers are
     args.call, args.ref = library().mu_gemv_layer, ctypes.byref(args)  # the per-call lookups, done once
