@@ -100,6 +100,12 @@ def _per_channel_int8(weight: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
 
 
+def _row_sums(q: Tensor, scale: Tensor) -> Tensor:
+    """The dequantized weights' row sums of int8 codes `q` (out, in) with per-channel `scale`: what an activation
+    zero point contributes to each output, per unit of zero point x activation scale."""
+    return q.sum(1, dtype=torch.int32) * scale
+
+
 def _check_inference(x: Tensor) -> None:
     if x.requires_grad and torch.is_grad_enabled():
         raise MuError("this model is quantized (inference only); train the float model, quantize after")
@@ -220,7 +226,7 @@ class _OnednnInt8(_Int8Gemm):
         self.bias = torch.cat([bias, bias.new_zeros(pad)])
         self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
         self.scale, self.zeros = scale, torch.zeros(q.shape[0], dtype=torch.long)
-        self.weight_sums = q.sum(1, dtype=torch.int32) * scale  # the dequantized weights' row sums
+        self.weight_sums = _row_sums(q, scale)
         with warnings.catch_warnings():  # quantized-tensor constructors are deprecated (they warn once, here)
             warnings.simplefilter("ignore")
             # bound to the tensors, not to this object: `_PACKED` must not keep it alive
@@ -257,7 +263,7 @@ class _NativeInt8(_Int8Gemm):
         pad = -self.out_features % native.N_MULTIPLE  # zero channels: the kernel writes whole panels
         packed, scale_pad = native.pack_weights(q), F.pad(scale.float(), (0, pad))
         bias_pad = F.pad(scale.new_zeros(self.out_features) if bias is None else bias.float(), (0, pad))
-        sums = F.pad(q.sum(1, dtype=torch.int32) * scale, (0, pad))
+        sums = F.pad(_row_sums(q, scale), (0, pad))
         self.weights = _NativeWeights(packed, scale_pad, bias_pad, sums, self.out_features,
                                       native.layer(packed, self.in_features, scale_pad, bias_pad, sums))
         self._register(partial(_native_product, self.weights))  # the weights, not this object: see `_Int8Gemm`
@@ -375,7 +381,7 @@ class Int8Linear(nn.Module):
         # row-major as they are, and the dequantized weights' row sums, for that step (1 byte more per weight held)
         keep = keep_codes and isinstance(self._gemm, _FbgemmInt8)
         self.register_buffer("codes", q.contiguous() if keep else None, persistent=False)
-        self.register_buffer("weight_sums", q.sum(1, dtype=torch.int32) * scale if keep else None, persistent=False)
+        self.register_buffer("weight_sums", _row_sums(q, scale) if keep else None, persistent=False)
 
     @classmethod
     def from_linears(cls, linears: Iterable[nn.Linear], **kw) -> "Int8Linear":
