@@ -225,36 +225,33 @@ class NativeDecoderStep:
         """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout, CPU)."""
         b = self.block
         linears = step_linears(b)
-        if all(is_plain_linear(m) for m in linears) and b.mlp.fused_forward is None:
-            kind, weights, extra = dtype, [m.weight for m in linears], ()
-        elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in linears):  # int8
-            kind, weights = "int8", [m.codes for m in linears]
-            extra = ([m.scale.data_ptr() for m in linears], [m.weight_sums.data_ptr() for m in linears])
+        present = [m for m in linears if m is not None]
+        if all(is_plain_linear(m) for m in present) and b.mlp.fused_forward is None:
+            kind, int8 = dtype, False
+        elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in present):
+            kind, int8 = "int8", True
         else:
             return None
         if not native.decoder_step_available(kind):
             return None
-        pairs = [(w, m.bias) for w, m in zip(weights, linears)]
-        cross = len(linears) == 8  # a DecoderBlock: q, k, v, out, cross q, cross out, fc1, fc2; else no cross pair
-        (q, k, v, o), (fc1, fc2) = pairs[:4], pairs[-2:]
-        cq, co = pairs[4:6] if cross else ((None, None), (None, None))
-        norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self, cross, MLP)
-        tensors = [norms[0].weight, *q, *k, *v, *o, norms[1] and norms[1].weight, *cq, *co, norms[2].weight, *fc1,
-                   *fc2]
-        wanted = {id(w) for w in weights}  # int8: the codes; everything else in the activations' dtype
-        if (any(t is not None and ((t.dtype != dtype and id(t) not in wanted) or t.device.type != "cpu"
+        weights = [None if m is None else m.codes if int8 else m.weight for m in linears]
+        pairs = [(w, None if m is None else m.bias) for w, m in zip(weights, linears)]
+        cross = linears[4] is not None
+        norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self-attention, cross-attention, MLP)
+        tensors = [norms[0].weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3], norms[1] and norms[1].weight,
+                   *pairs[4], *pairs[5], norms[2].weight, *pairs[6], *pairs[7]]
+        codes = {id(w) for w in weights if int8 and w is not None}  # the rest: in the activations' dtype
+        if (any(t is not None and ((t.dtype != dtype and id(t) not in codes) or t.device.type != "cpu"
                                    or not t.is_contiguous()) for t in tensors)
                 or len({n.eps for n in norms if n is not None}) != 1):
             return None
         attn = b.causal_attn if cross else b.attn
         args = native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
-                            attn.n_head, attn.n_kv_head, attn.head_dim, linears[-2].out_features,
+                            attn.n_head, attn.n_kv_head, attn.head_dim, b.mlp.fc1.out_features,
                             int(attn.interleaved), b.ln1.eps)
-        if extra:
-            scales, sums = extra
-            if not cross:  # the cross pair's places stay empty
-                scales, sums = scales[:4] + [None, None] + scales[4:], sums[:4] + [None, None] + sums[4:]
-            args.scale[:], args.wsum[:] = scales, sums
+        if int8:
+            args.scale[:] = [None if m is None else m.scale.data_ptr() for m in linears]
+            args.wsum[:] = [None if m is None else m.weight_sums.data_ptr() for m in linears]
         return args
 
     def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
@@ -286,13 +283,13 @@ class NativeDecoderStep:
         return native.decoder_step(self.args, x, cos, sin, kc, vc, slot, self_mask, ck, cv, cross_mask)
 
 
-def step_linears(block: nn.Module) -> tuple[nn.Module, ...]:
-    """The linear layers `NativeDecoderStep` reads, in its order: a `DecoderBlock`'s q, k, v, out, cross q, cross out,
-    fc1, fc2; a decoder-only `SelfAttentionBlock`'s q, k, v, out, fc1, fc2."""
+def step_linears(block: nn.Module) -> tuple[Optional[nn.Module], ...]:
+    """The linear layers `NativeDecoderStep` reads, in its order: q, k, v, out, cross q, cross out, fc1, fc2 (the
+    cross pair None in a decoder-only `SelfAttentionBlock`)."""
     attn = getattr(block, "causal_attn", None) or block.attn
     cross = getattr(block, "cross_attn", None)
-    return (attn.q_linear, attn.k_linear, attn.v_linear, attn.out_linear,
-            *((cross.q_linear, cross.out_linear) if cross is not None else ()), block.mlp.fc1, block.mlp.fc2)
+    return (attn.q_linear, attn.k_linear, attn.v_linear, attn.out_linear, None if cross is None else cross.q_linear,
+            None if cross is None else cross.out_linear, block.mlp.fc1, block.mlp.fc2)
 
 
 def native_decoder_step_(model: nn.Module) -> nn.Module:

@@ -585,7 +585,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
             unfused = {id(getattr(m, n)) for m in block.modules() if isinstance(m, Attention)
                        for n in m.FUSED["qkv"]}  # run only with autograd on, which a quantized model refuses
             # the layers `NativeDecoderStep` reads (a decoder block's, but the cross-attention's k/v)
-            stepped = {id(m) for m in step_linears(block)} if block not in encoder else set()
+            stepped = {id(m) for m in step_linears(block) if m is not None} if block not in encoder else set()
             for parent in block.modules():
                 for child_name, child in list(parent.named_children()):
                     if is_plain_linear(child):
