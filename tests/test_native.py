@@ -361,9 +361,7 @@ def test_native_step_in_a_decoder_only_block(monkeypatch, kind):
     """The decoder-only twin's blocks get the same one-call step (no cross-attention), so both architectures decode
     with the same kernels: one call per block per single-token step (the prompt runs the modules), logits of the
     modules fed the same tokens (fp32 and int8 to rounding, bf16 within bf16 steps)."""
-    available = native.decoder_step_available("int8" if kind == "int8" else getattr(torch, {"fp32": "float32",
-                                                                                            "bf16": "bfloat16"}[kind]))
-    if not available:
+    if not native.decoder_step_available({"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}[kind]):
         pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16, int8: VNNI)")
     torch.manual_seed(0)
     model = mu.build_model("tiny", arch="deconly", weight_init="fan_in").eval()
