@@ -170,7 +170,7 @@ def test_float_gemv_is_the_fp32_sum(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, dtype):
     """Every few-row product of a decode step (fused q/k/v, out, MLP, lm_head) goes through the GEMV: in eager mode
-    directly (the decoder blocks' inside the native decoder step, where that runs), in a compiled step as the
+    directly (inside the native decoder step, where that runs, lm_head included), in a compiled step as the
     `mu::gemv` op; the tokens equal those of PyTorch's kernels (so all are the same function to rounding) on a tiny
     model."""
     if not native.gemv_available(dtype):
@@ -184,10 +184,10 @@ def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, d
     lm_head = tuple(model.lm_head.weight.shape)
     with torch.inference_mode():
         fast = model.generate(ids, max_new_tokens=6)
-        assert calls == [lm_head] * 6  # (the blocks' products ran in the native decoder step)
+        assert not calls  # (every product ran in the native decoder step)
         calls.clear()
         compiled = model.generate(ids, max_new_tokens=6, compile=True)
-        assert calls.count(lm_head) == 6  # the eager first step's, then the op's in five compiled steps
+        assert calls.count(lm_head) == 5  # the op's in five compiled steps (the eager first step: the native one)
         monkeypatch.setattr(native, "decoder_step_available", lambda dtype: False)
         calls.clear()
         modules = model.generate(ids, max_new_tokens=6)
@@ -225,19 +225,17 @@ def _decode(model, ids, attention_mask=None, steps=12, static=False, tokens=None
 
 
 def _module_path(model):
-    """The model with its decoder blocks' native step switched off (the PyTorch modules run)."""
-    for block in model.decoder_blocks():
-        block.fused_step = None
+    """The model with its native decode step switched off (the PyTorch modules run)."""
+    model.fused_decode = None
     return model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
-    """One call per decoder block per step, for both GQA head orders, with and without padded encoder positions,
-    growing and fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded
-    where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly
-    always)."""
+    """One call per step, for both GQA head orders, with and without padded encoder positions, growing and
+    fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded where
+    PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly always)."""
     if not native.decoder_step_available(dtype):
         pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
     torch.manual_seed(0)
@@ -252,7 +250,7 @@ def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
         want = _decode(_module_path(copy.deepcopy(model)), ids, mask, static=static)
         calls.clear()
         got = _decode(model, ids, mask, static=static, tokens=want.argmax(-1)[:-1].long())
-        assert len(calls) == 13 * 2
+        assert len(calls) == 13
         tol = 1e-5 if dtype == torch.float32 else 0.1
         assert torch.allclose(got, want, rtol=tol, atol=tol), (got - want).abs().max()
         same = (got.argmax(-1) == want.argmax(-1)).float().mean()
@@ -260,7 +258,7 @@ def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
 
 
 def test_native_decoder_step_steps_aside(monkeypatch):
-    """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter)
+    """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter, in any block)
     and quantized layers run the modules; a weight changed in place is read again."""
     if not native.decoder_step_available(torch.float32):
         pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 and a C compiler")
@@ -272,10 +270,9 @@ def test_native_decoder_step_steps_aside(monkeypatch):
     ids = torch.randint(3, 300, (2, 20))
     want = _decode(_module_path(copy.deepcopy(model)), ids)
     assert torch.allclose(_decode(model, ids), want, atol=1e-5) and not calls  # two rows: the modules
-    block = model.decoder_blocks()[0]
     x, rope = torch.randn(1, 1, 96), (torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
     with torch.enable_grad():
-        assert block.fused_step(x, rope, None, None, None, model.new_cache(1, 4)) is None
+        assert model.fused_decode(x, rope, None, model.new_cache(1, 4)) is None
     one = ids[:1]
     with torch.no_grad():
         model.decoder_blocks()[1].mlp.fc2.weight.mul_(-1)  # in place, after the native arguments were built
@@ -293,17 +290,17 @@ def test_native_decoder_step_steps_aside(monkeypatch):
     calls.clear()
     plain = copy.deepcopy(adapter)
     assert torch.allclose(_decode(adapter, one), _decode(_module_path(plain), one), atol=1e-5)
-    assert len(calls) == 13  # the other block
+    assert not calls
     for mode in ("int8", "int8wo"):  # int8: the step's own kernel where the CPU has VNNI; int8wo: the modules
         quantized = copy.deepcopy(model).quantize_(mode)
         calls.clear()
         _decode(quantized, one)
-        assert len(calls) == (26 if mode == "int8" and native.decoder_step_available("int8") else 0)
+        assert len(calls) == (13 if mode == "int8" and native.decoder_step_available("int8") else 0)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
-    """An int8 model's decoder blocks (VNNI CPUs): one call per block per step over the layers' row-major 7-bit codes,
+    """An int8 model's decoder (VNNI CPUs): one call per step over the layers' and the lm_head's row-major 7-bit codes,
     each product's input with its own 8-bit codes, as fbgemm's kernel makes them: the logits equal the int8 modules'
     to float rounding (and the odd activation code that rounding moves), the same tokens; a layer without row-major codes (quantized elsewhere) runs the modules."""
     if not native.decoder_step_available("int8"):
@@ -318,13 +315,13 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
     want = _decode(_module_path(copy.deepcopy(model)), ids)
     calls.clear()
     got = _decode(model, ids, tokens=want.argmax(-1)[:-1].long())
-    assert len(calls) == 13 * 2
+    assert len(calls) == 13
     assert ((got - want).norm() / want.norm()) < 1e-3  # (float rounding may move an activation code across a step)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     model.decoder_blocks()[1].mlp.fc2.codes = None  # as a layer quantized without them
     calls.clear()
     _decode(model, ids, steps=2)
-    assert len(calls) == 3  # the first block only
+    assert not calls
 
 
 def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeypatch, tmp_path):
@@ -359,7 +356,7 @@ def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeyp
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
 def test_native_step_in_a_decoder_only_block(monkeypatch, kind):
     """The decoder-only twin's blocks get the same one-call step (no cross-attention), so both architectures decode
-    with the same kernels: one call per block per single-token step (the prompt runs the modules), logits of the
+    with the same kernels: one call per single-token step (the prompt runs the modules), logits of the
     modules fed the same tokens (fp32 and int8 to rounding, bf16 within bf16 steps)."""
     if not native.decoder_step_available({"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}[kind]):
         pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16, int8: VNNI)")
@@ -383,7 +380,7 @@ def test_native_step_in_a_decoder_only_block(monkeypatch, kind):
     want = decode(_module_path(copy.deepcopy(model)))
     calls.clear()
     got = decode(model, want.argmax(-1)[:-1].long())
-    assert len(calls) == 12 * len(model.decoder_blocks())
+    assert len(calls) == 12
     # (int8: equal but where a rounding of 1e-7 moves an activation code across a step, ~1e-4 of the logits)
     assert ((got - want).norm() / want.norm()) < {"fp32": 1e-5, "bf16": 0.02, "int8": 1e-3}[kind]
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (0.9 if kind == "bf16" else 1.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ class MuModel(nn.Module):
     config: MuConfig
     tokenizer: Any = None  # an attached Hugging Face tokenizer, saved alongside the weights
     quantization: Optional[str] = None  # set by `quantize_` (an inference-only transform)
+    # inference only: (x, rope, self_mask, cache) -> a decode step's logits, or None to decline; the CPU fast paths
+    # set one that runs a step of one sequence as one native call (`mu.model.fast.NativeDecoder`)
+    fused_decode: Optional[Callable[..., Optional[Tensor]]] = None
 
     # -- construction --------------------------------------------------------------------------
 
@@ -95,10 +98,10 @@ class MuModel(nn.Module):
             self_mask = None if cache.all_valid else keys_valid[:, None, None, :]
         else:
             self_mask = causal_padding_mask(keys_valid, T, offset=cache.length)
-        x = self._run_decoder(self.transformer.wte(tokens), rope, self_mask, False, cache)
+        logits = self._decode_core(self.transformer.wte(tokens), *rope, self_mask, cache)
         cache.advance(T)
         cache.positions += T
-        return self.lm_head(self.transformer.ln_f(x[:, -1]))
+        return logits
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
@@ -122,7 +125,12 @@ class MuModel(nn.Module):
         return logits
 
     def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
-        """The layers, final norm and lm_head of one static step: what `generate(compile=True)` compiles."""
+        """The layers, final norm and lm_head of a step (the fused step where it runs); of a static one, what
+        `generate(compile=True)` compiles."""
+        if self.fused_decode is not None and not torch.is_grad_enabled():
+            logits = self.fused_decode(x, (cos, sin), self_mask, cache)
+            if logits is not None:
+                return logits
         x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
         return self.lm_head(self.transformer.ln_f(x[:, -1]))
 

@@ -21,6 +21,7 @@ while autograd is on):
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from functools import lru_cache, partial
 from typing import Callable, Optional
@@ -196,95 +197,126 @@ def fuse_projections_(model: nn.Module) -> nn.Module:
     return model
 
 
-class NativeDecoderStep:
-    """A decoder block's decode step for one sequence as one call into mu's native library (`native.decoder_step`):
-    the block's norms, products, RoPE, cache write, attention (both, in an encoder-decoder's `DecoderBlock`; the
-    causal one in a decoder-only model's `SelfAttentionBlock`) and MLP in one OpenMP region, where the module path
-    makes ~20-30 PyTorch calls, each with its own threads' start and a new tensor. On CPUs with AVX-512 for fp32
-    (bf16: AVX-512-BF16), and for an int8 model's blocks with VNNI (their `Int8Linear`s keep the row-major codes for
-    it, `quantize_`) (docs/efficiency.md, round 11).
+class NativeDecoder:
+    """A decode step of one sequence as one call into mu's native library (`native.decoder_step`): every decoder
+    block's norms, products, RoPE, cache write, attention (both, in an encoder-decoder's `DecoderBlock`; the causal
+    one in a decoder-only model's `SelfAttentionBlock`) and MLP, then the final norm and the lm_head, in one OpenMP
+    region, where the module path makes ~25 PyTorch calls per block, each with its own threads' start and a new
+    tensor, and a Python call per module. On CPUs with AVX-512 for fp32 (bf16: AVX-512-BF16), and for an int8 model
+    with VNNI (the `Int8Linear`s it reads keep row-major codes for it, `quantize_`) (docs/efficiency.md, rounds 11
+    and 12).
 
-    Called by the block (`fused_step`) with the step's arguments; returns the block's output, or None
-    to let the module path run: more than one row or position (a batch, the start tokens of several sequences),
+    Called by the model's decode step (`MuModel.fused_decode`) with the token's embedding, RoPE, self-attention mask
+    and cache; returns the logits, or None to let the modules run: more than one row or position (a batch, a prompt),
     autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
-    (FLOP counting sees the plain ops), another dtype or CPU, or a projection that is neither a plain linear layer nor
-    an int8 one with row-major codes (an adapter, another quantization). The kernel reads the weights where they
-    lie, so changes in place need nothing; which modules and tensors the block holds is checked once per cache (a
-    generation), where their pointers are taken.
+    (FLOP counting sees the plain ops), another dtype or CPU, a linear layer that is neither a plain one nor an int8
+    one with row-major codes (an adapter, another quantization). The kernel reads the weights where they lie, so
+    changes in place need nothing; which modules and tensors the model holds, and where the cache keeps its K/V, is
+    checked once per cache (a generation; again if the cache's buffers move), where their pointers are taken.
     """
 
-    def __init__(self, block: nn.Module):
-        self.block = block
-        self.args: Optional[native.Block] = None  # for the cache `checked` refers to
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.args: Optional[native.Decoder] = None  # for the cache `checked` refers to, with its buffers at `where`
         self.checked: Optional[weakref.ref] = None
+        self.where: Optional[tuple] = None
 
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) builds its own arguments: pointers do not copy
-        return {"block": self.block, "args": None, "checked": None}
+        return {"model": self.model, "args": None, "checked": None, "where": None}
 
-    def _arguments(self, dtype: torch.dtype) -> Optional[native.Block]:
-        """The block's native arguments, or None where the kernel cannot run it (modules, dtype, layout, CPU)."""
-        b = self.block
-        linears = step_linears(b)
-        present = [m for m in linears if m is not None]
-        if all(is_plain_linear(m) for m in present) and b.mlp.fused_forward is None:
-            kind, int8 = dtype, False
-        elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in present):
-            kind, int8 = "int8", True
-        else:
-            return None
-        if not native.decoder_step_available(kind):
-            return None
-        weights = [None if m is None else m.codes if int8 else m.weight for m in linears]
-        pairs = [(w, None if m is None else m.bias) for w, m in zip(weights, linears)]
-        cross = linears[4] is not None
-        norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self-attention, cross-attention, MLP)
-        tensors = [norms[0].weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3], norms[1] and norms[1].weight,
-                   *pairs[4], *pairs[5], norms[2].weight, *pairs[6], *pairs[7]]
-        codes = {id(w) for w in weights if int8 and w is not None}  # the rest: in the activations' dtype
-        if (any(t is not None and ((t.dtype != dtype and id(t) not in codes) or t.device.type != "cpu"
-                                   or not t.is_contiguous()) for t in tensors)
-                or len({n.eps for n in norms if n is not None}) != 1):
-            return None
-        attn = b.causal_attn if cross else b.attn
-        args = native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
-                            attn.n_head, attn.n_kv_head, attn.head_dim, b.mlp.fc1.out_features,
-                            int(attn.interleaved), b.ln1.eps)
-        if int8:
-            args.scale[:] = [None if m is None else m.scale.data_ptr() for m in linears]
-            args.wsum[:] = [None if m is None else m.weight_sums.data_ptr() for m in linears]
-        return args
-
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
-                 self_mask: Optional[Tensor], cross_mask: Optional[Tensor], cache) -> Optional[Tensor]:
-        if (x.shape[0] != 1 or x.shape[1] != 1 or self.block.training or torch.is_grad_enabled() or as_op()
+    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], self_mask: Optional[Tensor], cache) -> Optional[Tensor]:
+        if (as_op() or x.shape[0] != 1 or x.shape[1] != 1 or self.model.training or torch.is_grad_enabled()
                 or is_exporting() or torch.jit.is_tracing()):
             return None
-        kc, vc = cache.k_layers[self.block.layer_idx], cache.v_layers[self.block.layer_idx]  # (1, n_kv, max_len, hd)
-        ck, cv = cross_kv if cross_kv is not None else (None, None)  # (1, n_kv, S, hd)
-        if self.checked is None or self.checked() is not cache:  # a new generation: the block and the cache
-            self.checked, self.args = None, None
-            if x.device.type != "cpu" or any(t.dtype != x.dtype or not t.is_contiguous()
-                                             for t in (kc, vc, ck, cv) if t is not None):
-                return None
-            self.args = self._arguments(x.dtype)
-            self.checked = weakref.ref(cache)
+        cross = cache.cross_kv
+        where = (cache.k.data_ptr(), cache.v.data_ptr(), cross and cross[0][0].data_ptr(),
+                 cache.cross_mask is not None and cache.cross_mask.data_ptr())
+        if self.checked is None or self.checked() is not cache or where != self.where:  # a new generation
+            self.args = self._arguments(x, cache) if x.device.type == "cpu" else None
+            self.checked, self.where = weakref.ref(cache), where
         if self.args is None:
             return None
         slot = cache.length
         if slot >= cache.max_len:
             raise RuntimeError(f"KV cache overflow: {slot + 1} positions > max_len {cache.max_len}")
         cos, sin = rope
-        masks = tuple(m for m in (self_mask, cross_mask) if m is not None)
-        if (x.dtype != kc.dtype or not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous())
-                or cos.numel() != kc.shape[-1]
-                or any(m.dtype != torch.bool or m.stride(-1) != 1 or m.numel() != m.shape[-1] for m in masks)
-                or (self_mask is not None and self_mask.shape[-1] <= slot)):
+        if (not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or cos.numel() != cache.k.shape[-1]
+                or (self_mask is not None and (self_mask.dtype != torch.bool or self_mask.stride(-1) != 1
+                                               or self_mask.numel() != self_mask.shape[-1]
+                                               or self_mask.shape[-1] <= slot))):
             return None
-        return native.decoder_step(self.args, x, cos, sin, kc, vc, slot, self_mask, ck, cv, cross_mask)
+        return native.decoder_step(self.args, x, cos, sin, slot, self_mask)
+
+    def _arguments(self, x: Tensor, cache) -> Optional[native.Decoder]:
+        """The native arguments for the model and `cache`, or None where the kernel cannot run them."""
+        m, dtype = self.model, x.dtype
+        blocks = [block_arguments(b, dtype) for b in m.decoder_blocks()]
+        head, norm = m.lm_head, m.transformer.ln_f
+        int8 = getattr(head, "codes", None) is not None
+        if (any(b is None or bool(b.scale[0]) != int8 for b in blocks) or head.bias is not None
+                or (not int8 and not (is_plain_linear(head) and head.weight.dtype == dtype))
+                or norm.weight.dtype != dtype):
+            return None
+        weight = head.codes if int8 else head.weight
+        cross = cache.cross_kv
+        caches = [*cache.k_layers, *cache.v_layers, *(t for kv in cross or () for t in kv)]
+        mask = cache.cross_mask
+        if (any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in caches)
+                or not weight.is_contiguous() or (cross is None) != (blocks[0].cwq is None)
+                or (mask is not None and not mask.is_contiguous())):
+            return None
+        n = len(blocks)
+        pointers = ctypes.c_void_p * n
+        kc, vc = pointers(*(t.data_ptr() for t in cache.k_layers)), pointers(*(t.data_ptr() for t in cache.v_layers))
+        ck = cv = None
+        if cross is not None:
+            ck, cv = pointers(*(k.data_ptr() for k, _ in cross)), pointers(*(v.data_ptr() for _, v in cross))
+        array = (native.Block * n)(*blocks)
+        args = native.Decoder(array, n, norm.weight.data_ptr(), weight.data_ptr(),
+                              head.scale.data_ptr() if int8 else None, head.weight_sums.data_ptr() if int8 else None,
+                              head.out_features, norm.eps, kc, vc, cache.max_len, ck, cv,
+                              0 if cross is None else cross[0][0].shape[-2], None if mask is None else mask.data_ptr())
+        args.arrays = (array, kc, vc, ck, cv)  # alive as long as the pointers into them are
+        return args
+
+
+def block_arguments(block: nn.Module, dtype: torch.dtype) -> Optional[native.Block]:
+    """A decoder block's native arguments (`native.Block`), or None where the kernel cannot run it (modules, dtype,
+    layout, CPU)."""
+    b = block
+    linears = step_linears(b)
+    present = [m for m in linears if m is not None]
+    if all(is_plain_linear(m) for m in present) and b.mlp.fused_forward is None:
+        kind, int8 = dtype, False
+    elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in present):
+        kind, int8 = "int8", True
+    else:
+        return None
+    if not native.decoder_step_available(kind):
+        return None
+    weights = [None if m is None else m.codes if int8 else m.weight for m in linears]
+    pairs = [(w, None if m is None else m.bias) for w, m in zip(weights, linears)]
+    cross = linears[4] is not None
+    norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self-attention, cross-attention, MLP)
+    tensors = [norms[0].weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3], norms[1] and norms[1].weight,
+               *pairs[4], *pairs[5], norms[2].weight, *pairs[6], *pairs[7]]
+    codes = {id(w) for w in weights if int8 and w is not None}  # the rest: in the activations' dtype
+    if (any(t is not None and ((t.dtype != dtype and id(t) not in codes) or t.device.type != "cpu"
+                               or not t.is_contiguous()) for t in tensors)
+            or len({n.eps for n in norms if n is not None}) != 1):
+        return None
+    attn = b.causal_attn if cross else b.attn
+    args = native.Block(*(None if t is None else t.data_ptr() for t in tensors), b.ln1.weight.numel(),
+                        attn.n_head, attn.n_kv_head, attn.head_dim, b.mlp.fc1.out_features,
+                        int(attn.interleaved), b.ln1.eps)
+    if int8:
+        args.scale[:] = [None if m is None else m.scale.data_ptr() for m in linears]
+        args.wsum[:] = [None if m is None else m.weight_sums.data_ptr() for m in linears]
+    return args
 
 
 def step_linears(block: nn.Module) -> tuple[Optional[nn.Module], ...]:
-    """The linear layers `NativeDecoderStep` reads, in its order: q, k, v, out, cross q, cross out, fc1, fc2 (the
+    """The linear layers of a block `NativeDecoder` reads, in its order: q, k, v, out, cross q, cross out, fc1, fc2 (the
     cross pair None in a decoder-only `SelfAttentionBlock`)."""
     attn = getattr(block, "causal_attn", None) or block.attn
     cross = getattr(block, "cross_attn", None)
@@ -292,11 +324,10 @@ def step_linears(block: nn.Module) -> tuple[Optional[nn.Module], ...]:
             None if cross is None else cross.out_linear, block.mlp.fc1, block.mlp.fc2)
 
 
-def native_decoder_step_(model: nn.Module) -> nn.Module:
-    """Give every decoder block of `model` (`decoder_blocks()`: an encoder-decoder's `DecoderBlock`s, a decoder-only
-    model's blocks) a `NativeDecoderStep` (used where the CPU and dtype allow)."""
-    for block in model.decoder_blocks():
-        block.fused_step = NativeDecoderStep(block)
+def native_decoder_(model: nn.Module) -> nn.Module:
+    """Give `model` a `NativeDecoder` as its fused decode step (`MuModel.fused_decode`; used where the CPU, dtype
+    and modules allow)."""
+    model.fused_decode = NativeDecoder(model)
     return model
 
 
@@ -344,8 +375,8 @@ def huge_pages_(model: nn.Module) -> nn.Module:
 
 def speed_up_(model: nn.Module) -> nn.Module:
     """The CPU fast paths every mu model gets when built: `split_linear_`, `fuse_projections_` and
-    `native_decoder_step_`."""
-    return native_decoder_step_(fuse_projections_(split_linear_(model)))
+    `native_decoder_`."""
+    return native_decoder_(fuse_projections_(split_linear_(model)))
 
 
 PACK_MAX_ROWS = 128  # above this many rows (a prefill) PyTorch's own GEMM is as fast as oneDNN's packed one
@@ -410,7 +441,7 @@ def compile_decode_(model: nn.Module) -> Callable:
     if getattr(model, "quantization", None) not in (None, "int8"):
         raise MuError(f"compile=True supports float and int8 models: this one is {model.quantization}-quantized "
                       "(its decode runs eagerly)")
-    for block in model.decoder_blocks():  # (an encoder-decoder's eager steps run `NativeDecoderStep`, which reads the
+    for block in model.decoder_blocks():  # (an encoder-decoder's eager steps run `NativeDecoder`, which reads the
         attn = getattr(block, "causal_attn", None)  # separate projections: the fused one a compiled step uses is
         if attn is not None:  # built or refreshed here, eagerly)
             attn.fused_linear("qkv")

@@ -285,15 +285,9 @@ class SelfAttentionBlock(nn.Module):
         self.attn = Attention(config)
         self.ln2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
-        # inference only, a decoder-only block's cached step: as `DecoderBlock.fused_step` (no cross-attention)
-        self.fused_step: Optional[Callable[..., Optional[Tensor]]] = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Optional[Tensor] = None,
                 is_causal: bool = False, cache=None) -> Tensor:
-        if self.fused_step is not None and cache is not None and not is_causal and not torch.is_grad_enabled():
-            y = self.fused_step(x, rope, None, mask, None, cache)
-            if y is not None:
-                return y
         q, k, v = self.attn.project_qkv_rope(self.ln1(x), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -318,18 +312,10 @@ class DecoderBlock(nn.Module):
         self.cross_attn = Attention(config)
         self.ln3 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
-        # inference only: (x, rope, cross_kv, self_mask, cross_mask, cache) -> the output, or None to decline; the
-        # CPU fast paths set one that runs a decode step of one sequence as one native call
-        # (`mu.model.fast.NativeDecoderStep`)
-        self.fused_step: Optional[Callable[..., Optional[Tensor]]] = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
                 self_mask: Optional[Tensor], cross_mask: Optional[Tensor], is_causal: bool = False,
                 cache=None) -> Tensor:
-        if self.fused_step is not None and cache is not None and not torch.is_grad_enabled():
-            y = self.fused_step(x, rope, cross_kv, self_mask, cross_mask, cache)
-            if y is not None:
-                return y
         q, k, v = self.causal_attn.project_qkv_rope(self.ln1(x), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

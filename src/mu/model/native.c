@@ -370,17 +370,18 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
               store_f32);
 }
 
-/* ---- one decoder block's decode step for one sequence, as one call (mu.model.fast.NativeDecoderStep) ----
-   The block of mu.model.layers.DecoderBlock for one new token: RMSNorm, q/k/v, RoPE, the token's K/V written into
-   the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's q,
-   attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual. One
-   OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor per op: the
-   products are the GEMVs above (each thread its share of every weight, 16 channels at a time), the attention
-   splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops round
-   them (bf16: each op's output; the math in between in fp32). An int8 model's block (fp32 activations, 7-bit weight
-   codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way with VNNI dot products:
-   each product's input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)), the weights' codes
-   are read row by row as they lie. */
+/* ---- a decode step of one sequence, as one call (mu.model.fast.NativeDecoder) ----
+   The decoder for one new token: each block of mu.model.layers.DecoderBlock (RMSNorm, q/k/v, RoPE, the token's K/V
+   written into the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's
+   q, attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual), or
+   of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
+   projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
+   per op: the products are the GEMVs above (each thread its share of every weight, 16 channels at a time), the
+   attention splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops
+   round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
+   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way with VNNI dot
+   products: each product's input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)), the weights'
+   codes are read row by row as they lie. */
 
 typedef struct {
     const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
@@ -424,9 +425,41 @@ static inline void put_el(void *p, int64_t i, float f, int bf) {
     else ((float *)p)[i] = f;
 }
 
+static inline __mmask16 first(int64_t i, int64_t n) {  /* lanes of elements i .. min(i + 16, n) */
+    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+}
+
 static inline __m512 load16(const void *p, int64_t i, int64_t n, int bf) {  /* elements i .. min(i + 16, n) */
-    __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    __mmask16 m = first(i, n);
     return bf ? load_bf16x16((const uint16_t *)p + i, m) : load_f32((const float *)p + i, m);
+}
+
+static inline __m512 rnd16(__m512 v, int bf) {  /* v rounded to the model's dtype (bf16: as rnd, lane by lane) */
+    if (!bf) return v;
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), u, _mm512_set1_epi32(0x400000));  /* NaN */
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+static inline void put16(void *p, int64_t i, int64_t n, __m512 v, int bf) {  /* elements i .. min(i + 16, n) */
+    __mmask16 m = first(i, n);
+    if (!bf) {
+        _mm512_mask_storeu_ps((float *)p + i, m, v);
+        return;
+    }
+    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rnd16(v, 1)), 16));
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
+}
+
+/* x[c] = rnd(x[c] + y[c]) for c in [c0, c1) (the residual stream, fp32 holding the dtype's values) */
+static inline void add_residual(float *x, const float *y, int64_t c0, int64_t c1, int bf) {
+    for (int64_t c = c0; c < c1; c += 16) {
+        __mmask16 m = first(c, c1);
+        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, y + c));
+        _mm512_mask_storeu_ps(x + c, m, rnd16(v, bf));
+    }
 }
 
 /* f (an 8-lane function above: exp_ps, gelu_ps) on 16 lanes, as two halves: one polynomial for both widths */
@@ -458,11 +491,14 @@ static void input_codes(const float *v, int64_t k, uint8_t *codes, float *sx, fl
 
 /* out = rnd(rnd(x * rsqrt(mean(x^2) + eps)) * weight) (bf16: RMSNorm in fp32, cast, then scaled), in the dtype */
 static void rms_norm(const float *x, int64_t d, const void *weight, float eps, void *out, int bf) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
-    float r = 1.0f / sqrtf(ss / (float)d + eps);
-    for (int64_t i = 0; i < d; i++) put_el(out, i, bf ? rnd(rnd(x[i] * r, 1) * get_el(weight, i, 1), 1)
-                                                      : x[i] * r * get_el(weight, i, 0), bf);
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        __m512 v = load16(x, i, d, 0);
+        ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
+    for (int64_t i = 0; i < d; i += 16)
+        put16(out, i, d, _mm512_mul_ps(rnd16(_mm512_mul_ps(load16(x, i, d, 0), r), bf), load16(weight, i, d, bf)), bf);
 }
 
 /* v (hd, already rounded) rotated by RoPE in place: rnd(rnd(v cos) + rotate_half(v) sin) */
@@ -476,12 +512,35 @@ static void rope(float *v, int64_t hd, const void *cos, const void *sin, int bf)
     memcpy(v, t, sizeof(float) * hd);
 }
 
+/* the weights a thread reads next, fetched into its L2 cache a few lines per key while it attends (the memory would
+   idle otherwise): `per` lines from `at` on each call, up to `end` */
+typedef struct {
+    const char *at, *end;
+    int64_t per;
+} ahead;
+
+static inline void fetch(ahead *a) {
+    for (int64_t i = 0; i < a->per && a->at < a->end; i++, a->at += 64) _mm_prefetch(a->at, _MM_HINT_T1);
+}
+
+/* `next` for a thread's share [c0, c1) of the rows (`row` bytes each) of w, spread over `keys` calls (at most
+   AHEAD_LINES a call) */
+#define AHEAD_LINES 8
+static inline ahead ahead_of(const void *w, int64_t c0, int64_t c1, size_t row, int64_t keys) {
+    ahead a = {(const char *)w + c0 * row, (const char *)w + c1 * row, 0};
+    int64_t lines = (a.end - a.at + 63) / 64;
+    a.per = keys > 0 ? (lines + keys - 1) / keys : 0;
+    a.per = a.per < AHEAD_LINES ? a.per : AHEAD_LINES;
+    return a;
+}
+
 /* out = softmax(q . K[s] / sqrt(hd), s < L, valid ones) V, rounded to the dtype; K, V: L x hd (dtype); scores: L */
 static void attend_head(const float *q, const void *K, const void *V, int64_t L, int64_t hd, const uint8_t *valid,
-                        float *scores, void *out, int bf) {
+                        float *scores, void *out, int bf, ahead *next) {
     size_t row = (size_t)hd * (bf ? 2 : 4);
     float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
     for (int64_t s = 0; s < L; s++) {
+        fetch(next);
         if (valid && !valid[s]) { scores[s] = -INFINITY; continue; }
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < hd; j += 16)
@@ -524,129 +583,185 @@ static inline int64_t kv_head(const mu_block *b, int64_t h) {  /* the KV head qu
     return b->interleaved ? h / (b->n_head / b->n_kv) : h % b->n_kv;
 }
 
-/* xout (d) = the block applied to xin (d) at cache slot `slot`: the token's K/V go into kc, vc (n_kv x max_len x hd)
-   there, self-attention reads slots 0..slot (those with self_valid[s] when given), cross-attention reads ck, cv
-   (n_kv x S x hd; positions with cross_valid[s] when given; none when the block has no cross-attention, cwq NULL:
-   a decoder-only block, whose MLP norm is ln3). xout may be xin. Returns 0, or -1 if out of memory. */
-static int decoder_step(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
-                        void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
-                        const void *cv, int64_t S, const uint8_t *cross_valid, int nt, int bf, dot_fn dot) {
+/* what every decoder block of a step shares: the decoder's layout in the caches, the head, and the scratch the
+   threads share (allocated once per step) */
+typedef struct {
+    const mu_block *blocks;        /* n of them, in order */
+    int64_t n;
+    const void *norm;              /* the final RMSNorm's weight (its eps: eps) */
+    const void *head;              /* the vocabulary projection (vocab x d; an int8 model's: codes, head_scale set) */
+    const float *head_scale, *head_wsum;
+    int64_t vocab;
+    float eps;
+    void *const *kc, *const *vc;   /* per block, its self-attention cache (n_kv x max_len x hd) */
+    int64_t max_len;
+    const void *const *ck, *const *cv;  /* per block, the cross-attention K/V (n_kv x S x hd), or NULL: no encoder */
+    int64_t S;
+    const uint8_t *cross_valid;    /* S: the encoder positions attended, or NULL: all */
+} mu_decoder;
+
+typedef struct {
+    float *x, *y, *scores;  /* fp32: the residual stream (d), the products' outputs, each thread's scores */
+    void *in, *o;           /* the dtype's: the next product's input, the attention's output (qd) */
+    uint8_t *codes;         /* int8: the next product's input codes */
+    float sx, zx;           /* their scale and zero point */
+    int64_t keys;           /* scores per thread */
+} work;
+
+/* the block applied to w->x (d, fp32: rounded to the dtype) at cache slot `slot`, by every thread of the enclosing
+   parallel region (thread tid of nth): the token's K/V go into kc, vc there, self-attention reads slots 0..slot
+   (those with self_valid[s] when given), cross-attention reads ck, cv (positions with cross_valid[s] when given;
+   none when the block has no cross-attention, cwq NULL: a decoder-only block, whose MLP norm is ln3) */
+static void block_step(const mu_block *b, work *w, const void *cos, const void *sin, void *kc, void *vc,
+                       int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck, const void *cv,
+                       int64_t S, const uint8_t *cross_valid, int tid, int nth, int bf, dot_fn dot) {
     const int64_t d = b->d, H = b->n_head, KV = b->n_kv, hd = b->hd, qd = H * hd, kvd = KV * hd, F = b->hidden;
     const size_t es = bf ? 2 : 4;
-    const int64_t L = slot + 1, keys = L > S ? L : S, wide = F > qd + 2 * kvd ? F : qd + 2 * kvd;
     const int q8 = b->scale[0] != NULL;
-    /* fp32: x (d), y (wide: q|k|v or fc1's outputs); the dtype's: the next product's input (wide), o (qd); each
-       thread's scores; int8: the next product's input codes (wide) */
-    float *x = malloc(sizeof(float) * (size_t)(d + wide + (int64_t)nt * keys) + es * (size_t)(wide + qd) +
-                      (q8 ? (size_t)wide : 0));
-    if (!x) return -1;
-    float *y = x + d, *scores = y + wide;
-    void *in = scores + (int64_t)nt * keys, *o = (char *)in + es * wide;
-    uint8_t *codes = (uint8_t *)o + es * qd;
-    float sx = 0.0f, zx = 0.0f;  /* the codes' scale and zero point */
-    const void *from_in = q8 ? (const void *)codes : in, *from_o = q8 ? (const void *)codes : o;
-    for (int64_t i = 0; i < d; i++) x[i] = get_el(xin, i, bf);
+    const size_t wes = q8 ? 1 : es;  /* bytes per weight */
+    float *x = w->x, *y = w->y, *sc = w->scores + (int64_t)tid * w->keys;
+    void *in = w->in, *o = w->o;
+    const void *from_in = q8 ? (const void *)w->codes : in, *from_o = q8 ? (const void *)w->codes : o;
+    int64_t c0, c1, h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
+
+    /* self-attention */
+    #pragma omp single
+    {
+        rms_norm(x, d, b->ln1, b->eps, in, bf);
+        if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
+    }
+    share(qd, tid, nth, &c0, &c1);
+    gemv_part(from_in, d, b->wq, b->bq, y, c0, c1, bf, dot, b->scale[P_Q], b->wsum[P_Q], w->sx, w->zx);
+    share(kvd, tid, nth, &c0, &c1);
+    gemv_part(from_in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot, b->scale[P_K], b->wsum[P_K], w->sx, w->zx);
+    gemv_part(from_in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot, b->scale[P_V], b->wsum[P_V], w->sx, w->zx);
+    #pragma omp barrier
+    #pragma omp single
+    for (int64_t h = 0; h < H + KV; h++) {  /* q and k heads rotated; the token's K/V into the cache */
+        rope(y + h * hd, hd, cos, sin, bf);
+        if (h >= H)
+            for (int64_t i = 0; i < hd; i++) {
+                int64_t at = ((h - H) * max_len + slot) * hd + i;
+                put_el(kc, at, y[h * hd + i], bf);
+                put_el(vc, at, y[qd + kvd + (h - H) * hd + i], bf);
+            }
+    }
+    share(d, tid, nth, &c0, &c1);
+    ahead next = ahead_of(b->wo, c0, c1, (size_t)qd * wes, (slot + 1) * (h1 - h0));
+    for (int64_t h = h0; h < h1; h++) {
+        size_t at = (size_t)kv_head(b, h) * max_len * hd * es;
+        attend_head(y + h * hd, (char *)kc + at, (char *)vc + at, slot + 1, hd, self_valid, sc,
+                    (char *)o + h * hd * es, bf, &next);
+    }
+    #pragma omp barrier
+    if (q8) {
+        #pragma omp single
+        input_codes(o, qd, w->codes, &w->sx, &w->zx);
+    }
+    share(d, tid, nth, &c0, &c1);
+    gemv_part(from_o, qd, b->wo, b->bo, y, c0, c1, bf, dot, b->scale[P_O], b->wsum[P_O], w->sx, w->zx);
+    add_residual(x, y, c0, c1, bf);
+    #pragma omp barrier
+
+    if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
+        #pragma omp single
+        {
+            rms_norm(x, d, b->ln2, b->eps, in, bf);
+            if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
+        }
+        share(qd, tid, nth, &c0, &c1);
+        gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], w->sx, w->zx);
+        #pragma omp barrier
+        share(d, tid, nth, &c0, &c1);
+        next = ahead_of(b->cwo, c0, c1, (size_t)qd * wes, S * (h1 - h0));
+        for (int64_t h = h0; h < h1; h++) {
+            size_t at = (size_t)kv_head(b, h) * S * hd * es;
+            attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
+                        (char *)o + h * hd * es, bf, &next);
+        }
+        #pragma omp barrier
+        if (q8) {
+            #pragma omp single
+            input_codes(o, qd, w->codes, &w->sx, &w->zx);
+        }
+        share(d, tid, nth, &c0, &c1);
+        gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], w->sx, w->zx);
+        add_residual(x, y, c0, c1, bf);
+        #pragma omp barrier
+    }
+
+    /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
+    #pragma omp single
+    {
+        rms_norm(x, d, b->ln3, b->eps, in, bf);
+        if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
+    }
+    share(F, tid, nth, &c0, &c1);
+    gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], w->sx, w->zx);
+    #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
+    for (int64_t c = c0; c < c1; c += 16)
+        put16(in, c, c1, halves(gelu_ps, _mm512_maskz_loadu_ps(first(c, c1), y + c)), bf);
+    #pragma omp barrier
+    if (q8) {
+        #pragma omp single
+        input_codes(in, F, w->codes, &w->sx, &w->zx);
+    }
+    share(d, tid, nth, &c0, &c1);
+    gemv_part(from_in, F, b->w2, b->b2, y, c0, c1, bf, dot, b->scale[P_W2], b->wsum[P_W2], w->sx, w->zx);
+    add_residual(x, y, c0, c1, bf);
+    #pragma omp barrier
+}
+
+/* logits (vocab, the dtype; an int8 model's: fp32) of the token xin (d, the dtype) at cache slot `slot`: every
+   block of s in turn (block_step), the final RMSNorm and the vocabulary projection, in one parallel region.
+   Returns 0, or -1 if out of memory. */
+static int decoder_step(const mu_decoder *s, const void *xin, void *logits, const void *cos, const void *sin,
+                        int64_t slot, const uint8_t *self_valid, int nt, int bf, dot_fn dot) {
+    const size_t es = bf ? 2 : 4;
+    const int64_t d = s->blocks[0].d, L = slot + 1;
+    int64_t wide = d, qd = 0;  /* the widest product output (or input), the widest attention output */
+    for (int64_t i = 0; i < s->n; i++) {
+        const mu_block *b = &s->blocks[i];
+        int64_t q = b->n_head * b->hd, qkv = q + 2 * b->n_kv * b->hd;
+        wide = wide > b->hidden ? wide : b->hidden;
+        wide = wide > qkv ? wide : qkv;
+        qd = qd > q ? qd : q;
+    }
+    work w = {.keys = L > s->S ? L : s->S};
+    int64_t ny = wide > s->vocab ? wide : s->vocab;
+    w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * w.keys) + es * (size_t)(wide + qd) + (size_t)wide);
+    if (!w.x) return -1;
+    w.y = w.x + d;
+    w.scores = w.y + ny;
+    w.in = w.scores + (int64_t)nt * w.keys;
+    w.o = (char *)w.in + es * wide;
+    w.codes = (uint8_t *)w.o + es * qd;
+    const int q8 = s->head_scale != NULL;
+    for (int64_t i = 0; i < d; i++) w.x[i] = get_el(xin, i, bf);
     #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *sc = scores + (int64_t)tid * keys;
-        int64_t c0, c1, h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
-
-        /* self-attention */
+        for (int64_t i = 0; i < s->n; i++)
+            block_step(&s->blocks[i], &w, cos, sin, s->kc[i], s->vc[i], s->max_len, slot, self_valid,
+                       s->ck ? s->ck[i] : NULL, s->cv ? s->cv[i] : NULL, s->S, s->cross_valid, tid, nth, bf, dot);
         #pragma omp single
         {
-            rms_norm(x, d, b->ln1, b->eps, in, bf);
-            if (q8) input_codes(in, d, codes, &sx, &zx);
+            rms_norm(w.x, d, s->norm, s->eps, w.in, bf);
+            if (q8) input_codes(w.in, d, w.codes, &w.sx, &w.zx);
         }
-        share(qd, tid, nth, &c0, &c1);
-        gemv_part(from_in, d, b->wq, b->bq, y, c0, c1, bf, dot, b->scale[P_Q], b->wsum[P_Q], sx, zx);
-        share(kvd, tid, nth, &c0, &c1);
-        gemv_part(from_in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot, b->scale[P_K], b->wsum[P_K], sx, zx);
-        gemv_part(from_in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot, b->scale[P_V], b->wsum[P_V], sx, zx);
-        #pragma omp barrier
-        #pragma omp single
-        for (int64_t h = 0; h < H + KV; h++) {  /* q and k heads rotated; the token's K/V into the cache */
-            rope(y + h * hd, hd, cos, sin, bf);
-            if (h >= H)
-                for (int64_t i = 0; i < hd; i++) {
-                    int64_t at = ((h - H) * max_len + slot) * hd + i;
-                    put_el(kc, at, y[h * hd + i], bf);
-                    put_el(vc, at, y[qd + kvd + (h - H) * hd + i], bf);
-                }
-        }
-        for (int64_t h = h0; h < h1; h++) {
-            size_t at = (size_t)kv_head(b, h) * max_len * hd * es;
-            attend_head(y + h * hd, (char *)kc + at, (char *)vc + at, L, hd, self_valid, sc, (char *)o + h * hd * es,
-                        bf);
-        }
-        #pragma omp barrier
-        if (q8) {
-            #pragma omp single
-            input_codes(o, qd, codes, &sx, &zx);
-        }
-        share(d, tid, nth, &c0, &c1);
-        gemv_part(from_o, qd, b->wo, b->bo, y, c0, c1, bf, dot, b->scale[P_O], b->wsum[P_O], sx, zx);
-        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
-        #pragma omp barrier
-
-        if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
-            #pragma omp single
-            {
-                rms_norm(x, d, b->ln2, b->eps, in, bf);
-                if (q8) input_codes(in, d, codes, &sx, &zx);
-            }
-            share(qd, tid, nth, &c0, &c1);
-            gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], sx, zx);
-            #pragma omp barrier
-            for (int64_t h = h0; h < h1; h++) {
-                size_t at = (size_t)kv_head(b, h) * S * hd * es;
-                attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
-                            (char *)o + h * hd * es, bf);
-            }
-            #pragma omp barrier
-            if (q8) {
-                #pragma omp single
-                input_codes(o, qd, codes, &sx, &zx);
-            }
-            share(d, tid, nth, &c0, &c1);
-            gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], sx, zx);
-            for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
-            #pragma omp barrier
-        }
-
-        /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
-        #pragma omp single
-        {
-            rms_norm(x, d, b->ln3, b->eps, in, bf);
-            if (q8) input_codes(in, d, codes, &sx, &zx);
-        }
-        share(F, tid, nth, &c0, &c1);
-        gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], sx, zx);
-        #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
-        for (int64_t c = c0; c < c1; c += 16) {
-            __mmask16 m = c1 - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c1 - c)) - 1);
-            _mm512_mask_storeu_ps(y + c, m, halves(gelu_ps, _mm512_maskz_loadu_ps(m, y + c)));
-            for (int64_t i = c; i < c + 16 && i < c1; i++) put_el(in, i, y[i], bf);
-        }
-        #pragma omp barrier
-        if (q8) {
-            #pragma omp single
-            input_codes(in, F, codes, &sx, &zx);
-        }
-        share(d, tid, nth, &c0, &c1);
-        gemv_part(from_in, F, b->w2, b->b2, y, c0, c1, bf, dot, b->scale[P_W2], b->wsum[P_W2], sx, zx);
-        for (int64_t c = c0; c < c1; c++) x[c] = rnd(x[c] + y[c], bf);
+        int64_t c0, c1;
+        share(s->vocab, tid, nth, &c0, &c1);
+        gemv_part(q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, c0, c1, bf, dot, s->head_scale,
+                  s->head_wsum, w.sx, w.zx);
+        for (int64_t c = c0; c < c1; c += 16) put16(logits, c, c1, _mm512_maskz_loadu_ps(first(c, c1), w.y + c), bf);
     }
-    for (int64_t i = 0; i < d; i++) put_el(xout, i, x[i], bf);
-    free(x);
+    free(w.x);
     return 0;
 }
 
-int mu_decoder_step_f32(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
-                        void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
-                        const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
-    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 0,
-                        dot_f32);
+int mu_decoder_step_f32(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
+                        int64_t slot, const uint8_t *self_valid, int nt) {
+    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_f32);
 }
 
 #if defined(__AVX512VNNI__)
@@ -670,12 +785,11 @@ static inline float dot_u8s8(const void *xv, const void *wv, int64_t k) {
     return (float)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
 }
 
-/* an int8 model's block: fp32 activations, the products over 7-bit weight codes (`scale`, `wsum` set) */
-int mu_decoder_step_i8(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
-                       void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
-                       const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
-    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 0,
-                        dot_u8s8);
+/* an int8 model's decoder: fp32 activations, the products over 7-bit weight codes (`scale`, `wsum`, `head_scale`,
+   `head_wsum` set) */
+int mu_decoder_step_i8(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
+                       int64_t slot, const uint8_t *self_valid, int nt) {
+    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_u8s8);
 }
 #endif
 
@@ -712,11 +826,9 @@ void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w,
               load_bf16x16, store_bf16x16);
 }
 
-int mu_decoder_step_bf16(const mu_block *b, const void *xin, void *xout, const void *cos, const void *sin, void *kc,
-                         void *vc, int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck,
-                         const void *cv, int64_t S, const uint8_t *cross_valid, int nt) {
-    return decoder_step(b, xin, xout, cos, sin, kc, vc, max_len, slot, self_valid, ck, cv, S, cross_valid, nt, 1,
-                        dot_bf16);
+int mu_decoder_step_bf16(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
+                         int64_t slot, const uint8_t *self_valid, int nt) {
+    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 1, dot_bf16);
 }
 #endif
 #endif

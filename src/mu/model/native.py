@@ -4,10 +4,10 @@
   (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
 - fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
   `gemv_float`): a float model's decode, over its own weights;
-- on the same CPUs, a decoder block's whole decode step for one sequence (`decoder_step_available(kind)`,
-  `decoder_step`, called by `mu.model.fast.NativeDecoderStep`): norms, those GEMVs, RoPE, the cache write, both
-  attentions and the MLP in one OpenMP region; with VNNI also an int8 model's block (VNNI dot products over the
-  7-bit weight codes of `mu.model.quantize.Int8Linear`, each product's input with its own 8-bit codes).
+- on the same CPUs, a whole decode step of one sequence (`decoder_step_available(kind)`, `decoder_step`, called by
+  `mu.model.fast.NativeDecoder`): every decoder block's norms, GEMVs, RoPE, cache write, attentions and MLP, then the
+  final norm and the vocabulary projection, in one OpenMP region; with VNNI also an int8 model's (VNNI dot products
+  over the 7-bit weight codes of `mu.model.quantize.Int8Linear`, each product's input with its own 8-bit codes).
 
     import torch
     from mu.model import native
@@ -73,8 +73,7 @@ _SIGNATURES = {
 # built only for CPUs with AVX-512 (bf16: AVX-512-BF16); name -> (argument types, result type)
 _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
-    **{name: ([_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _I64, _P, _INT], _INT)
-       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
+    **{name: ([_P, _P, _P, _P, _P, _I64, _P, _INT], _INT) for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 _STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
@@ -151,7 +150,7 @@ def gemv_available(dtype: torch.dtype) -> bool:
 
 def decoder_step_available(kind: torch.dtype | str) -> bool:
     """True when `decoder_step` runs for `kind` on this machine: fp32 or bf16 (where `gemv_available(dtype)` is), or
-    "int8" (an int8 model's block: 7-bit weight codes, fp32 activations; AVX-512 with VNNI)."""
+    "int8" (an int8 model's decoder: 7-bit weight codes, fp32 activations; AVX-512 with VNNI)."""
     lib = library()
     return kind in _STEP and lib is not None and hasattr(lib, _STEP[kind])
 
@@ -252,24 +251,29 @@ class Block(ctypes.Structure):
         ("eps", _F32), ("scale", _P * 8), ("wsum", _P * 8)]
 
 
-def decoder_step(block: Block, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slot: int,
-                 self_valid: Optional[Tensor], cross_k: Optional[Tensor], cross_v: Optional[Tensor],
-                 cross_valid: Optional[Tensor]) -> Tensor:
-    """One decoder block applied to one token of one sequence (`mu.model.layers.DecoderBlock` at a decode step):
-    x (..., d) in the block's dtype (fp32 or bf16; needs `decoder_step_available`), RoPE's cos and sin at its
-    position (head_dim each), the layer's self-attention cache k_cache, v_cache (..., n_kv_head, max_len, head_dim),
-    into which the token's K/V are written at `slot` and whose slots 0..slot it attends (those with `self_valid`,
-    (..., max_len) bool, when given), the cross-attention K/V (..., n_kv_head, S, head_dim) and their valid positions
-    (..., S) bool or None (all; a decoder-only block, without cross-attention pointers in `block`, takes None for
-    all three); leading dimensions of size one. All contiguous. Returns the block's output, shaped
-    as x. A block with int8 weights (`Block.scale` set) takes fp32 x and caches (needs
-    `decoder_step_available("int8")`)."""
-    out = torch.empty_like(x)
-    if getattr(library(), _STEP["int8" if block.scale[0] else x.dtype])(
-            ctypes.byref(block), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-            v_cache.data_ptr(), k_cache.shape[-2], slot, None if self_valid is None else self_valid.data_ptr(),
-            None if cross_k is None else cross_k.data_ptr(), None if cross_v is None else cross_v.data_ptr(),
-            0 if cross_k is None else cross_k.shape[-2],
-            None if cross_valid is None else cross_valid.data_ptr(), torch.get_num_threads()):
+class Decoder(ctypes.Structure):
+    """A decoder's constant arguments for one generation (native.c's `mu_decoder`): its `blocks` (an array of `n`
+    `Block`s), the final norm's weight and eps, the vocabulary projection (`head`, vocab x d; an int8 model's: codes
+    with per-channel `head_scale` and `head_wsum`), each block's self-attention cache (`kc`, `vc`: arrays of n
+    pointers, n_kv_head x max_len x head_dim each), the cross-attention K/V (`ck`, `cv`: n pointers to n_kv_head x S x
+    head_dim, or None: a decoder-only model) and the encoder positions they cover (`cross_valid`, S bools, or None:
+    all). The caller keeps the tensors and arrays alive."""
+
+    _fields_ = [("blocks", ctypes.POINTER(Block)), ("n", _I64), ("norm", _P), ("head", _P), ("head_scale", _P),
+                ("head_wsum", _P), ("vocab", _I64), ("eps", _F32), ("kc", ctypes.POINTER(_P)),
+                ("vc", ctypes.POINTER(_P)), ("max_len", _I64), ("ck", ctypes.POINTER(_P)), ("cv", ctypes.POINTER(_P)),
+                ("S", _I64), ("cross_valid", _P)]
+
+
+def decoder_step(decoder: Decoder, x: Tensor, cos: Tensor, sin: Tensor, slot: int,
+                 self_valid: Optional[Tensor]) -> Tensor:
+    """The logits (1, vocab) of one token of one sequence, a decode step of `decoder`'s model: x (d) its embedding in
+    the model's dtype (fp32 or bf16, needs `decoder_step_available`; an int8 model's: fp32, its logits fp32), RoPE's
+    cos and sin at its position (head_dim each); each block writes the token's K/V into its cache at `slot` and
+    attends to slots 0..slot (those with `self_valid`, max_len bools, when given). All contiguous."""
+    out = x.new_empty(1, decoder.vocab)
+    if getattr(library(), _STEP["int8" if decoder.head_scale else x.dtype])(
+            ctypes.byref(decoder), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot,
+            None if self_valid is None else self_valid.data_ptr(), torch.get_num_threads()):
         raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
     return out

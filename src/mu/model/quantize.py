@@ -27,9 +27,9 @@ different kernels over the same stored weights:
   codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on (faster
   than fbgemm at a 512-token prompt, slower for short ones; one byte more per encoder weight held). ~1-2%
   relative error per layer output on random weights in every case. On CPUs with AVX-512 VNNI a one-sequence
-  decode's decoder blocks run mu's native decoder step instead (`mu.model.fast.NativeDecoderStep`: VNNI dot
-  products over the same 7-bit codes, kept row-major for it by the layers it reads, `Int8Linear(keep_codes=True)`;
-  the same 8-bit activation codes as fbgemm's). Where fbgemm is unavailable (non-x86
+  decode's decoder blocks and lm_head run mu's native decoder step instead (`mu.model.fast.NativeDecoder`: VNNI
+  dot products over the same 7-bit codes, kept row-major for it by the layers it reads,
+  `Int8Linear(keep_codes=True)`; the same 8-bit activation codes as fbgemm's). Where fbgemm is unavailable (non-x86
   builds) it dequantizes the same int8 weights into a float matmul instead: same numbers to rounding, no
   speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
@@ -584,7 +584,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                 attn.set_fused(fused, fn(torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts])))
             unfused = {id(getattr(m, n)) for m in block.modules() if isinstance(m, Attention)
                        for n in m.FUSED["qkv"]}  # run only with autograd on, which a quantized model refuses
-            # the layers `NativeDecoderStep` reads (a decoder block's, but the cross-attention's k/v)
+            # the layers `NativeDecoder` reads (a decoder block's, but the cross-attention's k/v; and the lm_head)
             stepped = {id(m) for m in step_linears(block) if m is not None} if block not in encoder else set()
             for parent in block.modules():
                 for child_name, child in list(parent.named_children()):
@@ -594,7 +594,7 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                         setattr(parent, child_name, fn(child.weight, child.bias))
             if mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
                 block.mlp.fused_forward = _fused_mlp  # declines unless both products run mu's or oneDNN's GEMM
-        model.lm_head = make(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
+        model.lm_head = make_step(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
     model.quantization = mode
     return model
 
