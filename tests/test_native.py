@@ -302,7 +302,8 @@ def test_native_decoder_step_steps_aside(monkeypatch):
 def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
     """An int8 model's decoder (VNNI CPUs): one call per step over the layers' and the lm_head's row-major 7-bit codes,
     each product's input with its own 8-bit codes, as fbgemm's kernel makes them: the logits equal the int8 modules'
-    to float rounding (and the odd activation code that rounding moves), the same tokens; a layer without row-major codes (quantized elsewhere) runs the modules."""
+    to float rounding (and the odd activation code that rounding moves), the same tokens; a layer without row-major
+    codes (quantized elsewhere) makes the step run the modules."""
     if not native.decoder_step_available("int8"):
         pytest.skip("mu's int8 decoder step needs an x86 CPU with AVX-512 VNNI and a C compiler")
     torch.manual_seed(0)

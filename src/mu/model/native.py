@@ -73,7 +73,8 @@ _SIGNATURES = {
 # built only for CPUs with AVX-512 (bf16: AVX-512-BF16); name -> (argument types, result type)
 _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
-    **{name: ([_P, _P, _P, _P, _P, _I64, _P, _INT], _INT) for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
+    **{name: ([_P, _P, _P, _P, _P, _I64, _P, _INT], _INT)
+       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 _STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
