@@ -583,6 +583,14 @@ static inline int64_t kv_head(const mu_block *b, int64_t h) {  /* the KV head qu
     return b->interleaved ? h / (b->n_head / b->n_kv) : h % b->n_kv;
 }
 
+/* the i-th query head in the order of their KV heads (the heads of KV head 0, then of 1, ...): the threads take
+   shares of that order, so a KV head's keys and values are read from memory by fewer threads, and one thread's
+   second head of a KV head finds them in its cache */
+static inline int64_t grouped_head(const mu_block *b, int64_t i) {
+    int64_t per = b->n_head / b->n_kv;
+    return b->interleaved ? i : (i % per) * b->n_kv + i / per;
+}
+
 /* what every decoder block of a step shares: the decoder's layout in the caches, the head, and the scratch the
    threads share (allocated once per step) */
 typedef struct {
@@ -648,7 +656,8 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
     }
     share(d, tid, nth, &c0, &c1);
     ahead next = ahead_of(b->wo, c0, c1, (size_t)qd * wes, (slot + 1) * (h1 - h0));
-    for (int64_t h = h0; h < h1; h++) {
+    for (int64_t i = h0; i < h1; i++) {
+        int64_t h = grouped_head(b, i);
         size_t at = (size_t)kv_head(b, h) * max_len * hd * es;
         attend_head(y + h * hd, (char *)kc + at, (char *)vc + at, slot + 1, hd, self_valid, sc,
                     (char *)o + h * hd * es, bf, &next);
@@ -674,7 +683,8 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
         #pragma omp barrier
         share(d, tid, nth, &c0, &c1);
         next = ahead_of(b->cwo, c0, c1, (size_t)qd * wes, S * (h1 - h0));
-        for (int64_t h = h0; h < h1; h++) {
+        for (int64_t i = h0; i < h1; i++) {
+            int64_t h = grouped_head(b, i);
             size_t at = (size_t)kv_head(b, h) * S * hd * es;
             attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
                         (char *)o + h * hd * es, bf, &next);
