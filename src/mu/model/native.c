@@ -340,12 +340,27 @@ static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) 
     *c1 = 16 * b1 < n ? 16 * b1 : n;
 }
 
+/* Where the products' input vectors start: X_SKEW bytes past a 64-byte boundary. Each multiply-add of a dot product
+   loads 64 bytes of the input and 64 of a weight row (rows start on 64-byte boundaries); with the input on a 64-byte
+   (or 32-byte) boundary too, a GEMV read the weights at 0.7-0.75 of a streaming read's rate when the memory ran fast
+   (~50 GB/s), 4-16 bytes past one at ~1.0 (Zen 4, 2 threads, fp32 and bf16; docs/efficiency.md, round 12): the two
+   loads meet in the same L1 banks, it seems. */
+#define X_SKEW 4
+
+static inline char *skewed(char *p) {  /* the first address X_SKEW bytes past a 64-byte boundary at or after p */
+    return p + ((64 - (uintptr_t)p % 64) % 64) + X_SKEW;
+}
+
 /* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
    are the element type's (the OpenMP region is outlined once for both types, so they are indirect calls there: one
    per output channel, nothing beside its 2-4 KiB of weights; measured level with a copy written out for bf16) */
 static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
                              char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
                              __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
+    char *raw = malloc((size_t)(rows * k) * size + 128);
+    if (raw) {  /* (else read x where it is: slower, same numbers) */
+        x = memcpy(skewed(raw), x, (size_t)(rows * k) * size);
+    }
     #pragma omp parallel num_threads(nt)
     {
         int64_t first, last;
@@ -361,6 +376,7 @@ static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char 
             }
         }
     }
+    free(raw);
 }
 
 /* out[r, c] = x[r] . w[c] + bias[c] (bias may be NULL) for r < rows, c < n; x rows x k and out rows x n contiguous */
@@ -739,13 +755,14 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
     }
     work w = {.keys = L > s->S ? L : s->S};
     int64_t ny = wide > s->vocab ? wide : s->vocab;
-    w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * w.keys) + es * (size_t)(wide + qd) + (size_t)wide);
+    w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * w.keys) + es * (size_t)(wide + qd) + (size_t)wide +
+                 3 * 128);
     if (!w.x) return -1;
     w.y = w.x + d;
     w.scores = w.y + ny;
-    w.in = w.scores + (int64_t)nt * w.keys;
-    w.o = (char *)w.in + es * wide;
-    w.codes = (uint8_t *)w.o + es * qd;
+    w.in = skewed((char *)(w.scores + (int64_t)nt * w.keys));  /* the products' inputs, skewed (X_SKEW) */
+    w.o = skewed((char *)w.in + es * wide);
+    w.codes = (uint8_t *)skewed((char *)w.o + es * qd);
     const int q8 = s->head_scale != NULL;
     for (int64_t i = 0; i < d; i++) w.x[i] = get_el(xin, i, bf);
     #pragma omp parallel num_threads(nt)
