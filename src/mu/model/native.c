@@ -539,16 +539,21 @@ static inline void fetch(ahead *a) {
     for (int64_t i = 0; i < a->per && a->at < a->end; i++, a->at += 64) _mm_prefetch(a->at, _MM_HINT_T1);
 }
 
-/* `next` for a thread's share [c0, c1) of the rows (`row` bytes each) of w, spread over `keys` calls (at most
-   AHEAD_LINES a call) */
+/* `next` for a thread's share [c0, c1) of the rows (`row` bytes each) of w, its first AHEAD_BYTES at most (with
+   the keys and values the attention reads, they must fit the L2 cache: an fp32 out projection's share is 768 KiB at
+   330m), spread over `keys` calls (at most AHEAD_LINES a call) */
 #define AHEAD_LINES 8
+#define AHEAD_BYTES (256 << 10)
 static inline ahead ahead_of(const void *w, int64_t c0, int64_t c1, size_t row, int64_t keys) {
     ahead a = {(const char *)w + c0 * row, (const char *)w + c1 * row, 0};
+    if (a.end - a.at > AHEAD_BYTES) a.end = a.at + AHEAD_BYTES;
     int64_t lines = (a.end - a.at + 63) / 64;
     a.per = keys > 0 ? (lines + keys - 1) / keys : 0;
     a.per = a.per < AHEAD_LINES ? a.per : AHEAD_LINES;
     return a;
 }
+
+#define V_VECTORS 8  /* the attention's output vectors (of 16 dimensions) summed over one pass of V's rows */
 
 /* out = softmax(q . K[s] / sqrt(hd), s < L, valid ones) V, rounded to the dtype; K, V: L x hd (dtype); scores: L */
 static void attend_head(const float *q, const void *K, const void *V, int64_t L, int64_t hd, const uint8_t *valid,
@@ -583,15 +588,20 @@ static void attend_head(const float *q, const void *K, const void *V, int64_t L,
         scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
         sum += scores[s];
     }
-    float inv = 1.0f / sum;
-    for (int64_t j = 0; j < hd; j += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t t = 0; t < L; t++)
-            if (scores[t] != 0.0f)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16((const char *)V + t * row, j, hd, bf), acc);
-        float o[16];
-        _mm512_storeu_ps(o, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
-        for (int64_t i = 0; i < 16 && j + i < hd; i++) put_el(out, j + i, o[i], bf);
+    const __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (int64_t j0 = 0; j0 < hd; j0 += 16 * V_VECTORS) {  /* V's rows front to back, once per 128 dimensions */
+        int nv = (int)((hd - j0 + 15) / 16 < V_VECTORS ? (hd - j0 + 15) / 16 : V_VECTORS);
+        __m512 acc[V_VECTORS];
+        for (int c = 0; c < V_VECTORS; c++) acc[c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; t++) {
+            if (scores[t] == 0.0f) continue;
+            const __m512 p = _mm512_set1_ps(scores[t]);
+            const char *v = (const char *)V + t * row;
+            #pragma GCC unroll 8
+            for (int c = 0; c < V_VECTORS; c++)
+                if (c < nv) acc[c] = _mm512_fmadd_ps(p, load16(v, j0 + 16 * c, hd, bf), acc[c]);
+        }
+        for (int c = 0; c < nv; c++) put16(out, j0 + 16 * c, hd, _mm512_mul_ps(acc[c], inv), bf);
     }
 }
 
