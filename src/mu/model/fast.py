@@ -253,7 +253,7 @@ class NativeDecoder:
         blocks = [block_arguments(b, dtype) for b in m.decoder_blocks()]
         head, norm = m.lm_head, m.transformer.ln_f
         int8 = getattr(head, "codes", None) is not None
-        if (any(b is None or bool(b.scale[0]) != int8 for b in blocks) or head.bias is not None
+        if (not blocks or any(b is None or bool(b.scale[0]) != int8 for b in blocks) or head.bias is not None
                 or (not int8 and not (is_plain_linear(head) and head.weight.dtype == dtype))
                 or norm.weight.dtype != dtype):
             return None

@@ -61,7 +61,8 @@ def build_model(preset: str | MuConfig = "tiny", arch: str = "encdec", weight_in
                 **overrides: Any) -> "MuModel":
     """A randomly initialised model from a preset name (or a config) with field overrides;
     `weight_init` "paper" (N(0, 0.02)) or "fan_in" (N(0, 1/sqrt(fan_in)), better for tiny widths)."""
-    config = preset.replace(**overrides) if isinstance(preset, MuConfig) else MuConfig.from_name(preset, arch, **overrides)
+    config = (preset.replace(**overrides) if isinstance(preset, MuConfig)
+              else MuConfig.from_name(preset, arch, **overrides))
     model = model_class(config)(config)
     if weight_init != "paper":
         model.init_weights(weight_init)

@@ -212,8 +212,8 @@ def layer(packed: Tensor, in_features: int, scale: Tensor, bias: Tensor, weight_
     """The GEMV's arguments for weights packed by `pack_weights` and per-channel `scale`, `bias` and dequantized row
     sums `weight_sums` (fp32, contiguous, n_pad each)."""
     tensors = (packed, scale.contiguous(), bias.contiguous(), weight_sums.contiguous())
-    args = Layer(packed.data_ptr(), in_features, round_up(in_features, K_MULTIPLE), scale.numel(), tensors[1].data_ptr(),
-                 tensors[2].data_ptr(), tensors[3].data_ptr())
+    args = Layer(packed.data_ptr(), in_features, round_up(in_features, K_MULTIPLE), scale.numel(),
+                 tensors[1].data_ptr(), tensors[2].data_ptr(), tensors[3].data_ptr())
     args.tensors = tensors  # alive as long as the pointers are
     args.call, args.ref = library().mu_gemv_layer, ctypes.byref(args)  # the per-call lookups, done once
     return args

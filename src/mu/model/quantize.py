@@ -86,7 +86,8 @@ def _fbgemm_available() -> bool:
 
 def int4_available() -> bool:
     """True when this torch build has the CPU int4 weight-only kernels."""
-    return hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    return (hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+            and hasattr(torch, "_weight_int4pack_mm_for_cpu"))
 
 
 def int8_weight_only_available() -> bool:
@@ -335,7 +336,8 @@ class _DynamicInt8(_Int8Gemm):
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
         with warnings.catch_warnings():  # quantized-tensor constructors are deprecated, the kernel is not
             warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            zeros = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
             self.packed = torch.ops.quantized.linear_prepack(qw, bias)
         self._register(_bind_dynamic(self.packed))
 
@@ -523,7 +525,8 @@ class Int4Linear(nn.Module):
 
     def weight_bytes(self) -> int:
         groups = self.out_features * self.in_features // self.group_size
-        return self.out_features * self.in_features // 2 + 4 * groups + (4 * self.out_features if self.bias is not None else 0)
+        bias = 4 * self.out_features if self.bias is not None else 0
+        return self.out_features * self.in_features // 2 + 4 * groups + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
