@@ -642,6 +642,45 @@ typedef struct {
     int64_t keys;           /* scores per thread */
 } work;
 
+/* w->in (and, for int8 products, q8, w->codes) = the residual stream (d) normed by `weight`, by one thread of the
+   region */
+static void norm_input(work *w, int64_t d, const void *weight, float eps, int q8, int bf) {
+    #pragma omp single
+    {
+        rms_norm(w->x, d, weight, eps, w->in, bf);
+        if (q8) input_codes(w->in, d, w->codes, &w->sx, &w->zx);
+    }
+}
+
+/* an attention and its out projection, by every thread of the region: each of the thread's share of the query heads
+   (queries in w->y, head h at h hd) attends to keys 0..L-1 of K, V (n_kv x stride x hd, the dtype; those with
+   valid[s] when given) into w->o, while the thread fetches its share of wo; then the residual stream += the out
+   projection (wo, bo: product p) of w->o */
+static void attend_out(const mu_block *b, work *w, const void *K, const void *V, int64_t stride, int64_t L,
+                       const uint8_t *valid, const void *wo, const void *bo, int p, int tid, int nth, int bf,
+                       dot_fn dot) {
+    const int64_t H = b->n_head, hd = b->hd, qd = H * hd;
+    const size_t es = bf ? 2 : 4, row = (size_t)qd * (b->scale[0] ? 1 : es);
+    int64_t c0, c1;
+    share(b->d, tid, nth, &c0, &c1);
+    ahead next = ahead_of(wo, c0, c1, row, L * (H * (tid + 1) / nth - H * tid / nth));
+    for (int64_t i = H * tid / nth; i < H * (tid + 1) / nth; i++) {
+        int64_t h = grouped_head(b, i);
+        size_t at = (size_t)kv_head(b, h) * stride * hd * es;
+        attend_head(w->y + h * hd, (const char *)K + at, (const char *)V + at, L, hd, valid,
+                    w->scores + (int64_t)tid * w->keys, (char *)w->o + h * hd * es, bf, &next);
+    }
+    #pragma omp barrier
+    if (b->scale[0]) {
+        #pragma omp single
+        input_codes(w->o, qd, w->codes, &w->sx, &w->zx);
+    }
+    gemv_part(b->scale[0] ? (const void *)w->codes : w->o, qd, wo, bo, w->y, c0, c1, bf, dot, b->scale[p], b->wsum[p],
+              w->sx, w->zx);
+    add_residual(w->x, w->y, c0, c1, bf);
+    #pragma omp barrier
+}
+
 /* the block applied to w->x (d, fp32: rounded to the dtype) at cache slot `slot`, by every thread of the enclosing
    parallel region (thread tid of nth): the token's K/V go into kc, vc there, self-attention reads slots 0..slot
    (those with self_valid[s] when given), cross-attention reads ck, cv (positions with cross_valid[s] when given;
@@ -650,20 +689,14 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
                        int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck, const void *cv,
                        int64_t S, const uint8_t *cross_valid, int tid, int nth, int bf, dot_fn dot) {
     const int64_t d = b->d, H = b->n_head, KV = b->n_kv, hd = b->hd, qd = H * hd, kvd = KV * hd, F = b->hidden;
-    const size_t es = bf ? 2 : 4;
     const int q8 = b->scale[0] != NULL;
-    const size_t wes = q8 ? 1 : es;  /* bytes per weight */
-    float *x = w->x, *y = w->y, *sc = w->scores + (int64_t)tid * w->keys;
-    void *in = w->in, *o = w->o;
-    const void *from_in = q8 ? (const void *)w->codes : in, *from_o = q8 ? (const void *)w->codes : o;
-    int64_t c0, c1, h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
+    float *x = w->x, *y = w->y;
+    void *in = w->in;
+    const void *from_in = q8 ? (const void *)w->codes : in;
+    int64_t c0, c1;
 
     /* self-attention */
-    #pragma omp single
-    {
-        rms_norm(x, d, b->ln1, b->eps, in, bf);
-        if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
-    }
+    norm_input(w, d, b->ln1, b->eps, q8, bf);
     share(qd, tid, nth, &c0, &c1);
     gemv_part(from_in, d, b->wq, b->bq, y, c0, c1, bf, dot, b->scale[P_Q], b->wsum[P_Q], w->sx, w->zx);
     share(kvd, tid, nth, &c0, &c1);
@@ -680,58 +713,18 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
                 put_el(vc, at, y[qd + kvd + (h - H) * hd + i], bf);
             }
     }
-    share(d, tid, nth, &c0, &c1);
-    ahead next = ahead_of(b->wo, c0, c1, (size_t)qd * wes, (slot + 1) * (h1 - h0));
-    for (int64_t i = h0; i < h1; i++) {
-        int64_t h = grouped_head(b, i);
-        size_t at = (size_t)kv_head(b, h) * max_len * hd * es;
-        attend_head(y + h * hd, (char *)kc + at, (char *)vc + at, slot + 1, hd, self_valid, sc,
-                    (char *)o + h * hd * es, bf, &next);
-    }
-    #pragma omp barrier
-    if (q8) {
-        #pragma omp single
-        input_codes(o, qd, w->codes, &w->sx, &w->zx);
-    }
-    share(d, tid, nth, &c0, &c1);
-    gemv_part(from_o, qd, b->wo, b->bo, y, c0, c1, bf, dot, b->scale[P_O], b->wsum[P_O], w->sx, w->zx);
-    add_residual(x, y, c0, c1, bf);
-    #pragma omp barrier
+    attend_out(b, w, kc, vc, max_len, slot + 1, self_valid, b->wo, b->bo, P_O, tid, nth, bf, dot);
 
     if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
-        #pragma omp single
-        {
-            rms_norm(x, d, b->ln2, b->eps, in, bf);
-            if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
-        }
+        norm_input(w, d, b->ln2, b->eps, q8, bf);
         share(qd, tid, nth, &c0, &c1);
         gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], w->sx, w->zx);
         #pragma omp barrier
-        share(d, tid, nth, &c0, &c1);
-        next = ahead_of(b->cwo, c0, c1, (size_t)qd * wes, S * (h1 - h0));
-        for (int64_t i = h0; i < h1; i++) {
-            int64_t h = grouped_head(b, i);
-            size_t at = (size_t)kv_head(b, h) * S * hd * es;
-            attend_head(y + h * hd, (const char *)ck + at, (const char *)cv + at, S, hd, cross_valid, sc,
-                        (char *)o + h * hd * es, bf, &next);
-        }
-        #pragma omp barrier
-        if (q8) {
-            #pragma omp single
-            input_codes(o, qd, w->codes, &w->sx, &w->zx);
-        }
-        share(d, tid, nth, &c0, &c1);
-        gemv_part(from_o, qd, b->cwo, b->cbo, y, c0, c1, bf, dot, b->scale[P_CO], b->wsum[P_CO], w->sx, w->zx);
-        add_residual(x, y, c0, c1, bf);
-        #pragma omp barrier
+        attend_out(b, w, ck, cv, S, S, cross_valid, b->cwo, b->cbo, P_CO, tid, nth, bf, dot);
     }
 
     /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
-    #pragma omp single
-    {
-        rms_norm(x, d, b->ln3, b->eps, in, bf);
-        if (q8) input_codes(in, d, w->codes, &w->sx, &w->zx);
-    }
+    norm_input(w, d, b->ln3, b->eps, q8, bf);
     share(F, tid, nth, &c0, &c1);
     gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], w->sx, w->zx);
     #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
@@ -781,11 +774,7 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
         for (int64_t i = 0; i < s->n; i++)
             block_step(&s->blocks[i], &w, cos, sin, s->kc[i], s->vc[i], s->max_len, slot, self_valid,
                        s->ck ? s->ck[i] : NULL, s->cv ? s->cv[i] : NULL, s->S, s->cross_valid, tid, nth, bf, dot);
-        #pragma omp single
-        {
-            rms_norm(w.x, d, s->norm, s->eps, w.in, bf);
-            if (q8) input_codes(w.in, d, w.codes, &w.sx, &w.zx);
-        }
+        norm_input(&w, d, s->norm, s->eps, q8, bf);
         int64_t c0, c1;
         share(s->vocab, tid, nth, &c0, &c1);
         gemv_part(q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, c0, c1, bf, dot, s->head_scale,
