@@ -6,6 +6,7 @@ import base64
 import http.client
 import io
 import json
+import threading
 import time
 from typing import Optional
 from urllib.parse import urlparse
@@ -61,15 +62,19 @@ def png_data_uri(size=(40, 30), color=(200, 30, 30), fmt="PNG") -> str:
 
 class SlowBackend(TorchBackend):
     """A backend whose decode steps take at least `delay` seconds and that records each step's batch size,
-    so tests can keep requests in flight long enough to overlap, disconnect or fill the queue."""
+    so tests can keep requests in flight long enough to overlap, disconnect or fill the queue. While `gate` is
+    a cleared event, steps wait for it: a test holds its rows for as long as it needs, whatever the machine's load."""
 
     def __init__(self, model, max_batch: int, delay: float = 0.0):
         super().__init__(model, max_batch)
         self.delay = delay
+        self.gate: Optional[threading.Event] = None
         self.batch_sizes: list[int] = []
 
     def step(self, tokens):
         self.batch_sizes.append(len(tokens))
+        if self.gate is not None:
+            self.gate.wait(60)
         if self.delay:
             time.sleep(self.delay)
         return super().step(tokens)

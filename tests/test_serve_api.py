@@ -270,24 +270,26 @@ def test_queue_and_concurrency_limits_give_429(strict):
     def call():
         results.append(post(base, "/v1/completions", slow, headers=AUTH)[0])
 
-    server.backend.delay = 0.1  # 16 steps of 0.1 s: the first request holds its row long enough
-    first = threading.Thread(target=call)
-    first.start()
-    assert _wait_until(lambda: server.engine.running == 1)
-    second = threading.Thread(target=call)
-    second.start()
-    assert _wait_until(lambda: server.engine.queue_length == 1)
-    status, out, _ = post(base, "/v1/completions", slow, headers=AUTH)
-    assert status == 429 and out["error"]["code"] == "queue_full"
-    server.inflight += 10  # as if many streams were open
+    server.backend.gate = gate = threading.Event()  # the first request holds its row until the refusals are seen
+    first, second = threading.Thread(target=call), threading.Thread(target=call)
     try:
+        first.start()
+        assert _wait_until(lambda: server.engine.running == 1)
+        second.start()
+        assert _wait_until(lambda: server.engine.queue_length == 1)
         status, out, _ = post(base, "/v1/completions", slow, headers=AUTH)
-        assert status == 429 and out["error"]["code"] == "server_busy"
+        assert status == 429 and out["error"]["code"] == "queue_full"
+        server.inflight += 10  # as if many streams were open
+        try:
+            status, out, _ = post(base, "/v1/completions", slow, headers=AUTH)
+            assert status == 429 and out["error"]["code"] == "server_busy"
+        finally:
+            server.inflight -= 10
     finally:
-        server.inflight -= 10
+        gate.set()
+        server.backend.gate = None
     first.join(30)
     second.join(30)
-    server.backend.delay = 0.02
     assert results == [200, 200]
 
 
