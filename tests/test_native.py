@@ -12,8 +12,34 @@ import mu
 from mu.model import layers, native
 from mu.model import quantize as q8
 
-needs_native = pytest.mark.skipif(not native.int8_available(),
-                                  reason="mu's int8 kernels need an x86 CPU with AVX2 but no VNNI and a C compiler")
+
+
+def _avx2_build(monkeypatch):
+    """Make the library the one an AVX2 CPU builds and chooses (`native.AVX2_ENV`), on any x86 CPU with AVX2 and FMA;
+    skip where there is none (or no compiler)."""
+    if not {"avx2", "fma"} <= mu.utils.cpu_flags():
+        pytest.skip("mu's AVX2 kernels need an x86 CPU with AVX2 and FMA")
+    monkeypatch.setenv(native.AVX2_ENV, "1")
+    native.library.cache_clear()
+    if not native.int8_available():
+        pytest.skip("mu's native kernels need a C compiler")
+
+
+@pytest.fixture
+def avx2(monkeypatch):
+    """mu's int8 kernels of AVX2 CPUs without VNNI (`native.int8_available()`), here whatever the CPU's extensions."""
+    _avx2_build(monkeypatch)
+    yield
+    native.library.cache_clear()
+
+
+@pytest.fixture(params=["this CPU", "AVX2"])
+def build(request, monkeypatch):
+    """The native library as this CPU builds it, then as an AVX2 CPU's (`avx2`): each step test runs on both."""
+    if request.param == "AVX2":
+        _avx2_build(monkeypatch)
+    yield request.param
+    native.library.cache_clear()
 
 
 def _rel(a, b):
@@ -32,8 +58,7 @@ def _rows_used(mlp, x):
     return sum(calls) // 2
 
 
-@needs_native
-def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
+def test_gemm_is_the_integer_product_then_scale_offset_and_gelu(avx2):
     """Odd shapes (rows, inner dimension and outputs not multiples of the kernel's tiles, so padding is exercised),
     and the worst case for the int16 sums: every code at its maximum (127 x 63, four products per int16). Each row
     has its own activation scale and zero point; the GELU's range comes back per row."""
@@ -60,8 +85,7 @@ def test_gemm_is_the_integer_product_then_scale_offset_and_gelu():
         torch.testing.assert_close(ranges[:, 1], g.amax(1).clamp(min=0))
 
 
-@needs_native
-def test_gemv_is_the_integer_product_of_each_rows_own_8bit_codes(monkeypatch):
+def test_gemv_is_the_integer_product_of_each_rows_own_8bit_codes(monkeypatch, avx2):
     """A few rows (decode): each row gets its own 8-bit codes (scale and zero point over min(x, 0)..max(x, 0)), so
     a row equals the dequantized integer product exactly (to fp32 rounding) whatever the other rows hold; more rows
     than one pass takes (`GEMV_ROWS`), odd shapes, and AVX2's worst case (codes 255 x weights 63). One row gives
@@ -93,8 +117,7 @@ def test_gemv_is_the_integer_product_of_each_rows_own_8bit_codes(monkeypatch):
             torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-@needs_native
-def test_activation_codes_round_each_row_to_seven_bits_and_pad_with_zeros():
+def test_activation_codes_round_each_row_to_seven_bits_and_pad_with_zeros(avx2):
     torch.manual_seed(0)
     x = torch.randn(7, 50) * torch.arange(1, 8).float()[:, None] + 1  # rows of different ranges
     x[3] = 0.0
@@ -111,8 +134,7 @@ def test_activation_codes_round_each_row_to_seven_bits_and_pad_with_zeros():
     assert known[0][:7].equal(codes[:7]) and known[1].equal(sx) and known[2].equal(zx)
 
 
-@needs_native
-def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
+def test_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch, avx2):
     """`quantize_("int8")` gives every int8 MLP `_fused_mlp`: from `NATIVE_MIN_ROWS` rows the same outputs as its two
     products with the eager GELU between them (to a flipped activation code), as close to the float MLP as that
     composition; below (a decode) the plain path through the GEMV; a compiled layer calls the native product through
@@ -232,12 +254,13 @@ def _module_path(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_native_decoder_step_is_the_block(monkeypatch, dtype, interleaved):
+def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved):
     """One call per step, for both GQA head orders, with and without padded encoder positions, growing and
     fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded where
     PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly always)."""
     if not native.decoder_step_available(dtype):
-        pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16) and a C compiler")
+        pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16) and a C "
+                    "compiler")
     torch.manual_seed(0)
     model = _step_model(dtype, interleaved)
     ids = torch.randint(3, 300, (1, 37))
@@ -299,16 +322,21 @@ def test_native_decoder_step_steps_aside(monkeypatch):
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
-    """An int8 model's decoder (VNNI CPUs): one call per step over the layers' and the lm_head's row-major 7-bit codes,
-    each product's input with its own 8-bit codes, as fbgemm's kernel makes them: the logits equal the int8 modules'
-    to float rounding (and the odd activation code that rounding moves), the same tokens; a layer without row-major
-    codes (quantized elsewhere) makes the step run the modules."""
+def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
+    """An int8 model's decoder: one call per step over the layers' and the lm_head's 7-bit codes (VNNI CPUs: kept
+    row-major for it; AVX2 CPUs: the packed ones of mu's own kernels), each product's input with its own 8-bit codes,
+    as the layers' kernels make them: the logits equal the int8 modules' to float rounding (and the odd activation
+    code that rounding moves), the same tokens; a layer the step cannot read (quantized elsewhere) makes the step run
+    the modules."""
     if not native.decoder_step_available("int8"):
-        pytest.skip("mu's int8 decoder step needs an x86 CPU with AVX-512 VNNI and a C compiler")
+        pytest.skip("mu's int8 decoder step needs an x86 CPU with AVX-512 VNNI, or AVX2 without VNNI, and a C compiler")
     torch.manual_seed(0)
     model = _step_model(torch.float32, interleaved).quantize_("int8")
-    assert all(m.codes is not None for m in model.decoder_blocks()[0].mlp.modules() if hasattr(m, "codes"))
+    layout = native.step_int8_layout()
+    assert layout == ("panels" if build == "AVX2" else "rows")
+    for m in model.decoder_blocks()[0].mlp.modules():
+        if isinstance(m, q8.Int8Linear):
+            assert (m.codes is not None) == (layout == "rows") and m.step_weights() is not None
     calls = []
     step = native.decoder_step
     monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
@@ -319,7 +347,7 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, interleaved):
     assert len(calls) == 13
     assert ((got - want).norm() / want.norm()) < 1e-3  # (float rounding may move an activation code across a step)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
-    model.decoder_blocks()[1].mlp.fc2.codes = None  # as a layer quantized without them
+    model.decoder_blocks()[1].mlp.fc2.step_weights = lambda: None  # as a layer quantized another way
     calls.clear()
     _decode(model, ids, steps=2)
     assert not calls
@@ -355,12 +383,12 @@ def test_without_a_compiler_or_when_switched_off_the_prefill_uses_onednn(monkeyp
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
-def test_native_step_in_a_decoder_only_block(monkeypatch, kind):
+def test_native_step_in_a_decoder_only_block(monkeypatch, build, kind):
     """The decoder-only twin's blocks get the same one-call step (no cross-attention), so both architectures decode
     with the same kernels: one call per single-token step (the prompt runs the modules), logits of the
     modules fed the same tokens (fp32 and int8 to rounding, bf16 within bf16 steps)."""
     if not native.decoder_step_available({"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}[kind]):
-        pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 (bf16: AVX-512-BF16, int8: VNNI)")
+        pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16)")
     torch.manual_seed(0)
     model = mu.build_model("tiny", arch="deconly", weight_init="fan_in").eval()
     model = model.quantize_("int8") if kind == "int8" else model.to(torch.bfloat16 if kind == "bf16" else torch.float32)
@@ -382,6 +410,7 @@ def test_native_step_in_a_decoder_only_block(monkeypatch, kind):
     calls.clear()
     got = decode(model, want.argmax(-1)[:-1].long())
     assert len(calls) == 12
-    # (int8: equal but where a rounding of 1e-7 moves an activation code across a step, ~1e-4 of the logits)
-    assert ((got - want).norm() / want.norm()) < {"fp32": 1e-5, "bf16": 0.02, "int8": 1e-3}[kind]
+    # (int8: equal but where a rounding of 1e-7 moves an activation code across a step: 1e-4 to 3e-3 of the logits,
+    # from that step on; a wrong product would be of their order)
+    assert ((got - want).norm() / want.norm()) < {"fp32": 1e-5, "bf16": 0.02, "int8": 1e-2}[kind]
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (0.9 if kind == "bf16" else 1.0)

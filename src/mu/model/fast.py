@@ -252,12 +252,12 @@ class NativeDecoder:
         m, dtype = self.model, x.dtype
         blocks = [block_arguments(b, dtype) for b in m.decoder_blocks()]
         head, norm = m.lm_head, m.transformer.ln_f
-        int8 = getattr(head, "codes", None) is not None
-        if (not blocks or any(b is None or bool(b.scale[0]) != int8 for b in blocks) or head.bias is not None
-                or (not int8 and not (is_plain_linear(head) and head.weight.dtype == dtype))
-                or norm.weight.dtype != dtype):
+        int8 = step_weights(head)
+        plain = is_plain_linear(head) and head.weight.dtype == dtype
+        if (not blocks or any(b is None or bool(b.scale[0]) != (int8 is not None) for b in blocks)
+                or head.bias is not None or not (int8 is not None or plain) or norm.weight.dtype != dtype):
             return None
-        weight = head.codes if int8 else head.weight
+        weight = head.weight if int8 is None else int8[0]
         cross = cache.cross_kv
         caches = [*cache.k_layers, *cache.v_layers, *(t for kv in cross or () for t in kv)]
         mask = cache.cross_mask
@@ -272,10 +272,10 @@ class NativeDecoder:
         if cross is not None:
             ck, cv = pointers(*(k.data_ptr() for k, _ in cross)), pointers(*(v.data_ptr() for _, v in cross))
         array = (native.Block * n)(*blocks)
-        args = native.Decoder(array, n, norm.weight.data_ptr(), weight.data_ptr(),
-                              head.scale.data_ptr() if int8 else None, head.weight_sums.data_ptr() if int8 else None,
-                              head.out_features, norm.eps, kc, vc, cache.max_len, ck, cv,
-                              0 if cross is None else cross[0][0].shape[-2], None if mask is None else mask.data_ptr())
+        scale, sums = (None, None) if int8 is None else (int8[1].data_ptr(), int8[2].data_ptr())
+        args = native.Decoder(array, n, norm.weight.data_ptr(), weight.data_ptr(), scale, sums, head.out_features,
+                              norm.eps, kc, vc, cache.max_len, ck, cv, 0 if cross is None else cross[0][0].shape[-2],
+                              None if mask is None else mask.data_ptr())
         args.arrays = (array, kc, vc, ck, cv)  # alive as long as the pointers into them are
         return args
 
@@ -286,16 +286,17 @@ def block_arguments(block: nn.Module, dtype: torch.dtype) -> Optional[native.Blo
     b = block
     linears = step_linears(b)
     present = [m for m in linears if m is not None]
+    steps = [None if m is None else step_weights(m) for m in linears]  # int8: codes, scales, sums, bias
     if all(is_plain_linear(m) for m in present) and b.mlp.fused_forward is None:
         kind, int8 = dtype, False
-    elif dtype == torch.float32 and all(getattr(m, "codes", None) is not None for m in present):
+    elif dtype == torch.float32 and all(t is not None for m, t in zip(linears, steps) if m is not None):
         kind, int8 = "int8", True
     else:
         return None
     if not native.decoder_step_available(kind):
         return None
-    weights = [None if m is None else m.codes if int8 else m.weight for m in linears]
-    pairs = [(w, None if m is None else m.bias) for w, m in zip(weights, linears)]
+    weights = [None if m is None else t[0] if int8 else m.weight for m, t in zip(linears, steps)]
+    pairs = [(w, None if m is None else t[3] if int8 else m.bias) for w, m, t in zip(weights, linears, steps)]
     cross = linears[4] is not None
     norms = (b.ln1, b.ln2, b.ln3) if cross else (b.ln1, None, b.ln2)  # (self-attention, cross-attention, MLP)
     tensors = [norms[0].weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3], norms[1] and norms[1].weight,
@@ -310,9 +311,15 @@ def block_arguments(block: nn.Module, dtype: torch.dtype) -> Optional[native.Blo
                         attn.n_head, attn.n_kv_head, attn.head_dim, b.mlp.fc1.out_features,
                         int(attn.interleaved), b.ln1.eps)
     if int8:
-        args.scale[:] = [None if m is None else m.scale.data_ptr() for m in linears]
-        args.wsum[:] = [None if m is None else m.weight_sums.data_ptr() for m in linears]
+        args.scale[:] = [None if t is None else t[1].data_ptr() for t in steps]
+        args.wsum[:] = [None if t is None else t[2].data_ptr() for t in steps]
     return args
+
+
+def step_weights(linear: nn.Module) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
+    """An int8 layer's weights as the native step reads them (`Int8Linear.step_weights`), or None (another module)."""
+    get = getattr(linear, "step_weights", None)
+    return get() if callable(get) else None
 
 
 def step_linears(block: nn.Module) -> tuple[Optional[nn.Module], ...]:

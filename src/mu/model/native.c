@@ -21,6 +21,7 @@
 #define MR 2        /* rows of a register tile */
 #define NV 2        /* 8-column vectors of a register tile */
 #define NR (8 * NV) /* columns of a register tile: the panel width of the packed weights */
+#define K_MULTIPLE 8 /* the packed weights' inner dimension is padded to a multiple of it (native.py's) */
 #define MC 64       /* rows of the activation block kept in L2 while the panels stream by */
 
 /* w (n x k, int8) into panels of NR output channels; for each k-quad t (k = 4t..4t+3) NV vectors of 8 channels x
@@ -301,6 +302,24 @@ void mu_gemv_layer(const mu_layer *layer, const float *x, int64_t rows, float *o
     free(scratch);
 }
 
+/* this thread's share [*c0, *c1) of n output channels, in blocks of 16 */
+static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) {
+    int64_t blocks = (n + 15) / 16, b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+    *c0 = 16 * b0 < n ? 16 * b0 : n;
+    *c1 = 16 * b1 < n ? 16 * b1 : n;
+}
+
+/* Where the products' input vectors start: X_SKEW bytes past a 64-byte boundary. Each multiply-add of a dot product
+   loads 64 bytes of the input and 64 of a weight row (rows start on 64-byte boundaries); with the input on a 64-byte
+   (or 32-byte) boundary too, a GEMV read the weights at 0.7-0.75 of a streaming read's rate when the memory ran fast
+   (~50 GB/s), 4-16 bytes past one at ~1.0 (Zen 4, 2 threads, fp32 and bf16; docs/efficiency.md, round 12): the two
+   loads meet in the same L1 banks, it seems. */
+#define X_SKEW 4
+
+static inline char *skewed(char *p) {  /* the first address X_SKEW bytes past a 64-byte boundary at or after p */
+    return p + ((64 - (uintptr_t)p % 64) % 64) + X_SKEW;
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 /* fp32 and bf16 products of a few rows (a decode) on CPUs with AVX-512 (bf16: with AVX-512-BF16). Each output
    channel's dot product runs over its weight row with four vector accumulators, so a thread reads its contiguous
@@ -331,24 +350,6 @@ static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_s
 
 static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {  /* bf16 widened to fp32 (no BF16 unit needed) */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
-
-/* this thread's share [*c0, *c1) of n output channels, in blocks of 16 */
-static inline void share(int64_t n, int tid, int nth, int64_t *c0, int64_t *c1) {
-    int64_t blocks = (n + 15) / 16, b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
-    *c0 = 16 * b0 < n ? 16 * b0 : n;
-    *c1 = 16 * b1 < n ? 16 * b1 : n;
-}
-
-/* Where the products' input vectors start: X_SKEW bytes past a 64-byte boundary. Each multiply-add of a dot product
-   loads 64 bytes of the input and 64 of a weight row (rows start on 64-byte boundaries); with the input on a 64-byte
-   (or 32-byte) boundary too, a GEMV read the weights at 0.7-0.75 of a streaming read's rate when the memory ran fast
-   (~50 GB/s), 4-16 bytes past one at ~1.0 (Zen 4, 2 threads, fp32 and bf16; docs/efficiency.md, round 12): the two
-   loads meet in the same L1 banks, it seems. */
-#define X_SKEW 4
-
-static inline char *skewed(char *p) {  /* the first address X_SKEW bytes past a 64-byte boundary at or after p */
-    return p + ((64 - (uintptr_t)p % 64) % 64) + X_SKEW;
 }
 
 /* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
@@ -386,6 +387,8 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
               store_f32);
 }
 
+#endif
+
 /* ---- a decode step of one sequence, as one call (mu.model.fast.NativeDecoder) ----
    The decoder for one new token: each block of mu.model.layers.DecoderBlock (RMSNorm, q/k/v, RoPE, the token's K/V
    written into the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's
@@ -398,21 +401,6 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way with VNNI dot
    products: each product's input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)), the weights'
    codes are read row by row as they lie. */
-
-typedef struct {
-    const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
-    const void *ln2, *cwq, *cbq, *cwo, *cbo;                   /* cross-attention: norm weight, q, out */
-    const void *ln3, *w1, *b1, *w2, *b2;                       /* MLP: norm weight, fc1, fc2 */
-    int64_t d, n_head, n_kv, hd, hidden, interleaved;
-    float eps;
-    /* int8 weights only (else NULL): per output channel, the scale and the dequantized weights' row sum, of q, k,
-       v, out, cross q, cross out, fc1, fc2 in that order */
-    const float *scale[8], *wsum[8];
-} mu_block;
-
-enum { P_Q, P_K, P_V, P_O, P_CQ, P_CO, P_W1, P_W2 };
-
-typedef float (*dot_fn)(const void *, const void *, int64_t);
 
 static inline float get_el(const void *p, int64_t i, int bf) {
     if (!bf) return ((const float *)p)[i];
@@ -441,16 +429,31 @@ static inline void put_el(void *p, int64_t i, float f, int bf) {
     else ((float *)p)[i] = f;
 }
 
+/* The step's vectors: VW fp32 lanes, 16 with AVX-512 (F, BW, VL), 8 with AVX2 and FMA; v_load and v_put move the
+   elements i .. min(i + VW, n) of an array of the model's dtype (fp32, or bf16 where bf is set: widened exactly,
+   stored rounded to nearest even, as PyTorch's conversion), zeros past n. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VW 16
+typedef __m512 vec;
+
 static inline __mmask16 first(int64_t i, int64_t n) {  /* lanes of elements i .. min(i + 16, n) */
     return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
 }
 
-static inline __m512 load16(const void *p, int64_t i, int64_t n, int bf) {  /* elements i .. min(i + 16, n) */
+static inline vec v_zero(void) { return _mm512_setzero_ps(); }
+static inline vec v_set1(float f) { return _mm512_set1_ps(f); }
+static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec v_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float v_sum(vec v) { return _mm512_reduce_add_ps(v); }
+
+static inline vec v_load(const void *p, int64_t i, int64_t n, int bf) {
     __mmask16 m = first(i, n);
     return bf ? load_bf16x16((const uint16_t *)p + i, m) : load_f32((const float *)p + i, m);
 }
 
-static inline __m512 rnd16(__m512 v, int bf) {  /* v rounded to the model's dtype (bf16: as rnd, lane by lane) */
+static inline vec v_rnd(vec v, int bf) {  /* v rounded to the model's dtype (bf16: as rnd, lane by lane) */
     if (!bf) return v;
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -459,38 +462,213 @@ static inline __m512 rnd16(__m512 v, int bf) {  /* v rounded to the model's dtyp
     return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-static inline void put16(void *p, int64_t i, int64_t n, __m512 v, int bf) {  /* elements i .. min(i + 16, n) */
+static inline void v_put(void *p, int64_t i, int64_t n, vec v, int bf) {
     __mmask16 m = first(i, n);
     if (!bf) {
         _mm512_mask_storeu_ps((float *)p + i, m, v);
         return;
     }
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rnd16(v, 1)), 16));
+    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v_rnd(v, 1)), 16));
     _mm256_mask_storeu_epi16((uint16_t *)p + i, m, h);
 }
 
-/* x[c] = rnd(x[c] + y[c]) for c in [c0, c1) (the residual stream, fp32 holding the dtype's values) */
-static inline void add_residual(float *x, const float *y, int64_t c0, int64_t c1, int bf) {
-    for (int64_t c = c0; c < c1; c += 16) {
-        __mmask16 m = first(c, c1);
-        __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + c), _mm512_maskz_loadu_ps(m, y + c));
-        _mm512_mask_storeu_ps(x + c, m, rnd16(v, bf));
-    }
+static inline vec v_zero_where_ninf(vec e, vec s) {  /* e, with zeros in the lanes where s is -inf */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), e);
+}
+
+static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline float v_hmax(vec v) { return _mm512_reduce_max_ps(v); }
+
+static inline vec v_ninf_where_not(vec v, const uint8_t *valid) {  /* v, with -inf in the lanes where !valid[i] */
+    __m512i ok = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)valid));
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(ok, ok), _mm512_set1_ps(-INFINITY), v);
+}
+
+/* lane i = v_sum(a[i]), in its order (halves, quarters, pairs), for the 16 vectors of a */
+static inline vec v_sums(const vec *a) {
+    vec b[8], c[4];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xee));
+    for (int i = 0; i < 4; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[i], b[i + 4], 0x88), _mm512_shuffle_f32x4(b[i], b[i + 4], 0xdd));
+    vec t0 = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+    vec t1 = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+    vec r = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xee));
+    return _mm512_shuffle_f32x4(r, r, 0xd8);  /* lanes of a[0..3], a[8..11], a[4..7], a[12..15] put in order */
 }
 
 /* f (an 8-lane function above: exp_ps, gelu_ps) on 16 lanes, as two halves: one polynomial for both widths */
-static inline __m512 halves(__m256 (*f)(__m256), __m512 v) {
+static inline vec halves(__m256 (*f)(__m256), vec v) {
     __m256 lo = f(_mm512_castps512_ps256(v));
     __m256 hi = f(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
 }
+static inline vec v_exp(vec v) { return halves(exp_ps, v); }
+static inline vec v_gelu(vec v) { return halves(gelu_ps, v); }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+typedef __m256 vec;
+
+static inline vec v_zero(void) { return _mm256_setzero_ps(); }
+static inline vec v_set1(float f) { return _mm256_set1_ps(f); }
+static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec v_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec v_exp(vec v) { return exp_ps(v); }
+static inline vec v_gelu(vec v) { return gelu_ps(v); }
+
+static inline float v_sum(vec v) {  /* halves, quarters, pairs: the order of AVX-512's _mm512_reduce_add_ps */
+    __m128 q = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+static inline vec v_load(const void *p, int64_t i, int64_t n, int bf) {
+    if (n - i >= 8) {
+        if (!bf) return _mm256_loadu_ps((const float *)p + i);
+        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    }
+    float t[8] = {0};
+    for (int64_t j = i; j < n; j++) t[j - i] = get_el(p, j, bf);
+    return _mm256_loadu_ps(t);
+}
+
+static inline vec v_rnd(vec v, int bf) {  /* v rounded to the model's dtype (bf16: as rnd, lane by lane) */
+    if (!bf) return v;
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline void v_put(void *p, int64_t i, int64_t n, vec v, int bf) {
+    if (n - i >= 8 && !bf) {
+        _mm256_storeu_ps((float *)p + i, v);
+        return;
+    }
+    float t[8];
+    _mm256_storeu_ps(t, v);
+    for (int64_t j = i; j < n && j < i + 8; j++) put_el(p, j, t[j - i], bf);
+}
+
+static inline vec v_zero_where_ninf(vec e, vec s) {  /* e, with zeros in the lanes where s is -inf */
+    return _mm256_and_ps(e, _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ));
+}
+
+static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline float v_hmax(vec v) { return hmax(v); }
+
+static inline vec v_ninf_where_not(vec v, const uint8_t *valid) {  /* v, with -inf in the lanes where !valid[i] */
+    __m256i no = _mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)valid)),
+                                    _mm256_setzero_si256());
+    return _mm256_blendv_ps(v, _mm256_set1_ps(-INFINITY), _mm256_castsi256_ps(no));
+}
+
+/* lane i = v_sum(a[i]), in its order (halves, pairs, then the pair's two), for the 8 vectors of a */
+static inline vec v_sums(const vec *a) {
+    vec b[4];
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[i], a[i + 4], 0x31),
+                             _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+    vec c0 = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0xee), _mm256_shuffle_ps(b[0], b[1], 0x44));
+    vec c1 = _mm256_add_ps(_mm256_shuffle_ps(b[2], b[3], 0xee), _mm256_shuffle_ps(b[2], b[3], 0x44));
+    return _mm256_add_ps(_mm256_shuffle_ps(c0, c1, 0x88), _mm256_shuffle_ps(c0, c1, 0xdd));
+}
+
+static inline float dot_f32(const void *xv, const void *wv, int64_t k) {  /* as AVX-512's, 8 lanes */
+    const float *x = xv, *w = wv;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= k; j += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(w + j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(w + j + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(w + j + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(w + j + 24), a3);
+    }
+    for (; j < k; j += 8) a0 = _mm256_fmadd_ps(v_load(x, j, k, 0), v_load(w, j, k, 0), a0);
+    return v_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+}
+#endif
+
+#ifdef VW
+typedef struct {
+    const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
+    const void *ln2, *cwq, *cbq, *cwo, *cbo;                   /* cross-attention: norm weight, q, out */
+    const void *ln3, *w1, *b1, *w2, *b2;                       /* MLP: norm weight, fc1, fc2 */
+    int64_t d, n_head, n_kv, hd, hidden, interleaved;
+    float eps;
+    /* int8 weights only (else NULL): per output channel, the scale and the dequantized weights' row sum, of q, k,
+       v, out, cross q, cross out, fc1, fc2 in that order */
+    const float *scale[8], *wsum[8];
+} mu_block;
+
+enum { P_Q, P_K, P_V, P_O, P_CQ, P_CO, P_W1, P_W2 };
+
+typedef float (*dot_fn)(const void *, const void *, int64_t);
+
+/* x[c] = rnd(x[c] + y[c]) for c in [c0, c1) (the residual stream, fp32 holding the dtype's values) */
+static inline void add_residual(float *x, const float *y, int64_t c0, int64_t c1, int bf) {
+    for (int64_t c = c0; c < c1; c += VW) {
+        v_put(x, c, c1, v_rnd(v_add(v_load(x, c, c1, 0), v_load(y, c, c1, 0)), bf), 0);
+    }
+}
+
+#if VW == 8
+/* y[c] for c in [c0, c1) (c0 a multiple of NR) of 8-bit codes x (k, zero padded to K_MULTIPLE) times 7-bit weight
+   codes packed by mu_pack_weights (wp; scale, bias (may be NULL) and wsum padded to its panels), in gemv_u8s7's
+   arithmetic: the numbers of the layer's own GEMV (mu.model.quantize's native kernels on AVX2 CPUs) */
+static void panel_part(const uint8_t *x, int64_t k, const int8_t *wp, const float *bias, float *y, int64_t c0,
+                       int64_t c1, const float *scale, const float *wsum, float sx, float zx) {
+    const int64_t k_pad = (k + K_MULTIPLE - 1) / K_MULTIPLE * K_MULTIPLE;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 s = _mm256_set1_ps(sx), sz = _mm256_set1_ps(sx * zx);
+    for (int64_t p = c0 / NR; p * NR < c1; p++) {
+        const int8_t *b = wp + p * (k_pad / 4) * 32 * NV;
+        __m256i acc[2 * NV];
+        for (int h = 0; h < 2 * NV; h++) acc[h] = _mm256_setzero_si256();
+        for (int64_t t = 0; t < k_pad / 4; t += 2) {
+            const __m256i *bb = (const __m256i *)(b + t * NV * 32);
+            _mm_prefetch((const char *)bb + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)bb + PREFETCH + 64, _MM_HINT_T0);
+            int32_t q0, q1;
+            memcpy(&q0, x + 4 * t, 4);
+            memcpy(&q1, x + 4 * t + 4, 4);
+            __m256i a0 = _mm256_set1_epi32(q0), a1 = _mm256_set1_epi32(q1);
+            for (int h = 0; h < NV; h++) {
+                acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_load_si256(bb + h)),
+                                                                    ones));
+                acc[NV + h] = _mm256_add_epi32(acc[NV + h], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(a1, _mm256_load_si256(bb + NV + h)), ones));
+            }
+        }
+        for (int h = 0; h < NV; h++) {
+            int64_t n = NR * p + 8 * h;
+            __m256 v = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[h], acc[NV + h]));
+            v = _mm256_fmadd_ps(_mm256_mul_ps(v, s), _mm256_loadu_ps(scale + n),
+                                bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps());
+            v_put(y, n, c1, _mm256_fnmadd_ps(sz, _mm256_loadu_ps(wsum + n), v), 0);
+        }
+    }
+}
+#endif
 
 /* y[c] = rnd(x . w[c] + bias[c]) for c in [c0, c1): one rounding of the fp32 sum, as mu_gemv_*; with int8 weights
    (scale given: x is the input's 8-bit codes, sx and zx their scale and zero point) y[c] = sx scale[c] (x . w[c]) -
-   sx zx wsum[c] + bias[c], in fp32 */
+   sx zx wsum[c] + bias[c], in fp32 (with AVX2: panel_part's, over packed weights) */
 static inline void gemv_part(const void *x, int64_t k, const void *w, const void *bias, float *y, int64_t c0,
                              int64_t c1, int bf, dot_fn dot, const float *scale, const float *wsum, float sx,
                              float zx) {
+#if VW == 8
+    if (scale) {
+        panel_part(x, k, w, bias, y, c0, c1, scale, wsum, sx, zx);
+        return;
+    }
+#endif
     size_t row = (size_t)k * (scale ? 1 : bf ? 2 : 4);
     for (int64_t c = c0; c < c1; c++) {
         float s = dot(x, (const char *)w + c * row, k), b = bias ? get_el(bias, c, bf) : 0.0f;
@@ -502,19 +680,19 @@ static inline void gemv_part(const void *x, int64_t k, const void *w, const void
 static void input_codes(const float *v, int64_t k, uint8_t *codes, float *sx, float *zx) {
     float lo, hi;
     row_range(v, k, &lo, &hi);
-    quantize_row(v, k, lo, hi, 255.0f, codes, k, sx, zx);
+    quantize_row(v, k, lo, hi, 255.0f, codes, (k + K_MULTIPLE - 1) / K_MULTIPLE * K_MULTIPLE, sx, zx);
 }
 
 /* out = rnd(rnd(x * rsqrt(mean(x^2) + eps)) * weight) (bf16: RMSNorm in fp32, cast, then scaled), in the dtype */
 static void rms_norm(const float *x, int64_t d, const void *weight, float eps, void *out, int bf) {
-    __m512 ss = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) {
-        __m512 v = load16(x, i, d, 0);
-        ss = _mm512_fmadd_ps(v, v, ss);
+    vec ss = v_zero();
+    for (int64_t i = 0; i < d; i += VW) {
+        vec v = v_load(x, i, d, 0);
+        ss = v_fma(v, v, ss);
     }
-    __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)d + eps));
-    for (int64_t i = 0; i < d; i += 16)
-        put16(out, i, d, _mm512_mul_ps(rnd16(_mm512_mul_ps(load16(x, i, d, 0), r), bf), load16(weight, i, d, bf)), bf);
+    vec r = v_set1(1.0f / sqrtf(v_sum(ss) / (float)d + eps));
+    for (int64_t i = 0; i < d; i += VW)
+        v_put(out, i, d, v_mul(v_rnd(v_mul(v_load(x, i, d, 0), r), bf), v_load(weight, i, d, bf)), bf);
 }
 
 /* v (hd, already rounded) rotated by RoPE in place: rnd(rnd(v cos) + rotate_half(v) sin) */
@@ -553,20 +731,36 @@ static inline ahead ahead_of(const void *w, int64_t c0, int64_t c1, size_t row, 
     return a;
 }
 
-#define V_VECTORS 8  /* the attention's output vectors (of 16 dimensions) summed over one pass of V's rows */
+#define V_VECTORS (128 / VW)  /* the attention's output vectors (of VW dimensions) summed over one pass of V's rows */
 
 /* out = softmax(q . K[s] / sqrt(hd), s < L, valid ones) V, rounded to the dtype; K, V: L x hd (dtype); scores: L */
 static void attend_head(const float *q, const void *K, const void *V, int64_t L, int64_t hd, const uint8_t *valid,
                         float *scores, void *out, int bf, ahead *next) {
     size_t row = (size_t)hd * (bf ? 2 : 4);
     float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
-    for (int64_t s = 0; s < L; s++) {
+    int64_t s = 0;
+    vec top = v_set1(-INFINITY);
+    for (; s + VW <= L; s += VW) {  /* VW keys at a time: one transposed sum for their VW dot products */
+        vec acc[VW];
+        for (int i = 0; i < VW; i++) {  /* key by key, each row front to back: one stream through K */
+            fetch(next);
+            acc[i] = v_zero();
+            for (int64_t j = 0; j < hd; j += VW)
+                acc[i] = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + (s + i) * row, j, hd, bf), acc[i]);
+        }
+        vec sc = v_mul(v_sums(acc), v_set1(scale));
+        if (valid) sc = v_ninf_where_not(sc, valid + s);
+        v_put(scores, s, L, sc, 0);
+        top = v_max(top, sc);
+    }
+    mx = v_hmax(top);
+    for (; s < L; s++) {
         fetch(next);
         if (valid && !valid[s]) { scores[s] = -INFINITY; continue; }
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t j = 0; j < hd; j += 16)
-            acc = _mm512_fmadd_ps(load16(q, j, hd, 0), load16((const char *)K + s * row, j, hd, bf), acc);
-        scores[s] = _mm512_reduce_add_ps(acc) * scale;
+        vec acc = v_zero();
+        for (int64_t j = 0; j < hd; j += VW)
+            acc = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + s * row, j, hd, bf), acc);
+        scores[s] = v_sum(acc) * scale;
         mx = fmaxf(mx, scores[s]);
     }
     if (mx == -INFINITY) {  /* no valid key: attend to all (mu.model.layers.key_padding_mask's convention) */
@@ -574,34 +768,31 @@ static void attend_head(const float *q, const void *K, const void *V, int64_t L,
         for (int64_t s = 0; s < L; s++) scores[s] = 0.0f;
         mx = 0.0f;
     }
-    __m512 total = _mm512_setzero_ps();
-    int64_t s = 0;
-    for (; s + 16 <= L; s += 16) {
-        __m512 e = halves(exp_ps, _mm512_sub_ps(_mm512_loadu_ps(scores + s), _mm512_set1_ps(mx)));
-        __mmask16 ok = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores + s), _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-        e = _mm512_maskz_mov_ps(ok, e);
-        _mm512_storeu_ps(scores + s, e);
-        total = _mm512_add_ps(total, e);
+    vec total = v_zero();
+    for (s = 0; s + VW <= L; s += VW) {
+        vec sc = v_load(scores, s, L, 0), e = v_zero_where_ninf(v_exp(v_sub(sc, v_set1(mx))), sc);
+        v_put(scores, s, L, e, 0);
+        total = v_add(total, e);
     }
-    float sum = _mm512_reduce_add_ps(total);
+    float sum = v_sum(total);
     for (; s < L; s++) {
         scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
         sum += scores[s];
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / sum);
-    for (int64_t j0 = 0; j0 < hd; j0 += 16 * V_VECTORS) {  /* V's rows front to back, once per 128 dimensions */
-        int nv = (int)((hd - j0 + 15) / 16 < V_VECTORS ? (hd - j0 + 15) / 16 : V_VECTORS);
-        __m512 acc[V_VECTORS];
-        for (int c = 0; c < V_VECTORS; c++) acc[c] = _mm512_setzero_ps();
+    const vec inv = v_set1(1.0f / sum);
+    for (int64_t j0 = 0; j0 < hd; j0 += VW * V_VECTORS) {  /* V's rows front to back, once per V_VECTORS vectors */
+        int nv = (int)((hd - j0 + VW - 1) / VW < V_VECTORS ? (hd - j0 + VW - 1) / VW : V_VECTORS);
+        vec acc[V_VECTORS];
+        for (int c = 0; c < V_VECTORS; c++) acc[c] = v_zero();
         for (int64_t t = 0; t < L; t++) {
             if (scores[t] == 0.0f) continue;
-            const __m512 p = _mm512_set1_ps(scores[t]);
+            const vec p = v_set1(scores[t]);
             const char *v = (const char *)V + t * row;
             #pragma GCC unroll 8
             for (int c = 0; c < V_VECTORS; c++)
-                if (c < nv) acc[c] = _mm512_fmadd_ps(p, load16(v, j0 + 16 * c, hd, bf), acc[c]);
+                if (c < nv) acc[c] = v_fma(p, v_load(v, j0 + VW * c, hd, bf), acc[c]);
         }
-        for (int c = 0; c < nv; c++) put16(out, j0 + 16 * c, hd, _mm512_mul_ps(acc[c], inv), bf);
+        for (int c = 0; c < nv; c++) v_put(out, j0 + VW * c, hd, v_mul(acc[c], inv), bf);
     }
 }
 
@@ -728,8 +919,7 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
     share(F, tid, nth, &c0, &c1);
     gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], w->sx, w->zx);
     #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
-    for (int64_t c = c0; c < c1; c += 16)
-        put16(in, c, c1, halves(gelu_ps, _mm512_maskz_loadu_ps(first(c, c1), y + c)), bf);
+    for (int64_t c = c0; c < c1; c += VW) v_put(in, c, c1, v_gelu(v_load(y, c, c1, 0)), bf);
     #pragma omp barrier
     if (q8) {
         #pragma omp single
@@ -759,7 +949,7 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
     work w = {.keys = L > s->S ? L : s->S};
     int64_t ny = wide > s->vocab ? wide : s->vocab;
     w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * w.keys) + es * (size_t)(wide + qd) + (size_t)wide +
-                 3 * 128);
+                 K_MULTIPLE + 3 * 128);
     if (!w.x) return -1;
     w.y = w.x + d;
     w.scores = w.y + ny;
@@ -779,7 +969,7 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
         share(s->vocab, tid, nth, &c0, &c1);
         gemv_part(q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, c0, c1, bf, dot, s->head_scale,
                   s->head_wsum, w.sx, w.zx);
-        for (int64_t c = c0; c < c1; c += 16) put16(logits, c, c1, _mm512_maskz_loadu_ps(first(c, c1), w.y + c), bf);
+        for (int64_t c = c0; c < c1; c += VW) v_put(logits, c, c1, v_load(w.y, c, c1, 0), bf);
     }
     free(w.x);
     return 0;
@@ -790,7 +980,7 @@ int mu_decoder_step_f32(const mu_decoder *s, const void *x, void *logits, const 
     return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_f32);
 }
 
-#if defined(__AVX512VNNI__)
+#if VW == 16 && defined(__AVX512VNNI__)
 /* the u8 x s8 dot product of k codes (vpdpbusd: four products into each int32 lane; 255 x 63 x 4 fits), as a float */
 static inline float dot_u8s8(const void *xv, const void *wv, int64_t k) {
     const uint8_t *x = xv;
@@ -817,10 +1007,17 @@ int mu_decoder_step_i8(const mu_decoder *s, const void *x, void *logits, const v
                        int64_t slot, const uint8_t *self_valid, int nt) {
     return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_u8s8);
 }
+#elif VW == 8
+/* an int8 model's decoder on AVX2 CPUs (panel_part: the layers' packed codes, `scale`, `wsum`, `head_scale`,
+   `head_wsum` set and padded to the panels) */
+int mu_decoder_step_i8(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
+                       int64_t slot, const uint8_t *self_valid, int nt) {
+    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, NULL);
+}
 #endif
 
 
-#if defined(__AVX512BF16__)
+#if VW == 16 && defined(__AVX512BF16__)
 /* vdpbf16ps multiplies pairs of bf16 values and adds both products into an fp32 lane */
 static inline __m512bh load_bf16(const uint16_t *p, int64_t left) {
     if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from mu.atomic import atomic_file
-from mu.utils import cpu_flags as _cpu_flags, round_up
+from mu.utils import cpu_flags, round_up
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -81,6 +81,21 @@ _STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 # with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
 _NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
+# "1": build the library and choose its kernels as for a CPU with AVX2 and FMA only (no AVX-512, no VNNI), so the
+# kernels of such CPUs run (tests) and compare (benchmarks) on any x86 CPU
+AVX2_ENV = "MU_NATIVE_AVX2"
+
+
+def _as_avx2() -> bool:
+    return os.environ.get(AVX2_ENV) == "1"
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags as the library's choices see them (`AVX2_ENV`: without AVX-512's, VNNI's and AMX's)."""
+    flags = cpu_flags()
+    if _as_avx2():
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")) and f != "avx_vnni")
+    return flags
 
 
 def _cache_dir() -> Path:
@@ -94,14 +109,15 @@ def _build(compiler: str, flags: frozenset[str]) -> Optional[Path]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
+    options = [*FLAGS, *(("-mno-avx512f", "-mno-avxvnni") if _as_avx2() else ())]
+    key = hashlib.sha256(b"\0".join([source, " ".join(options).encode(), version.encode(),
                                      " ".join(sorted(flags)).encode(), platform.machine().encode()])).hexdigest()[:16]
     path = _cache_dir() / f"mu_native-{key}.so"
     if path.exists():
         return path
     try:
         with atomic_file(path) as tmp:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+            done = subprocess.run([compiler, *options, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 raise RuntimeError((done.stderr.strip().splitlines() or ["the compiler failed"])[-1])
@@ -150,10 +166,25 @@ def gemv_available(dtype: torch.dtype) -> bool:
 
 
 def decoder_step_available(kind: torch.dtype | str) -> bool:
-    """True when `decoder_step` runs for `kind` on this machine: fp32 or bf16 (where `gemv_available(dtype)` is), or
-    "int8" (an int8 model's decoder: 7-bit weight codes, fp32 activations; AVX-512 with VNNI)."""
+    """True when `decoder_step` runs for `kind` on this machine: fp32 (AVX-512, or AVX2 with FMA), bf16 (AVX-512-BF16),
+    or "int8" (an int8 model's decoder: 7-bit weight codes, fp32 activations; AVX-512 with VNNI, or AVX2 CPUs where
+    `int8_available()`: see `step_int8_layout`)."""
     lib = library()
+    if kind == "int8" and step_int8_layout() is None:
+        return False
     return kind in _STEP and lib is not None and hasattr(lib, _STEP[kind])
+
+
+def step_int8_layout() -> Optional[str]:
+    """How `decoder_step` reads an int8 model's weight codes here: "rows" (the codes row-major as they are, VNNI dot
+    products: an AVX-512 build), "panels" (packed by `pack_weights`, the ones mu's own int8 kernels read: an AVX2
+    build, where `int8_available()`), or None (no int8 step)."""
+    lib = library()
+    if lib is None or not hasattr(lib, _STEP["int8"]):
+        return None
+    if "avx512f" in _cpu_flags():
+        return "rows"
+    return "panels" if int8_available() else None
 
 
 def _aligned(numel: int, dtype: torch.dtype, align: int = 64) -> Tensor:

@@ -381,7 +381,7 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight_int8", q, persistent=False)
         # `keep_codes` (a decoder block's layer where mu's native decoder step runs int8, `quantize_`): the codes
         # row-major as they are, and the dequantized weights' row sums, for that step (1 byte more per weight held)
-        keep = keep_codes and isinstance(self._gemm, _FbgemmInt8)
+        keep = keep_codes and isinstance(self._gemm, _FbgemmInt8) and native.step_int8_layout() == "rows"
         self.register_buffer("codes", q.contiguous() if keep else None, persistent=False)
         self.register_buffer("weight_sums", _row_sums(q, scale) if keep else None, persistent=False)
 
@@ -416,6 +416,18 @@ class Int8Linear(nn.Module):
             return g.raw(x).mul_(self.scale) if g.scale_outside else g.raw(x)
         y = g.raw(x.float().contiguous())
         return (y.mul_(self.scale) if g.scale_outside else y).to(x.dtype)
+
+    def step_weights(self) -> Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
+        """What mu's native decoder step (`mu.model.fast.NativeDecoder`) reads of this layer: (codes, per-channel
+        scales, the dequantized weights' row sums, bias or None), the row-major codes kept for it where it runs on
+        VNNI (`keep_codes`), or on AVX2 CPUs the packed codes of mu's own kernels (scales, sums and bias padded to
+        their panels: the same numbers as the layer's GEMV); None where it does not run this layer."""
+        if self.codes is not None:
+            return self.codes, self.scale, self.weight_sums, self.bias
+        if isinstance(self._gemm, _NativeInt8) and native.step_int8_layout() == "panels":
+            w = self._gemm.weights
+            return w.packed, w.scale, w.weight_sums, w.bias
+        return None
 
     def weight_bytes(self) -> int:
         """Bytes of weights (and scales, bias) one product reads."""
@@ -453,6 +465,10 @@ class Int8WeightOnlyLinear(Int8Linear):
     @property
     def backend(self) -> str:
         return f"int8pack (decode) + {super().backend} (prefill)"
+
+    def step_weights(self) -> None:
+        """None: its decode is the weight-only kernel's, which the native decoder step does not run."""
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         _check_inference(x)
@@ -566,7 +582,8 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
         raise MuError(f"quantize_: attention projections must be plain nn.Linear layers, found {odd} "
                       "(merge LoRA adapters first, e.g. peft's merge_and_unload())")
     make = QUANT_MODES[mode]
-    # "int8" where mu's native decoder step runs int8 (AVX-512 VNNI): the layers it reads also keep row-major codes
+    # "int8" where mu's native decoder step runs int8: with AVX-512 VNNI the layers it reads also keep row-major codes
+    # (on AVX2 CPUs it reads the packed codes of mu's own kernels: nothing more is kept)
     make_step = partial(Int8Linear, keep_codes=True) if mode == "int8" and native.decoder_step_available("int8") \
         else make
     # "int8": the products that only ever prefill (an encoder's, the cross-attention's k/v of the encoder output)
