@@ -244,9 +244,13 @@ def kernels() -> dict:
     """Which kernels mu's int8 and float engines run on this machine, for the header and the JSON."""
     native_gemv = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
                    if native.gemv_available(dtype)]
+    steps = [name for name, kind in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", "int8"))
+             if native.decoder_step_available(kind)]
     return {"int8_kernels": int8_kernels(),
             "float_decode_kernel": f"mu's AVX-512 GEMV for {' and '.join(native_gemv)}" if native_gemv
-            else "PyTorch's (fp32: split_linear)"}
+            else "PyTorch's (fp32: split_linear)",
+            "decode_step": f"one native call for {', '.join(steps)} (library built for {native.build_isa()})" if steps
+            else "the modules"}
 
 
 def build_mu(preset: str, arch: str, seed: int):
@@ -318,7 +322,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if arch == "encdec" and not args.no_uncached:
             add("mu-encdec-fp32-uncached", arch, "fp32", lambda m=base: mu_uncached_engine(m, input_ids))
         if arch == "encdec":
-            add("mu-encdec-bf16", arch, "bf16", lambda m=base: mu_engine(copy.deepcopy(m).to(torch.bfloat16), input_ids))
+            add("mu-encdec-bf16", arch, "bf16",
+                lambda m=base: mu_engine(copy.deepcopy(m).to(torch.bfloat16), input_ids))
             if not args.no_compile:
                 add("mu-encdec-bf16-compiled", arch, "bf16",
                     lambda m=base: mu_engine(copy.deepcopy(m).to(torch.bfloat16), input_ids, compile=True),
@@ -511,7 +516,8 @@ def report(results: dict, checks: dict, info: dict) -> None:
           f"batch 1, {info['input_len']} input tokens, {info['new_tokens']} new"
           + (", each engine in its own process" if info["isolated"] else "")
           + (f"; mu's int8 kernels: {info['int8_kernels']}" if info.get("int8_kernels") else "")
-          + (f"; float decode: {info['float_decode_kernel']}" if info.get("float_decode_kernel") else ""))
+          + (f"; float decode: {info['float_decode_kernel']}" if info.get("float_decode_kernel") else "")
+          + (f"; a batch-1 decode step: {info['decode_step']}" if info.get("decode_step") else ""))
     header = (f"{'engine':26s} {'dtype':22s} {'TTFT s':>18s} {'decode tok/s':>18s} {'end-to-end s':>20s}"
               f" {'MiB/tok':>7s} {'roofl.':>6s} {'frac':>5s} | {'CPU: TTFT s':>11s} {'tok/s':>6s} {'e2e s':>7s}")
     print(header)

@@ -175,6 +175,16 @@ def decoder_step_available(kind: torch.dtype | str) -> bool:
     return kind in _STEP and lib is not None and hasattr(lib, _STEP[kind])
 
 
+def build_isa() -> Optional[str]:
+    """The vector ISA the loaded library was built for, "AVX-512" or "AVX2" ("AVX2, forced by MU_NATIVE_AVX2=1" where
+    `AVX2_ENV` made it so on a CPU with more), or None (no library): for reports beside speed figures."""
+    if library() is None:
+        return None
+    if "avx512f" in _cpu_flags():
+        return "AVX-512"
+    return f"AVX2, forced by {AVX2_ENV}=1" if _as_avx2() and "avx512f" in cpu_flags() else "AVX2"
+
+
 def step_int8_layout() -> Optional[str]:
     """How `decoder_step` reads an int8 model's weight codes here: "rows" (the codes row-major as they are, VNNI dot
     products: an AVX-512 build), "panels" (packed by `pack_weights`, the ones mu's own int8 kernels read: an AVX2
