@@ -204,13 +204,14 @@ class NativeDecoder:
     region, where the module path makes ~25 PyTorch calls per block, each with its own threads' start and a new
     tensor, and a Python call per module. On CPUs with AVX-512 for fp32 (bf16: AVX-512-BF16), and for an int8 model
     with VNNI (the `Int8Linear`s it reads keep row-major codes for it, `quantize_`) (docs/efficiency.md, rounds 11
-    and 12).
+    and 12); on CPUs with AVX2 and FMA for fp32, and for an int8 model where mu's own int8 kernels run (over their
+    packed codes, `Int8Linear.step_weights`) (round 13).
 
     Called by the model's decode step (`MuModel.fused_decode`) with the token's embedding, RoPE, self-attention mask
     and cache; returns the logits, or None to let the modules run: more than one row or position (a batch, a prompt),
     autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
     (FLOP counting sees the plain ops), another dtype or CPU, a linear layer that is neither a plain one nor an int8
-    one with row-major codes (an adapter, another quantization). The kernel reads the weights where they lie, so
+    one whose codes the step reads (an adapter, another quantization). The kernel reads the weights where they lie, so
     changes in place need nothing; which modules and tensors the model holds, and where the cache keeps its K/V, is
     checked once per cache (a generation; again if the cache's buffers move), where their pointers are taken.
     """

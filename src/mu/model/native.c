@@ -1,5 +1,6 @@
 /* mu's native CPU kernels (built by mu/model/native.py): int8 products on AVX2 CPUs without VNNI (this part), fp32
-   and bf16 GEMVs on CPUs with AVX-512 (the end of the file, compiled only where the compiler targets AVX-512).
+   and bf16 GEMVs on CPUs with AVX-512 (compiled only where the compiler targets AVX-512), and a whole decode step
+   (the end of the file: AVX-512 or AVX2 with FMA).
 
    The int8 GEMV (a few rows: decode) quantizes each row to 8-bit codes and streams the packed weights once, with a
    software prefetch ahead of each panel. The GEMM (many rows: prefill) multiplies 7-bit activation codes (0..127,
@@ -395,12 +396,13 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    q, attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual), or
    of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
    projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
-   per op: the products are the GEMVs above (each thread its share of every weight, 16 channels at a time), the
+   per op: in the products each thread takes its share of every weight, 16 channels at a time (gemv_part), the
    attention splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops
    round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
-   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way with VNNI dot
-   products: each product's input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)), the weights'
-   codes are read row by row as they lie. */
+   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way: each product's
+   input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over
+   the weights' codes row by row as they lie, on AVX2 CPUs over the panels of mu_pack_weights (panel_part). The code
+   is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's 8 (no bf16 step there). */
 
 static inline float get_el(const void *p, int64_t i, int bf) {
     if (!bf) return ((const float *)p)[i];

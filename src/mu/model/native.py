@@ -4,10 +4,13 @@
   (a prefill) with the MLP's tanh-GELU fusable into its output stage, and their activation codes;
 - fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
   `gemv_float`): a float model's decode, over its own weights;
-- on the same CPUs, a whole decode step of one sequence (`decoder_step_available(kind)`, `decoder_step`, called by
+- a whole decode step of one sequence (`decoder_step_available(kind)`, `decoder_step`, called by
   `mu.model.fast.NativeDecoder`): every decoder block's norms, GEMVs, RoPE, cache write, attentions and MLP, then the
-  final norm and the vocabulary projection, in one OpenMP region; with VNNI also an int8 model's (VNNI dot products
-  over the 7-bit weight codes of `mu.model.quantize.Int8Linear`, each product's input with its own 8-bit codes).
+  final norm and the vocabulary projection, in one OpenMP region; written once for AVX-512's 16 lanes and AVX2's 8.
+  fp32 on CPUs with AVX-512 or AVX2 and FMA, bf16 with AVX-512-BF16, and an int8 model's (each product's input with
+  its own 8-bit codes) with AVX-512 VNNI (VNNI dot products over the row-major 7-bit weight codes of
+  `mu.model.quantize.Int8Linear`) or on AVX2 CPUs where the int8 kernels above run (over their packed codes, in
+  their GEMV's arithmetic; `step_int8_layout`).
 
     import torch
     from mu.model import native
@@ -36,6 +39,8 @@ PyTorch's bf16 matmul for one row (round 10).
 The library is built once per source, compiler and CPU into `$MU_CACHE_DIR` (default `~/.cache/mu`), with
 `-march=native` and OpenMP (the process's OpenMP runtime: torch's). Without a C compiler, with `MU_NATIVE=0`, or
 where the build fails, nothing native is used: int8 layers run fbgemm's and oneDNN's kernels, bf16 ones PyTorch's.
+`MU_NATIVE_AVX2=1` (`AVX2_ENV`) builds it without AVX-512 and VNNI and makes every choice as on an AVX2 CPU without
+them, so that the kernels of such CPUs are tested, and compared, on any x86 CPU with AVX2 and FMA.
 """
 
 from __future__ import annotations

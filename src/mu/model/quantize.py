@@ -26,10 +26,11 @@ different kernels over the same stored weights:
   only ever prefill (the encoder's, the cross-attention's k/v of the encoder output) then also hold the same
   codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on (faster
   than fbgemm at a 512-token prompt, slower for short ones; one byte more per encoder weight held). ~1-2%
-  relative error per layer output on random weights in every case. On CPUs with AVX-512 VNNI a one-sequence
-  decode's decoder blocks and lm_head run mu's native decoder step instead (`mu.model.fast.NativeDecoder`: VNNI
-  dot products over the same 7-bit codes, kept row-major for it by the layers it reads,
-  `Int8Linear(keep_codes=True)`; the same 8-bit activation codes as fbgemm's). Where fbgemm is unavailable (non-x86
+  relative error per layer output on random weights in every case. A one-sequence decode's decoder blocks and
+  lm_head run mu's native decoder step instead (`mu.model.fast.NativeDecoder`, `Int8Linear.step_weights`): on CPUs
+  with AVX-512 VNNI, VNNI dot products over the same 7-bit codes, kept row-major for it by the layers it reads
+  (`Int8Linear(keep_codes=True)`; the same 8-bit activation codes as fbgemm's); on AVX2 CPUs without VNNI, over the
+  packed codes of `_NativeInt8` with its GEMV's arithmetic (nothing more held). Where fbgemm is unavailable (non-x86
   builds) it dequantizes the same int8 weights into a float matmul instead: same numbers to rounding, no
   speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
