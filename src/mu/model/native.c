@@ -598,6 +598,8 @@ static inline float dot_f32(const void *xv, const void *wv, int64_t k) {  /* as 
 #endif
 
 #ifdef VW
+int mu_step_lanes(void) { return VW; }  /* the step's vector width: 16 reads row-major int8 codes, 8 packed ones */
+
 typedef struct {
     const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;  /* self-attention: norm weight, q/k/v, out */
     const void *ln2, *cwq, *cbq, *cwo, *cbo;                   /* cross-attention: norm weight, q, out */

@@ -80,6 +80,7 @@ _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
     **{name: ([_P, _P, _P, _P, _P, _I64, _P, _INT], _INT)
        for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
+    "mu_step_lanes": ([], _INT),
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 _STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
@@ -183,9 +184,10 @@ def decoder_step_available(kind: torch.dtype | str) -> bool:
 def build_isa() -> Optional[str]:
     """The vector ISA the loaded library was built for, "AVX-512" or "AVX2" ("AVX2, forced by MU_NATIVE_AVX2=1" where
     `AVX2_ENV` made it so on a CPU with more), or None (no library): for reports beside speed figures."""
-    if library() is None:
+    lib = library()
+    if lib is None:
         return None
-    if "avx512f" in _cpu_flags():
+    if getattr(lib, "mu_step_lanes", lambda: 0)() == 16:
         return "AVX-512"
     return f"AVX2, forced by {AVX2_ENV}=1" if _as_avx2() and "avx512f" in cpu_flags() else "AVX2"
 
@@ -197,7 +199,7 @@ def step_int8_layout() -> Optional[str]:
     lib = library()
     if lib is None or not hasattr(lib, _STEP["int8"]):
         return None
-    if "avx512f" in _cpu_flags():
+    if lib.mu_step_lanes() == 16:
         return "rows"
     return "panels" if int8_available() else None
 
