@@ -405,20 +405,18 @@ def test_onednn_prefill_kernel_matches_fbgemm_and_does_not_saturate(monkeypatch)
     assert torch.equal(traced, onednn)
 
 
-def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(monkeypatch):
-    """An MLP's wide first product (out_features a multiple of 1024 from 2048 on) runs with `ONEDNN_PAD_ROWS` zero
-    output channels and returns a view of the real ones; every product runs without an activation zero point, its
-    share taken off the bias: the same outputs as fbgemm's kernel (which keeps the zero point), also for inputs of
-    one sign (zero point 0 or 255), and the opaque op under torch.compile hands back the strides its fake gives."""
+def test_onednn_prefill_kernel_drops_the_zero_point(monkeypatch):
+    """Every product runs without an activation zero point, its share taken off the bias: the same outputs as
+    fbgemm's kernel (which keeps the zero point), also for inputs of one sign (zero point 0 or 255), for wide and
+    odd widths, and the opaque op under torch.compile hands back the strides its fake gives."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
     monkeypatch.setattr(q8.native, "int8_available", lambda: False)
     monkeypatch.setattr(q8, "ONEDNN_MIN_ROWS", 2)
     torch.manual_seed(0)
-    for out, pad in ((2048, q8.ONEDNN_PAD_ROWS), (1024, 0), (3000, 0)):
+    for out in (2048, 1024, 3000):
         lin = torch.nn.Linear(64, out)
         both = q8.Int8Linear(lin.weight, lin.bias, prefill=True)
-        assert both._many.bias.shape == (out + pad,)
         for x in (torch.randn(2, 5, 64), torch.rand(2, 5, 64) + 0.5, -torch.rand(2, 5, 64) - 0.5):
             with torch.no_grad():
                 y = both(x)
@@ -431,16 +429,16 @@ def test_onednn_prefill_kernel_pads_aliased_outputs_and_drops_the_zero_point(mon
 
 def test_onednn_encoder_mlp_runs_the_gelu_inside_the_first_product(monkeypatch):
     """Where the encoder's MLP products run oneDNN's matmul, an int8 prefill applies the tanh-GELU as the first
-    product's post-op (`_fused_mlp`): the outputs of the two products with the eager GELU between them, to rounding
-    (the GELU's 16 padded channels are zeros, and dropped); fewer rows take the plain path; training declines."""
+    product's post-op (`_fused_mlp`): the outputs of the two products with the eager GELU between them, to rounding;
+    fewer rows take the plain path; training declines."""
     if q8._linear_int8 is None or not q8._fbgemm_available() or not q8._onednn_available():
         pytest.skip("needs fbgemm's tensor-only int8 op and oneDNN")
     monkeypatch.setattr(q8.native, "int8_available", lambda: False)
     torch.manual_seed(0)
-    model = mu.build_model("tiny", n_embd=64, hidden_dim=2048).eval()  # 2048: fc1 padded (`ONEDNN_PAD_ROWS`)
+    model = mu.build_model("tiny", n_embd=64, hidden_dim=2048).eval()
     model.quantize_("int8")
     mlp = model.transformer.e[0].mlp
-    assert mlp.fused_forward is q8._fused_mlp and mlp.fc1._many.bias.shape == (2048 + q8.ONEDNN_PAD_ROWS,)
+    assert mlp.fused_forward is q8._fused_mlp
     x = torch.randn(2, 9, 64)
     posts = []
     real = torch.ops.onednn.qlinear_pointwise

@@ -73,7 +73,6 @@ _linear_int8 = getattr(torch, "fbgemm_linear_int8_weight_fp32_activation", None)
 FBGEMM_WEIGHT_MAX = 63  # 7-bit weight codes for `_linear_int8`: its activations use all 8 bits (see `_FbgemmInt8`)
 ONEDNN_MIN_ROWS = 256  # a prefill-only layer runs oneDNN's int8 matmul from this many input rows on (`_OnednnInt8`)
 NATIVE_MIN_ROWS = 32  # mu's native int8 kernels (`_NativeInt8`): the GEMM from this many rows, the GEMV below
-ONEDNN_PAD_ROWS = 16  # zero output channels `_OnednnInt8` adds where its output rows would be 4 KiB-aliased
 
 
 def _fbgemm_engine() -> bool:
@@ -211,29 +210,24 @@ class _OnednnInt8(_Int8Gemm):
     (fc2 12.8 vs 15.8 ms, two threads), but slower below ~256 rows (docs/efficiency.md), hence
     `ONEDNN_MIN_ROWS`.
 
-    Two things make oneDNN's GEMM faster at the same integer products (docs/efficiency.md, round 6):
-    - no activation zero point: the kernel gets zero point 0, and the zero point's share, zero point x scale x
-      the row sums of the dequantized weights, is taken off the bias per call (one subtraction over the outputs);
-    - `ONEDNN_PAD_ROWS` extra zero output channels when `out_features` is a multiple of 1024 from 2048 on (an MLP's
-      first product): then the fp32 output's rows are a multiple of 4 KiB apart and collide in the cache; the
-      result is a view of the first `out_features` columns (512 x 1024 x 4096: 11.1 vs 11.9 ms).
+    No activation zero point makes oneDNN's GEMM faster at the same integer products (docs/efficiency.md, round
+    6): the kernel gets zero point 0, and the zero point's share, zero point x scale x the row sums of the
+    dequantized weights, is taken off the bias per call (one subtraction over the outputs). (Round 6 also padded
+    a wide first product with 16 zero output channels, so that its output rows were not 4 KiB apart: a faster
+    GEMM alone, but the next product's codes then copied the strided view, and whole AVX-512 prefills ran 1.04x
+    faster without it: round 13.)
     """
 
     def __init__(self, q: Tensor, scale: Tensor, bias: Optional[Tensor]):
-        n = self.out_features = q.shape[0]
-        pad = ONEDNN_PAD_ROWS if n % 1024 == 0 and n >= 2048 else 0
-        if pad:
-            q, scale = torch.cat([q, q.new_zeros(pad, q.shape[1])]), torch.cat([scale, scale.new_ones(pad)])
-        bias = scale.new_zeros(n) if bias is None else bias
-        self.bias = torch.cat([bias, bias.new_zeros(pad)])
+        self.out_features = q.shape[0]
+        self.bias = scale.new_zeros(q.shape[0]) if bias is None else bias
         self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
         self.scale, self.zeros = scale, torch.zeros(q.shape[0], dtype=torch.long)
         self.weight_sums = _row_sums(q, scale)
         with warnings.catch_warnings():  # quantized-tensor constructors are deprecated (they warn once, here)
             warnings.simplefilter("ignore")
             # bound to the tensors, not to this object: `_PACKED` must not keep it alive
-            self._register(partial(_onednn_product, self.packed, self.scale, self.zeros, self.bias, self.weight_sums,
-                                   n))
+            self._register(partial(_onednn_product, self.packed, self.scale, self.zeros, self.bias, self.weight_sums))
             self.raw(scale.new_zeros(1, q.shape[1]))
 
     def __deepcopy__(self, memo: dict) -> "_OnednnInt8":
@@ -315,15 +309,15 @@ def _fused_mlp(mlp: nn.Module, x: Tensor) -> Optional[Tensor]:
     return None
 
 
-def _onednn_product(packed: Tensor, scale: Tensor, zeros: Tensor, bias: Tensor, weight_sums: Tensor, n: int,
-                    x: Tensor, gelu: bool = False) -> Tensor:
+def _onednn_product(packed: Tensor, scale: Tensor, zeros: Tensor, bias: Tensor, weight_sums: Tensor, x: Tensor,
+                    gelu: bool = False) -> Tensor:
     """`gelu`: oneDNN's tanh-GELU applied in the matmul's output stage (a post-op)."""
     x2 = x.reshape(-1, x.shape[-1])
     codes, x_scale, x_zero = _u8_codes(x2)
     bias = torch.add(bias, weight_sums, alpha=-x_zero * x_scale) if x_zero else bias
     post = ("gelu", [], "tanh") if gelu else ("none", [], "")
     y = torch.ops.onednn.qlinear_pointwise(codes, x_scale, 0, packed, scale, zeros, bias, 1.0, 0, torch.float32, *post)
-    return y[:, :n].view(*x.shape[:-1], n)  # without the padded channels
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _bind_dynamic(packed: object) -> Callable[[Tensor], Tensor]:
@@ -423,9 +417,10 @@ class Int8Linear(nn.Module):
         scales, the dequantized weights' row sums, bias or None), the row-major codes kept for it where it runs on
         VNNI (`keep_codes`), or on AVX2 CPUs the packed codes of mu's own kernels (scales, sums and bias padded to
         their panels: the same numbers as the layer's GEMV); None where it does not run this layer."""
-        if self.codes is not None:
+        layout = native.step_int8_layout()  # (the library's: codes kept under another build are not read)
+        if self.codes is not None and layout == "rows":
             return self.codes, self.scale, self.weight_sums, self.bias
-        if isinstance(self._gemm, _NativeInt8) and native.step_int8_layout() == "panels":
+        if isinstance(self._gemm, _NativeInt8) and layout == "panels":
             w = self._gemm.weights
             return w.packed, w.scale, w.weight_sums, w.bias
         return None
