@@ -625,7 +625,9 @@ static inline void add_residual(float *x, const float *y, int64_t c0, int64_t c1
 #if VW == 8
 /* y[c] for c in [c0, c1) (c0 a multiple of NR) of 8-bit codes x (k, zero padded to K_MULTIPLE) times 7-bit weight
    codes packed by mu_pack_weights (wp; scale, bias (may be NULL) and wsum padded to its panels), in gemv_u8s7's
-   arithmetic: the numbers of the layer's own GEMV (mu.model.quantize's native kernels on AVX2 CPUs) */
+   arithmetic: the numbers of the layer's own GEMV (mu.model.quantize's native kernels on AVX2 CPUs). Without that
+   GEMV's software prefetch: AVX2 code on a Zen 4 ran whole steps 1.05x faster without it (docs/efficiency.md, round
+   13; the GEMV's was measured on a Zen 3, round 9) */
 static void panel_part(const uint8_t *x, int64_t k, const int8_t *wp, const float *bias, float *y, int64_t c0,
                        int64_t c1, const float *scale, const float *wsum, float sx, float zx) {
     const int64_t k_pad = (k + K_MULTIPLE - 1) / K_MULTIPLE * K_MULTIPLE;
@@ -637,8 +639,6 @@ static void panel_part(const uint8_t *x, int64_t k, const int8_t *wp, const floa
         for (int h = 0; h < 2 * NV; h++) acc[h] = _mm256_setzero_si256();
         for (int64_t t = 0; t < k_pad / 4; t += 2) {
             const __m256i *bb = (const __m256i *)(b + t * NV * 32);
-            _mm_prefetch((const char *)bb + PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)bb + PREFETCH + 64, _MM_HINT_T0);
             int32_t q0, q1;
             memcpy(&q0, x + 4 * t, 4);
             memcpy(&q1, x + 4 * t + 4, 4);
