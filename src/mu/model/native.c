@@ -438,8 +438,8 @@ static inline void put_el(void *p, int64_t i, float f, int bf) {
 #define VW 16
 typedef __m512 vec;
 
-static inline __mmask16 first(int64_t i, int64_t n) {  /* lanes of elements i .. min(i + 16, n) */
-    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+static inline __mmask16 first(int64_t i, int64_t n) {  /* lanes of elements i .. min(i + 16, n) (none past n) */
+    return n - i >= 16 ? (__mmask16)0xffff : n <= i ? (__mmask16)0 : (__mmask16)((1u << (n - i)) - 1);
 }
 
 static inline vec v_zero(void) { return _mm512_setzero_ps(); }
