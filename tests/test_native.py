@@ -255,9 +255,10 @@ def _module_path(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved):
-    """One call per step, for both GQA head orders, with and without padded encoder positions, growing and
-    fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16 (rounded where
-    PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly always)."""
+    """One call per step, for both GQA head orders, with and without padded encoder positions (or only padding: all
+    attended), growing and fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16
+    (rounded where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly
+    always)."""
     if not native.decoder_step_available(dtype):
         pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16) and a C "
                     "compiler")
@@ -265,11 +266,11 @@ def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved
     model = _step_model(dtype, interleaved)
     ids = torch.randint(3, 300, (1, 37))
     padded = torch.ones_like(ids)
-    padded[0, :5] = 0
+    padded[0, :20] = 0  # (a thread's whole share of the keys, with two threads)
     calls = []
     step = native.decoder_step
     monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
-    for mask, static in ((None, False), (padded, False), (padded, True)):
+    for mask, static in ((None, False), (padded, False), (padded, True), (torch.zeros_like(ids), False)):
         want = _decode(_module_path(copy.deepcopy(model)), ids, mask, static=static)
         calls.clear()
         got = _decode(model, ids, mask, static=static, tokens=want.argmax(-1)[:-1].long())
@@ -345,7 +346,8 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
     calls.clear()
     got = _decode(model, ids, tokens=want.argmax(-1)[:-1].long())
     assert len(calls) == 13
-    assert ((got - want).norm() / want.norm()) < 1e-3  # (float rounding may move an activation code across a step)
+    error = ((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1))  # per step
+    assert (error < 1e-5).sum() >= 11 and error.max() < 2e-2  # (float rounding may move an activation code a step)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     model.decoder_blocks()[1].mlp.fc2.step_weights = lambda: None  # as a layer quantized another way
     calls.clear()

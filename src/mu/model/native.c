@@ -397,7 +397,7 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
    projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
    per op: in the products each thread takes its share of every weight, 16 channels at a time (gemv_part), the
-   attention splits the query heads between the threads. Values are rounded to the model's dtype where PyTorch's ops
+   attention splits the keys between the threads. Values are rounded to the model's dtype where PyTorch's ops
    round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
    weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way: each product's
    input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over
@@ -735,81 +735,90 @@ static inline ahead ahead_of(const void *w, int64_t c0, int64_t c1, size_t row, 
     return a;
 }
 
-#define V_VECTORS (128 / VW)  /* the attention's output vectors (of VW dimensions) summed over one pass of V's rows */
+#define V_VECTORS (64 / VW)  /* the attention's output vectors (of VW dimensions) summed over one pass of V's rows */
 
-/* out = softmax(q . K[s] / sqrt(hd), s < L, valid ones) V, rounded to the dtype; K, V: L x hd (dtype); scores: L */
-static void attend_head(const float *q, const void *K, const void *V, int64_t L, int64_t hd, const uint8_t *valid,
-                        float *scores, void *out, int bf, ahead *next) {
-    size_t row = (size_t)hd * (bf ? 2 : 4);
-    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY;
+/* One thread's part of an attention over keys s0..s1-1 of K, V (rows of hd, the dtype; those with valid[s] when
+   given): *m = the max of q . K[s] / sqrt(hd), *l = the sum of exp(score - *m), acc (hd, fp32) = the sum of exp(score
+   - *m) V[s] (not divided by *l); *m = -inf, *l = 0, acc = 0 where no key is valid. combine() makes the threads'
+   parts the softmax's output. scores: s1 - s0 */
+static void attend_part(const float *q, const void *K, const void *V, int64_t s0, int64_t s1, int64_t hd,
+                        const uint8_t *valid, float *scores, float *acc, float *m, float *l, int bf, ahead *next) {
+    const size_t row = (size_t)hd * (bf ? 2 : 4);
+    const int64_t n = s1 - s0;
+    const float scale = 1.0f / sqrtf((float)hd);
     int64_t s = 0;
     vec top = v_set1(-INFINITY);
-    for (; s + VW <= L; s += VW) {  /* VW keys at a time: one transposed sum for their VW dot products */
-        vec acc[VW];
+    for (; s + VW <= n; s += VW) {  /* VW keys at a time: one transposed sum for their VW dot products */
+        vec dots[VW];
         for (int i = 0; i < VW; i++) {  /* key by key, each row front to back: one stream through K */
             fetch(next);
-            acc[i] = v_zero();
+            dots[i] = v_zero();
             for (int64_t j = 0; j < hd; j += VW)
-                acc[i] = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + (s + i) * row, j, hd, bf), acc[i]);
+                dots[i] = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + (s0 + s + i) * row, j, hd, bf), dots[i]);
         }
-        vec sc = v_mul(v_sums(acc), v_set1(scale));
-        if (valid) sc = v_ninf_where_not(sc, valid + s);
-        v_put(scores, s, L, sc, 0);
+        vec sc = v_mul(v_sums(dots), v_set1(scale));
+        if (valid) sc = v_ninf_where_not(sc, valid + s0 + s);
+        v_put(scores, s, n, sc, 0);
         top = v_max(top, sc);
     }
-    mx = v_hmax(top);
-    for (; s < L; s++) {
+    float mx = v_hmax(top);
+    for (; s < n; s++) {
         fetch(next);
-        if (valid && !valid[s]) { scores[s] = -INFINITY; continue; }
-        vec acc = v_zero();
+        if (valid && !valid[s0 + s]) { scores[s] = -INFINITY; continue; }
+        vec dot = v_zero();
         for (int64_t j = 0; j < hd; j += VW)
-            acc = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + s * row, j, hd, bf), acc);
-        scores[s] = v_sum(acc) * scale;
+            dot = v_fma(v_load(q, j, hd, 0), v_load((const char *)K + (s0 + s) * row, j, hd, bf), dot);
+        scores[s] = v_sum(dot) * scale;
         mx = fmaxf(mx, scores[s]);
     }
-    if (mx == -INFINITY) {  /* no valid key: attend to all (mu.model.layers.key_padding_mask's convention) */
-        valid = NULL;
-        for (int64_t s = 0; s < L; s++) scores[s] = 0.0f;
-        mx = 0.0f;
-    }
+    *m = mx;
+    *l = 0.0f;
+    for (int64_t j = 0; j < hd; j += VW) v_put(acc, j, hd, v_zero(), 0);
+    if (mx == -INFINITY) return;
     vec total = v_zero();
-    for (s = 0; s + VW <= L; s += VW) {
-        vec sc = v_load(scores, s, L, 0), e = v_zero_where_ninf(v_exp(v_sub(sc, v_set1(mx))), sc);
-        v_put(scores, s, L, e, 0);
+    for (s = 0; s + VW <= n; s += VW) {
+        vec sc = v_load(scores, s, n, 0), e = v_zero_where_ninf(v_exp(v_sub(sc, v_set1(mx))), sc);
+        v_put(scores, s, n, e, 0);
         total = v_add(total, e);
     }
     float sum = v_sum(total);
-    for (; s < L; s++) {
+    for (; s < n; s++) {
         scores[s] = scores[s] == -INFINITY ? 0.0f : expf(scores[s] - mx);
         sum += scores[s];
     }
-    const vec inv = v_set1(1.0f / sum);
+    *l = sum;
     for (int64_t j0 = 0; j0 < hd; j0 += VW * V_VECTORS) {  /* V's rows front to back, once per V_VECTORS vectors */
-        int nv = (int)((hd - j0 + VW - 1) / VW < V_VECTORS ? (hd - j0 + VW - 1) / VW : V_VECTORS);
-        vec acc[V_VECTORS];
-        for (int c = 0; c < V_VECTORS; c++) acc[c] = v_zero();
-        for (int64_t t = 0; t < L; t++) {
+        vec sums[V_VECTORS];  /* (in registers: every index a constant) */
+        for (int c = 0; c < V_VECTORS; c++) sums[c] = v_zero();
+        for (int64_t t = 0; t < n; t++) {
             if (scores[t] == 0.0f) continue;
             const vec p = v_set1(scores[t]);
-            const char *v = (const char *)V + t * row;
-            #pragma GCC unroll 8
-            for (int c = 0; c < V_VECTORS; c++)
-                if (c < nv) acc[c] = v_fma(p, v_load(v, j0 + VW * c, hd, bf), acc[c]);
+            const char *v = (const char *)V + (s0 + t) * row;
+            for (int c = 0; c < V_VECTORS; c++) sums[c] = v_fma(p, v_load(v, j0 + VW * c, hd, bf), sums[c]);
         }
-        for (int c = 0; c < nv; c++) v_put(out, j0 + VW * c, hd, v_mul(acc[c], inv), bf);
+        for (int c = 0; c < V_VECTORS; c++) v_put(acc, j0 + VW * c, hd, sums[c], 0);
     }
 }
 
-static inline int64_t kv_head(const mu_block *b, int64_t h) {  /* the KV head query head h reads */
-    return b->interleaved ? h / (b->n_head / b->n_kv) : h % b->n_kv;
+/* out (hd, the dtype) = the softmax's output from nth threads' parts (attend_part's acc, then *m, *l: hd + 2 floats
+   each, `stride` apart): each part rescaled to the largest max (flash-decoding's split of the keys) */
+static void combine(const float *part, int64_t stride, int nth, int64_t hd, void *out, int bf) {
+    float mx = -INFINITY, sum = 0.0f, w[nth];
+    for (int t = 0; t < nth; t++) mx = fmaxf(mx, part[t * stride + hd]);
+    for (int t = 0; t < nth; t++) {
+        w[t] = expf(part[t * stride + hd] - mx);  /* (0 for a part without valid keys) */
+        sum += w[t] * part[t * stride + hd + 1];
+    }
+    const vec inv = v_set1(1.0f / sum);
+    for (int64_t j = 0; j < hd; j += VW) {
+        vec o = v_zero();
+        for (int t = 0; t < nth; t++) o = v_fma(v_set1(w[t]), v_load(part + t * stride, j, hd, 0), o);
+        v_put(out, j, hd, v_mul(o, inv), bf);
+    }
 }
 
-/* the i-th query head in the order of their KV heads (the heads of KV head 0, then of 1, ...): the threads take
-   shares of that order, so a KV head's keys and values are read from memory by fewer threads, and one thread's
-   second head of a KV head finds them in its cache */
-static inline int64_t grouped_head(const mu_block *b, int64_t i) {
-    int64_t per = b->n_head / b->n_kv;
-    return b->interleaved ? i : (i % per) * b->n_kv + i / per;
+static inline int64_t query_head(const mu_block *b, int64_t g, int64_t i) {  /* the i-th that reads KV head g */
+    return b->interleaved ? g * (b->n_head / b->n_kv) + i : i * b->n_kv + g;
 }
 
 /* what every decoder block of a step shares: the decoder's layout in the caches, the head, and the scratch the
@@ -831,6 +840,7 @@ typedef struct {
 
 typedef struct {
     float *x, *y, *scores;  /* fp32: the residual stream (d), the products' outputs, each thread's scores */
+    float *part;            /* each thread's attend_part of each head: hd + 2 floats per head (qd + 2 H a thread) */
     void *in, *o;           /* the dtype's: the next product's input, the attention's output (qd) */
     uint8_t *codes;         /* int8: the next product's input codes */
     float sx, zx;           /* their scale and zero point */
@@ -847,28 +857,36 @@ static void norm_input(work *w, int64_t d, const void *weight, float eps, int q8
     }
 }
 
-/* an attention and its out projection, by every thread of the region: each of the thread's share of the query heads
-   (queries in w->y, head h at h hd) attends to keys 0..L-1 of K, V (n_kv x stride x hd, the dtype; those with
-   valid[s] when given) into w->o, while the thread fetches its share of wo; then the residual stream += the out
-   projection (wo, bo: product p) of w->o */
+/* an attention and its out projection, by every thread of the region: each thread takes its share of the keys
+   0..L-1 of K, V (n_kv x stride x hd, the dtype; those with valid[s] when given: at least one, as mu.model.layers'
+   masks leave) and attends to it with every query head (queries in w->y, head h at h hd; each KV head's rows read
+   from memory once, by one thread), fetching its share of wo meanwhile; one thread combines the parts into w->o;
+   then the residual stream += the out projection (wo, bo: product p) of w->o */
 static void attend_out(const mu_block *b, work *w, const void *K, const void *V, int64_t stride, int64_t L,
                        const uint8_t *valid, const void *wo, const void *bo, int p, int tid, int nth, int bf,
                        dot_fn dot) {
-    const int64_t H = b->n_head, hd = b->hd, qd = H * hd;
+    const int64_t H = b->n_head, hd = b->hd, qd = H * hd, per = b->n_head / b->n_kv;
     const size_t es = bf ? 2 : 4, row = (size_t)qd * (b->scale[0] ? 1 : es);
-    int64_t c0, c1;
+    int64_t c0, c1, s0, s1;
     share(b->d, tid, nth, &c0, &c1);
-    ahead next = ahead_of(wo, c0, c1, row, L * (H * (tid + 1) / nth - H * tid / nth));
-    for (int64_t i = H * tid / nth; i < H * (tid + 1) / nth; i++) {
-        int64_t h = grouped_head(b, i);
-        size_t at = (size_t)kv_head(b, h) * stride * hd * es;
-        attend_head(w->y + h * hd, (const char *)K + at, (const char *)V + at, L, hd, valid,
-                    w->scores + (int64_t)tid * w->keys, (char *)w->o + h * hd * es, bf, &next);
+    share(L, tid, nth, &s0, &s1);
+    ahead next = ahead_of(wo, c0, c1, row, H * (s1 - s0));
+    float *part = w->part + (int64_t)tid * (qd + 2 * H);
+    for (int64_t g = 0; g < b->n_kv; g++) {  /* a KV head's query heads in turn: the second finds its rows in cache */
+        size_t at = (size_t)g * stride * hd * es;
+        for (int64_t i = 0; i < per; i++) {
+            int64_t h = query_head(b, g, i);
+            float *ph = part + h * (hd + 2);
+            attend_part(w->y + h * hd, (const char *)K + at, (const char *)V + at, s0, s1, hd, valid,
+                        w->scores + (int64_t)tid * w->keys, ph, ph + hd, ph + hd + 1, bf, &next);
+        }
     }
     #pragma omp barrier
-    if (b->scale[0]) {
-        #pragma omp single
-        input_codes(w->o, qd, w->codes, &w->sx, &w->zx);
+    #pragma omp single
+    {
+        for (int64_t h = 0; h < H; h++)
+            combine(w->part + h * (hd + 2), qd + 2 * H, nth, hd, (char *)w->o + h * hd * es, bf);
+        if (b->scale[0]) input_codes(w->o, qd, w->codes, &w->sx, &w->zx);
     }
     gemv_part(b->scale[0] ? (const void *)w->codes : w->o, qd, wo, bo, w->y, c0, c1, bf, dot, b->scale[p], b->wsum[p],
               w->sx, w->zx);
@@ -942,22 +960,24 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
                         int64_t slot, const uint8_t *self_valid, int nt, int bf, dot_fn dot) {
     const size_t es = bf ? 2 : 4;
     const int64_t d = s->blocks[0].d, L = slot + 1;
-    int64_t wide = d, qd = 0;  /* the widest product output (or input), the widest attention output */
+    int64_t wide = d, qd = 0, parts = 0;  /* the widest product output (or input), attention output, attend_parts */
     for (int64_t i = 0; i < s->n; i++) {
         const mu_block *b = &s->blocks[i];
         int64_t q = b->n_head * b->hd, qkv = q + 2 * b->n_kv * b->hd;
         wide = wide > b->hidden ? wide : b->hidden;
         wide = wide > qkv ? wide : qkv;
         qd = qd > q ? qd : q;
+        parts = parts > q + 2 * b->n_head ? parts : q + 2 * b->n_head;
     }
     work w = {.keys = L > s->S ? L : s->S};
     int64_t ny = wide > s->vocab ? wide : s->vocab;
-    w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * w.keys) + es * (size_t)(wide + qd) + (size_t)wide +
-                 K_MULTIPLE + 3 * 128);
+    w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * (w.keys + parts)) + es * (size_t)(wide + qd) +
+                 (size_t)wide + K_MULTIPLE + 3 * 128);
     if (!w.x) return -1;
     w.y = w.x + d;
     w.scores = w.y + ny;
-    w.in = skewed((char *)(w.scores + (int64_t)nt * w.keys));  /* the products' inputs, skewed (X_SKEW) */
+    w.part = w.scores + (int64_t)nt * w.keys;
+    w.in = skewed((char *)(w.part + (int64_t)nt * parts));  /* the products' inputs, skewed (X_SKEW) */
     w.o = skewed((char *)w.in + es * wide);
     w.codes = (uint8_t *)skewed((char *)w.o + es * qd);
     const int q8 = s->head_scale != NULL;
