@@ -321,88 +321,7 @@ static inline char *skewed(char *p) {  /* the first address X_SKEW bytes past a 
     return p + ((64 - (uintptr_t)p % 64) % 64) + X_SKEW;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-/* fp32 and bf16 products of a few rows (a decode) on CPUs with AVX-512 (bf16: with AVX-512-BF16). Each output
-   channel's dot product runs over its weight row with four vector accumulators, so a thread reads its contiguous
-   range of the model's own weights (n x k, row-major: no packed copy) front to back, one sequential stream that the
-   hardware prefetcher follows at the memory's streaming rate (docs/efficiency.md, round 10); 16 channels at a time,
-   each block read from memory for the first row of x and from cache for the others. */
-
-static inline float dot_f32(const void *xv, const void *wv, int64_t k) {
-    const float *x = xv, *w = wv;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 64 <= k; j += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(w + j), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(w + j + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32), _mm512_loadu_ps(w + j + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48), _mm512_loadu_ps(w + j + 48), a3);
-    }
-    for (; j < k; j += 16) {
-        __mmask16 m = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, w + j), a0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-
-static inline __m512 load_f32(const void *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
-
-static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, y); }
-
-static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {  /* bf16 widened to fp32 (no BF16 unit needed) */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
-
-/* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
-   are the element type's (the OpenMP region is outlined once for both types, so they are indirect calls there: one
-   per output channel, nothing beside its 2-4 KiB of weights; measured level with a copy written out for bf16) */
-static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
-                             char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
-                             __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
-    char *raw = malloc((size_t)(rows * k) * size + 128);
-    if (raw) {  /* (else read x where it is: slower, same numbers) */
-        x = memcpy(skewed(raw), x, (size_t)(rows * k) * size);
-    }
-    #pragma omp parallel num_threads(nt)
-    {
-        int64_t first, last;
-        share(n, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
-        for (int64_t c0 = first; c0 < last; c0 += 16) {
-            int nb = last - c0 < 16 ? (int)(last - c0) : 16;
-            __mmask16 valid = (__mmask16)((1u << nb) - 1);
-            __m512 start = bias ? load(bias + c0 * size, valid) : _mm512_setzero_ps();
-            for (int64_t r = 0; r < rows; r++) {
-                float y[16] = {0};
-                for (int j = 0; j < nb; j++) y[j] = dot(x + r * k * size, w + (c0 + j) * k * size, k);
-                store(out + (r * n + c0) * size, _mm512_add_ps(_mm512_loadu_ps(y), start), valid);
-            }
-        }
-    }
-    free(raw);
-}
-
-/* out[r, c] = x[r] . w[c] + bias[c] (bias may be NULL) for r < rows, c < n; x rows x k and out rows x n contiguous */
-void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_t n, const float *bias, float *out,
-                 int nt) {
-    gemv_rows((const char *)x, rows, k, (const char *)w, n, (const char *)bias, (char *)out, nt, 4, dot_f32, load_f32,
-              store_f32);
-}
-
-#endif
-
-/* ---- a decode step of one sequence, as one call (mu.model.fast.NativeDecoder) ----
-   The decoder for one new token: each block of mu.model.layers.DecoderBlock (RMSNorm, q/k/v, RoPE, the token's K/V
-   written into the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's
-   q, attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual), or
-   of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
-   projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
-   per op: in the products each thread takes its share of every weight, 16 channels at a time (gemv_part), the
-   attention splits the keys between the threads. Values are rounded to the model's dtype where PyTorch's ops
-   round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
-   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way: each product's
-   input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over
-   the weights' codes row by row as they lie, on AVX2 CPUs over the panels of mu_pack_weights (panel_part). The code
-   is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's 8 (no bf16 step there). */
+/* ---- elements and vectors of fp32 or bf16 arrays (the fp32 dot product's and the decode step's) ---- */
 
 static inline float get_el(const void *p, int64_t i, int bf) {
     if (!bf) return ((const float *)p)[i];
@@ -431,7 +350,7 @@ static inline void put_el(void *p, int64_t i, float f, int bf) {
     else ((float *)p)[i] = f;
 }
 
-/* The step's vectors: VW fp32 lanes, 16 with AVX-512 (F, BW, VL), 8 with AVX2 and FMA; v_load and v_put move the
+/* Vectors of VW fp32 lanes, 16 with AVX-512 (F, BW, VL), 8 with AVX2 and FMA; v_load and v_put move the
    elements i .. min(i + VW, n) of an array of the model's dtype (fp32, or bf16 where bf is set: widened exactly,
    stored rounded to nearest even, as PyTorch's conversion), zeros past n. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -442,6 +361,12 @@ static inline __mmask16 first(int64_t i, int64_t n) {  /* lanes of elements i ..
     return n - i >= 16 ? (__mmask16)0xffff : n <= i ? (__mmask16)0 : (__mmask16)((1u << (n - i)) - 1);
 }
 
+static inline __m512 load_f32(const void *p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
+
+static inline __m512 load_bf16x16(const void *p, __mmask16 valid) {  /* bf16 widened to fp32 (no BF16 unit needed) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
 static inline vec v_zero(void) { return _mm512_setzero_ps(); }
 static inline vec v_set1(float f) { return _mm512_set1_ps(f); }
 static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
@@ -449,6 +374,7 @@ static inline vec v_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec v_fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float v_sum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline vec v_full(const float *p) { return _mm512_loadu_ps(p); }  /* VW fp32 values */
 
 static inline vec v_load(const void *p, int64_t i, int64_t n, int bf) {
     __mmask16 m = first(i, n);
@@ -520,6 +446,7 @@ static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec v_exp(vec v) { return exp_ps(v); }
 static inline vec v_gelu(vec v) { return gelu_ps(v); }
+static inline vec v_full(const float *p) { return _mm256_loadu_ps(p); }  /* VW fp32 values */
 
 static inline float v_sum(vec v) {  /* halves, quarters, pairs: the order of AVX-512's _mm512_reduce_add_ps */
     __m128 q = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
@@ -581,21 +508,85 @@ static inline vec v_sums(const vec *a) {
     vec c1 = _mm256_add_ps(_mm256_shuffle_ps(b[2], b[3], 0xee), _mm256_shuffle_ps(b[2], b[3], 0x44));
     return _mm256_add_ps(_mm256_shuffle_ps(c0, c1, 0x88), _mm256_shuffle_ps(c0, c1, 0xdd));
 }
+#endif
 
-static inline float dot_f32(const void *xv, const void *wv, int64_t k) {  /* as AVX-512's, 8 lanes */
+#ifdef VW
+/* x . w over k fp32 values: four vector accumulators, the tail's lanes in the first, then v_sum of their sum */
+static inline float dot_f32(const void *xv, const void *wv, int64_t k) {
     const float *x = xv, *w = wv;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    vec a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
     int64_t j = 0;
-    for (; j + 32 <= k; j += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(w + j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(w + j + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(w + j + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(w + j + 24), a3);
+    for (; j + 4 * VW <= k; j += 4 * VW) {
+        a0 = v_fma(v_full(x + j), v_full(w + j), a0);
+        a1 = v_fma(v_full(x + j + VW), v_full(w + j + VW), a1);
+        a2 = v_fma(v_full(x + j + 2 * VW), v_full(w + j + 2 * VW), a2);
+        a3 = v_fma(v_full(x + j + 3 * VW), v_full(w + j + 3 * VW), a3);
     }
-    for (; j < k; j += 8) a0 = _mm256_fmadd_ps(v_load(x, j, k, 0), v_load(w, j, k, 0), a0);
-    return v_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; j < k; j += VW) a0 = v_fma(v_load(x, j, k, 0), v_load(w, j, k, 0), a0);
+    return v_sum(v_add(v_add(a0, a1), v_add(a2, a3)));
 }
 #endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* ---- fp32 and bf16 products of a few rows (a decode), on CPUs with AVX-512 (bf16: with AVX-512-BF16) ----
+   Each output channel's dot product runs over its weight row with four vector accumulators, so a thread reads its
+   contiguous range of the model's own weights (n x k, row-major: no packed copy) front to back, one sequential stream
+   that the hardware prefetcher follows at the memory's streaming rate (docs/efficiency.md, round 10); 16 channels at
+   a time, each block read from memory for the first row of x and from cache for the others. */
+
+static inline void store_f32(void *p, __m512 y, __mmask16 valid) { _mm512_mask_storeu_ps(p, valid, y); }
+
+/* rows x k by n x k (element size `size`), plus the bias (n, may be NULL), into out (rows x n): dot, load and store
+   are the element type's (the OpenMP region is outlined once for both types, so they are indirect calls there: one
+   per output channel, nothing beside its 2-4 KiB of weights; measured level with a copy written out for bf16) */
+static inline void gemv_rows(const char *x, int64_t rows, int64_t k, const char *w, int64_t n, const char *bias,
+                             char *out, int nt, size_t size, float (*dot)(const void *, const void *, int64_t),
+                             __m512 (*load)(const void *, __mmask16), void (*store)(void *, __m512, __mmask16)) {
+    char *raw = malloc((size_t)(rows * k) * size + 128);
+    if (raw) {  /* (else read x where it is: slower, same numbers) */
+        x = memcpy(skewed(raw), x, (size_t)(rows * k) * size);
+    }
+    #pragma omp parallel num_threads(nt)
+    {
+        int64_t first, last;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        for (int64_t c0 = first; c0 < last; c0 += 16) {
+            int nb = last - c0 < 16 ? (int)(last - c0) : 16;
+            __mmask16 valid = (__mmask16)((1u << nb) - 1);
+            __m512 start = bias ? load(bias + c0 * size, valid) : _mm512_setzero_ps();
+            for (int64_t r = 0; r < rows; r++) {
+                float y[16] = {0};
+                for (int j = 0; j < nb; j++) y[j] = dot(x + r * k * size, w + (c0 + j) * k * size, k);
+                store(out + (r * n + c0) * size, _mm512_add_ps(_mm512_loadu_ps(y), start), valid);
+            }
+        }
+    }
+    free(raw);
+}
+
+/* out[r, c] = x[r] . w[c] + bias[c] (bias may be NULL) for r < rows, c < n; x rows x k and out rows x n contiguous */
+void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_t n, const float *bias, float *out,
+                 int nt) {
+    gemv_rows((const char *)x, rows, k, (const char *)w, n, (const char *)bias, (char *)out, nt, 4, dot_f32, load_f32,
+              store_f32);
+}
+
+#endif
+
+/* ---- a decode step of one sequence, as one call (mu.model.fast.NativeDecoder) ----
+   The decoder for one new token: each block of mu.model.layers.DecoderBlock (RMSNorm, q/k/v, RoPE, the token's K/V
+   written into the cache, attention over the cached keys, out projection and residual; RMSNorm, the cross-attention's
+   q, attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual), or
+   of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
+   projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
+   per op: in the products each thread takes its share of every weight, 16 channels at a time (gemv_part), the
+   attention splits the keys between the threads. Values are rounded to the model's dtype where PyTorch's ops
+   round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
+   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way: each product's
+   input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over
+   the weights' codes row by row as they lie, on AVX2 CPUs over the panels of mu_pack_weights (panel_part). The code
+   is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's 8 (no bf16 step there). */
+
 
 #ifdef VW
 int mu_step_lanes(void) { return VW; }  /* the step's vector width: 16 reads row-major int8 codes, 8 packed ones */
