@@ -579,14 +579,14 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    q, attention over the encoder's K/V, out projection and residual; RMSNorm, fc1, tanh-GELU, fc2 and residual), or
    of a decoder-only model's SelfAttentionBlock (no cross-attention), then the final RMSNorm and the vocabulary
    projection. One OpenMP region for all of it (barriers between the phases) instead of a call, a region and a tensor
-   per op: in the products each thread takes its share of every weight, 16 channels at a time (gemv_part), the
-   attention splits the keys between the threads. Values are rounded to the model's dtype where PyTorch's ops
-   round them (bf16: each op's output; the math in between in fp32). An int8 model's decoder (fp32 activations, 7-bit
-   weight codes with a scale per output channel: mu.model.quantize.Int8Linear) runs the same way: each product's
-   input gets 8-bit codes (one scale and zero point over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over
-   the weights' codes row by row as they lie, on AVX2 CPUs over the panels of mu_pack_weights (panel_part). The code
-   is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's 8 (no bf16 step there). */
-
+   per op: in the products the threads take every weight's output channels 16 at a time (gemv_part), each its own
+   range front to back and then half of what another has left (product), the attention splits the keys between the
+   threads. Values are rounded to the model's dtype where PyTorch's ops round them (bf16: each op's output; the math
+   in between in fp32). An int8 model's decoder (fp32 activations, 7-bit weight codes with a scale per output channel:
+   mu.model.quantize.Int8Linear) runs the same way: each product's input gets 8-bit codes (one scale and zero point
+   over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over the weights' codes row by row as they lie, on AVX2
+   CPUs over the panels of mu_pack_weights (panel_part). The code is written once over `vec`, VW fp32 lanes:
+   AVX-512's 16 or AVX2's 8 (no bf16 step there). */
 
 #ifdef VW
 int mu_step_lanes(void) { return VW; }  /* the step's vector width: 16 reads row-major int8 codes, 8 packed ones */
@@ -836,7 +836,63 @@ typedef struct {
     uint8_t *codes;         /* int8: the next product's input codes */
     float sx, zx;           /* their scale and zero point */
     int64_t keys;           /* scores per thread */
+    uint64_t *turns;        /* per thread, 64 bytes apart: its blocks of the current product left (see take) */
 } work;
+
+/* A product's output channels in blocks of 16 are shared out as the threads go: each thread takes its own range's
+   blocks front to back (one sequential stream through the weights); a thread whose range is done takes the back
+   half of another's range left, as its own range (so a thread the host slows does less). A turn word packs the
+   product's number (16 bits) and the blocks [lo, hi) left (24 bits each), changed by compare-and-swap. */
+static inline uint64_t pack_turn(uint64_t g, int64_t lo, int64_t hi) {
+    return (g & 0xffff) << 48 | (uint64_t)lo << 24 | (uint64_t)hi;
+}
+
+/* begins the thread's turn of the next product (n channels); returns the product's number */
+static inline uint64_t begin_turn(work *w, int64_t n, int tid, int nth) {
+    uint64_t *t = w->turns + 8 * tid, g = (__atomic_load_n(t, __ATOMIC_RELAXED) >> 48) + 1;
+    int64_t blocks = (n + 15) / 16;
+    __atomic_store_n(t, pack_turn(g, blocks * tid / nth, blocks * (tid + 1) / nth), __ATOMIC_RELEASE);
+    return g;
+}
+
+/* the next block of product g for the thread into *b; 0 when none is left */
+static inline int take(work *w, int tid, int nth, uint64_t g, int64_t *b) {
+    uint64_t *own = w->turns + 8 * tid, old = __atomic_load_n(own, __ATOMIC_ACQUIRE);
+    for (;;) {  /* the front of its own range */
+        int64_t lo = (int64_t)(old >> 24 & 0xffffff), hi = (int64_t)(old & 0xffffff);
+        if (old >> 48 != (g & 0xffff) || lo >= hi) break;
+        if (__atomic_compare_exchange_n(own, &old, pack_turn(g, lo + 1, hi), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *b = lo;
+            return 1;
+        }
+    }
+    for (int i = 1; i < nth; i++) {  /* else the back half of another's */
+        uint64_t *t = w->turns + 8 * ((tid + i) % nth), v = __atomic_load_n(t, __ATOMIC_ACQUIRE);
+        for (;;) {
+            int64_t lo = (int64_t)(v >> 24 & 0xffffff), hi = (int64_t)(v & 0xffffff), mid = lo + (hi - lo) / 2;
+            if (v >> 48 != (g & 0xffff) || lo >= hi) break;
+            if (__atomic_compare_exchange_n(t, &v, pack_turn(g, lo, mid), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                __atomic_store_n(own, pack_turn(g, mid + 1, hi), __ATOMIC_RELEASE);
+                *b = mid;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* y = the product of x and w (n channels; gemv_part's arguments) by the threads in turns; resid (may be NULL) +=
+   y, block by block as they are done */
+static void product(work *w, int tid, int nth, const void *x, int64_t k, const void *wt, const void *bias, float *y,
+                    int64_t n, int bf, dot_fn dot, const float *scale, const float *wsum, float *resid) {
+    uint64_t g = begin_turn(w, n, tid, nth);
+    int64_t b;
+    while (take(w, tid, nth, g, &b)) {
+        int64_t c0 = 16 * b, c1 = 16 * b + 16 < n ? 16 * b + 16 : n;
+        gemv_part(x, k, wt, bias, y, c0, c1, bf, dot, scale, wsum, w->sx, w->zx);
+        if (resid) add_residual(resid, y, c0, c1, bf);
+    }
+}
 
 /* w->in (and, for int8 products, q8, w->codes) = the residual stream (d) normed by `weight`, by one thread of the
    region */
@@ -879,9 +935,8 @@ static void attend_out(const mu_block *b, work *w, const void *K, const void *V,
             combine(w->part + h * (hd + 2), qd + 2 * H, nth, hd, (char *)w->o + h * hd * es, bf);
         if (b->scale[0]) input_codes(w->o, qd, w->codes, &w->sx, &w->zx);
     }
-    gemv_part(b->scale[0] ? (const void *)w->codes : w->o, qd, wo, bo, w->y, c0, c1, bf, dot, b->scale[p], b->wsum[p],
-              w->sx, w->zx);
-    add_residual(w->x, w->y, c0, c1, bf);
+    product(w, tid, nth, b->scale[0] ? (const void *)w->codes : w->o, qd, wo, bo, w->y, b->d, bf, dot, b->scale[p],
+            b->wsum[p], w->x);
     #pragma omp barrier
 }
 
@@ -901,11 +956,9 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
 
     /* self-attention */
     norm_input(w, d, b->ln1, b->eps, q8, bf);
-    share(qd, tid, nth, &c0, &c1);
-    gemv_part(from_in, d, b->wq, b->bq, y, c0, c1, bf, dot, b->scale[P_Q], b->wsum[P_Q], w->sx, w->zx);
-    share(kvd, tid, nth, &c0, &c1);
-    gemv_part(from_in, d, b->wk, b->bk, y + qd, c0, c1, bf, dot, b->scale[P_K], b->wsum[P_K], w->sx, w->zx);
-    gemv_part(from_in, d, b->wv, b->bv, y + qd + kvd, c0, c1, bf, dot, b->scale[P_V], b->wsum[P_V], w->sx, w->zx);
+    product(w, tid, nth, from_in, d, b->wq, b->bq, y, qd, bf, dot, b->scale[P_Q], b->wsum[P_Q], NULL);
+    product(w, tid, nth, from_in, d, b->wk, b->bk, y + qd, kvd, bf, dot, b->scale[P_K], b->wsum[P_K], NULL);
+    product(w, tid, nth, from_in, d, b->wv, b->bv, y + qd + kvd, kvd, bf, dot, b->scale[P_V], b->wsum[P_V], NULL);
     #pragma omp barrier
     #pragma omp single
     for (int64_t h = 0; h < H + KV; h++) {  /* q and k heads rotated; the token's K/V into the cache */
@@ -921,26 +974,23 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
 
     if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
         norm_input(w, d, b->ln2, b->eps, q8, bf);
-        share(qd, tid, nth, &c0, &c1);
-        gemv_part(from_in, d, b->cwq, b->cbq, y, c0, c1, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], w->sx, w->zx);
+        product(w, tid, nth, from_in, d, b->cwq, b->cbq, y, qd, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], NULL);
         #pragma omp barrier
         attend_out(b, w, ck, cv, S, S, cross_valid, b->cwo, b->cbo, P_CO, tid, nth, bf, dot);
     }
 
     /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
     norm_input(w, d, b->ln3, b->eps, q8, bf);
-    share(F, tid, nth, &c0, &c1);
-    gemv_part(from_in, d, b->w1, b->b1, y, c0, c1, bf, dot, b->scale[P_W1], b->wsum[P_W1], w->sx, w->zx);
+    product(w, tid, nth, from_in, d, b->w1, b->b1, y, F, bf, dot, b->scale[P_W1], b->wsum[P_W1], NULL);
     #pragma omp barrier  /* (`in` is read by every thread's fc1 before anyone writes fc2's input into it) */
+    share(F, tid, nth, &c0, &c1);
     for (int64_t c = c0; c < c1; c += VW) v_put(in, c, c1, v_gelu(v_load(y, c, c1, 0)), bf);
     #pragma omp barrier
     if (q8) {
         #pragma omp single
         input_codes(in, F, w->codes, &w->sx, &w->zx);
     }
-    share(d, tid, nth, &c0, &c1);
-    gemv_part(from_in, F, b->w2, b->b2, y, c0, c1, bf, dot, b->scale[P_W2], b->wsum[P_W2], w->sx, w->zx);
-    add_residual(x, y, c0, c1, bf);
+    product(w, tid, nth, from_in, F, b->w2, b->b2, y, d, bf, dot, b->scale[P_W2], b->wsum[P_W2], x);
     #pragma omp barrier
 }
 
@@ -964,7 +1014,13 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
     int64_t ny = wide > s->vocab ? wide : s->vocab;
     w.x = malloc(sizeof(float) * (size_t)(d + ny + (int64_t)nt * (w.keys + parts)) + es * (size_t)(wide + qd) +
                  (size_t)wide + K_MULTIPLE + 3 * 128);
-    if (!w.x) return -1;
+    w.turns = aligned_alloc(64, (size_t)nt * 64);
+    if (!w.x || !w.turns) {
+        free(w.x);
+        free(w.turns);
+        return -1;
+    }
+    memset(w.turns, 0, (size_t)nt * 64);
     w.y = w.x + d;
     w.scores = w.y + ny;
     w.part = w.scores + (int64_t)nt * w.keys;
@@ -980,13 +1036,15 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
             block_step(&s->blocks[i], &w, cos, sin, s->kc[i], s->vc[i], s->max_len, slot, self_valid,
                        s->ck ? s->ck[i] : NULL, s->cv ? s->cv[i] : NULL, s->S, s->cross_valid, tid, nth, bf, dot);
         norm_input(&w, d, s->norm, s->eps, q8, bf);
+        product(&w, tid, nth, q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, s->vocab, bf, dot,
+                s->head_scale, s->head_wsum, NULL);
+        #pragma omp barrier
         int64_t c0, c1;
         share(s->vocab, tid, nth, &c0, &c1);
-        gemv_part(q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, c0, c1, bf, dot, s->head_scale,
-                  s->head_wsum, w.sx, w.zx);
         for (int64_t c = c0; c < c1; c += VW) v_put(logits, c, c1, v_load(w.y, c, c1, 0), bf);
     }
     free(w.x);
+    free(w.turns);
     return 0;
 }
 
