@@ -281,6 +281,75 @@ def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved
         assert same == 1 if dtype == torch.float32 else same >= 0.9  # (bf16: a near tie of a random model may flip)
 
 
+def test_native_decoder_step_keeps_the_cache_as_the_modules_do(monkeypatch):
+    """The step's bookkeeping runs in the call too: a pad token fed mid-sequence is masked as a key from then on, the
+    position and length advance, the valid slots are the modules'; a token id outside the embedding is an
+    IndexError that leaves the cache as it was; past `block_size` with NTK-scaled RoPE (its base depends on the
+    length) the modules run."""
+    if not native.decoder_step_available(torch.float32):
+        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32)
+    calls = []
+    step = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    ids = torch.randint(3, 300, (1, 15))
+    tokens = torch.randint(3, 300, (12, 1))
+    tokens[4] = tokens[9] = model.config.pad_token_id
+
+    def run(m):
+        with torch.inference_mode():
+            cache = m.new_cache(1, 40)
+            logits = [m.prefill(ids, None, cache, torch.ones(1, 1, dtype=torch.long))]
+            logits += [m.decode_step(t[:, None], cache) for t in tokens]
+        return torch.stack(logits), cache
+
+    want, modules = run(_module_path(copy.deepcopy(model)))
+    calls.clear()
+    got, cache = run(model)
+    assert len(calls) == 13 and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert torch.equal(cache.valid, modules.valid) and not cache.all_valid and not bool(cache.valid[0, 5])
+    assert torch.equal(cache.positions, modules.positions) and cache.length == modules.length == 13
+    with torch.inference_mode(), pytest.raises(IndexError, match="token id 300 is outside the embedding's 300 rows"):
+        model.decode_step(torch.tensor([[300]]), cache)
+    assert cache.length == 13 and int(cache.positions[0]) == 13 and not bool(cache.valid[0, 13])
+    scaled = _step_model(torch.float32)
+    scaled.config.rope_factor, scaled.config.block_size = 2.0, 6
+    scaled.load_state_dict(model.state_dict())
+    calls.clear()
+    got, _ = run(scaled)
+    assert len(calls) == 6  # the steps up to block_size positions (the start token's and 5 more), not past it
+    assert torch.allclose(got, run(_module_path(copy.deepcopy(scaled)))[0], atol=1e-5)
+
+
+def test_native_decoder_step_picks_as_argmax(monkeypatch):
+    """The step's greedy pick is `torch.argmax`'s of its logits: the first of equal largest logits (here one in each
+    thread's share of the vocabulary), a NaN before any number."""
+    if not native.decoder_step_available(torch.float32):
+        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32)
+    ids = torch.randint(3, 300, (1, 15))
+    calls = []
+    step = native.decoder_step
+    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+
+    def picks(m):
+        with torch.inference_mode():
+            cache = m.new_cache(1, 20)
+            m.prefill(ids, None, cache, torch.ones(1, 1, dtype=torch.long))
+            steps = [m.greedy_step(torch.tensor([[t]]), cache) for t in (5, 17, 42)]
+        return [(int(pick), int(logits.argmax(-1))) for logits, pick in steps]
+
+    with torch.no_grad():
+        model.lm_head.weight[150:] = model.lm_head.weight[:150]  # every logit twice, 150 apart
+    got = picks(model)
+    assert len(calls) == 4 and all(pick == want < 150 for pick, want in got), got
+    with torch.no_grad():
+        model.lm_head.weight[260] = float("nan")
+    assert picks(model) == [(260, 260)] * 3
+
+
 def test_native_decoder_step_steps_aside(monkeypatch):
     """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter, in any block)
     and quantized layers run the modules; a weight changed in place is read again."""
@@ -294,9 +363,8 @@ def test_native_decoder_step_steps_aside(monkeypatch):
     ids = torch.randint(3, 300, (2, 20))
     want = _decode(_module_path(copy.deepcopy(model)), ids)
     assert torch.allclose(_decode(model, ids), want, atol=1e-5) and not calls  # two rows: the modules
-    x, rope = torch.randn(1, 1, 96), (torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16))
     with torch.enable_grad():
-        assert model.fused_decode(x, rope, None, model.new_cache(1, 4)) is None
+        assert model.fused_decode(torch.ones(1, 1, dtype=torch.long), model.new_cache(1, 4)) is None
     one = ids[:1]
     with torch.no_grad():
         model.decoder_blocks()[1].mlp.fc2.weight.mul_(-1)  # in place, after the native arguments were built

@@ -213,13 +213,23 @@ def _cache_len(n: int, compile: bool) -> int:
     return round_up(n, 64) if compile else n
 
 
+def greedy_step(model, tokens: Tensor, cache) -> tuple[Tensor, Tensor]:
+    """A decode step's logits (B, V) and greedy pick (B,): the model's `greedy_step` where it has one (mu's models: the
+    native step computes the pick in its call), else the argmax of `decode_step`'s logits (an ONNX Runtime model)."""
+    step = getattr(model, "greedy_step", None)
+    if step is not None:
+        return step(tokens, cache)
+    logits = model.decode_step(tokens, cache)
+    return logits, sample_logits(logits)
+
+
 def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optional[int], pad: int, streamer,
                  sampling: dict) -> Tensor:
     B = logits.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out = []
+    token = sample_logits(logits, **sampling)
     for step in range(max_new_tokens):
-        token = sample_logits(logits, **sampling)
         if eos is not None:
             token = token.masked_fill(finished, pad)
             finished |= token == eos
@@ -228,7 +238,10 @@ def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optiona
             streamer.put(token.cpu())
         if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
-        logits = model.decode_step(token[:, None], cache)
+        if sampling["do_sample"]:
+            token = sample_logits(model.decode_step(token[:, None], cache), **sampling)
+        else:
+            token = greedy_step(model, token[:, None], cache)[1]
     if streamer is not None:
         streamer.end()
     return torch.stack(out, dim=1)

@@ -1,7 +1,7 @@
 """The models a benchmark runs, each behind one small interface: prefill, decode step, expand, copy.
 
-`MuRunner` drives mu's own generation path (`model.new_cache` -> `model.prefill` -> `model.decode_step`,
-greedy pick with `mu.generation.sample_logits`): the loop `mu.generation.generate` runs, so both
+`MuRunner` drives mu's own generation path (`model.new_cache` -> `model.prefill` -> greedy steps,
+`mu.generation.greedy_step`): the loop `mu.generation.generate` runs, so both
 architectures go through the same kernels and the same cache. `HFRunner` drives a Hugging Face
 `T5ForConditionalGeneration` or `LlamaForCausalLM` of the same size through its forward and its own
 cache classes (what `generate()` does inside, minus the logits processors).
@@ -99,9 +99,9 @@ class MuRunner:
         return run.cache, sample_logits(logits)
 
     def step(self, cache, token: Tensor) -> Tensor:
-        from mu.generation import sample_logits
+        from mu.generation import greedy_step
 
-        return sample_logits(self.model.decode_step(token[:, None], cache))
+        return greedy_step(self.model, token[:, None], cache)[1]
 
     def expand(self, cache, batch: int) -> None:
         cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))

@@ -37,8 +37,9 @@ class MuModel(nn.Module):
     config: MuConfig
     tokenizer: Any = None  # an attached Hugging Face tokenizer, saved alongside the weights
     quantization: Optional[str] = None  # set by `quantize_` (an inference-only transform)
-    # inference only: (x, rope, self_mask, cache) -> a decode step's logits, or None to decline; the CPU fast paths
-    # set one that runs a step of one sequence as one native call (`mu.model.fast.NativeDecoder`)
+    # inference only: (tokens, cache) -> a decode step's logits and their argmax (the cache advanced), or None to
+    # decline; the CPU fast paths set one that runs a step of one sequence as one native call
+    # (`mu.model.fast.NativeDecoder`)
     fused_decode: Optional[Callable[..., Optional[Tensor]]] = None
 
     # -- construction --------------------------------------------------------------------------
@@ -83,8 +84,21 @@ class MuModel(nn.Module):
         Returns the logits at the last position, (B, vocab_size). Pad tokens are masked as keys
         (as in the paper's uncached decoding).
         """
+        return self._step(tokens, cache)[0]
+
+    def greedy_step(self, tokens: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """`decode_step`'s logits (B, vocab_size) and their greedy pick (B,), `argmax`: where the native step runs,
+        computed in its call (~0.1 ms of PyTorch's argmax less per token, docs/efficiency.md round 15)."""
+        logits, pick = self._step(tokens, cache)
+        return logits, logits.float().argmax(-1) if pick is None else pick
+
+    def _step(self, tokens: Tensor, cache: KVCache) -> tuple[Tensor, Optional[Tensor]]:
+        """A decode step's logits, and their argmax where the fused step computed it (else None)."""
+        step = None if self.fused_decode is None else self.fused_decode(tokens, cache)
+        if step is not None:
+            return step
         if cache.static:
-            return self._static_step(tokens, cache)
+            return self._static_step(tokens, cache), None
         B, T = tokens.shape
         valid = tokens != self.config.pad_token_id
         cache.append_valid(valid)
@@ -101,7 +115,7 @@ class MuModel(nn.Module):
         logits = self._decode_core(self.transformer.wte(tokens), *rope, self_mask, cache)
         cache.advance(T)
         cache.positions += T
-        return logits
+        return logits, None
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
@@ -125,12 +139,7 @@ class MuModel(nn.Module):
         return logits
 
     def _decode_core(self, x: Tensor, cos: Tensor, sin: Tensor, self_mask: Tensor, cache: KVCache) -> Tensor:
-        """The layers, final norm and lm_head of a step (the fused step where it runs); of a static one, what
-        `generate(compile=True)` compiles."""
-        if self.fused_decode is not None and not torch.is_grad_enabled():
-            logits = self.fused_decode(x, (cos, sin), self_mask, cache)
-            if logits is not None:
-                return logits
+        """The layers, final norm and lm_head of a step; of a static one, what `generate(compile=True)` compiles."""
         x = self._run_decoder(x, (cos, sin), self_mask, False, cache)
         return self.lm_head(self.transformer.ln_f(x[:, -1]))
 
@@ -138,10 +147,15 @@ class MuModel(nn.Module):
         """cos/sin (B, T, 1, hd) at `positions` (B, T): indexed from the cache's table unless NTK scaling is on."""
         if rope_scaled(self.config, end):  # the base depends on the length: recompute, as the paper does
             return rope_cos_sin(self.config, positions, end, self.dtype)
-        if cache.rope is None:
-            cache.rope = rope_table(self.config, cache.max_len, self.dtype, positions.device)
-        cos, sin = cache.rope
+        cos, sin = self.rope_table(cache)
         return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
+
+    def rope_table(self, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """cos/sin for the cache's positions 0..max_len-1, (max_len, hd) each: made once per cache (see `rope_table`
+        in `mu.model.layers` for when a step may index it)."""
+        if cache.rope is None:
+            cache.rope = rope_table(self.config, cache.max_len, self.dtype, cache.k.device)
+        return cache.rope
 
     # -- inference transforms ------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from mu.errors import MuError
 from mu.model import native
-from mu.model.layers import is_exporting
+from mu.model.layers import is_exporting, rope_scaled
 from mu.utils import huge_page_bytes, round_up
 
 SPLIT_MAX_ROWS = 8  # a product with at most this many input rows is a matrix-vector product in effect
@@ -207,13 +207,18 @@ class NativeDecoder:
     and 12); on CPUs with AVX2 and FMA for fp32, and for an int8 model where mu's own int8 kernels run (over their
     packed codes, `Int8Linear.step_weights`) (round 13).
 
-    Called by the model's decode step (`MuModel.fused_decode`) with the token's embedding, RoPE, self-attention mask
-    and cache; returns the logits, or None to let the modules run: more than one row or position (a batch, a prompt),
-    autograd, training mode, tracing and compiling (a compiled step keeps its own kernels), a Python dispatch mode
-    (FLOP counting sees the plain ops), another dtype or CPU, a linear layer that is neither a plain one nor an int8
-    one whose codes the step reads (an adapter, another quantization). The kernel reads the weights where they lie, so
-    changes in place need nothing; which modules and tensors the model holds, and where the cache keeps its K/V, is
-    checked once per cache (a generation; again if the cache's buffers move), where their pointers are taken.
+    Called by the model's decode step (`MuModel.fused_decode`) with the new tokens and the cache; does what the step
+    does beside the layers too (the token's embedding row, RoPE's rows from the cache's table, its valid slot, the
+    position and the length advanced), so a step makes no PyTorch op of its own: each of those ran cold after a step's
+    stream of weights (~0.3 ms of a 330m int8 step of ~5 ms, docs/efficiency.md round 15). Returns the logits and
+    their greedy pick (the argmax, computed in the call while the logits are in cache), or None to let the modules
+    run: more than one row or token (a batch, a prompt), autograd, training mode, tracing, a
+    compiled step (it keeps its own kernels), a Python dispatch mode (FLOP counting sees the plain ops), RoPE whose
+    base depends on the length (NTK scaling past `block_size`), another dtype or CPU, a linear layer that is neither a
+    plain one nor an int8 one whose codes the step reads (an adapter, another quantization). The kernel reads the
+    weights where they lie, so changes in place need nothing; which modules and tensors the model holds, and where the
+    cache keeps its buffers, is checked once per cache (a generation; again if the cache's buffers move), where their
+    pointers are taken.
     """
 
     def __init__(self, model: nn.Module):
@@ -225,46 +230,48 @@ class NativeDecoder:
     def __getstate__(self) -> dict:  # a copy (deepcopy, pickle) builds its own arguments: pointers do not copy
         return {"model": self.model, "args": None, "checked": None, "where": None}
 
-    def __call__(self, x: Tensor, rope: tuple[Tensor, Tensor], self_mask: Optional[Tensor], cache) -> Optional[Tensor]:
-        if (as_op() or x.shape[0] != 1 or x.shape[1] != 1 or self.model.training or torch.is_grad_enabled()
-                or is_exporting() or torch.jit.is_tracing()):
+    def __call__(self, tokens: Tensor, cache) -> Optional[tuple[Tensor, Tensor]]:
+        m = self.model
+        if (tokens.shape != (1, 1) or cache.compiled or m.training or torch.is_grad_enabled() or as_op()
+                or is_exporting() or torch.jit.is_tracing() or rope_scaled(m.config, cache.length + 1)):
             return None
         cross = cache.cross_kv
-        where = (cache.k.data_ptr(), cache.v.data_ptr(), cross and cross[0][0].data_ptr(),
-                 cache.cross_mask is not None and cache.cross_mask.data_ptr())
+        where = (cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr(), cache.positions.data_ptr(),
+                 cross and cross[0][0].data_ptr(), cache.cross_mask is not None and cache.cross_mask.data_ptr())
         if self.checked is None or self.checked() is not cache or where != self.where:  # a new generation
-            self.args = self._arguments(x, cache) if x.device.type == "cpu" else None
+            self.args = self._arguments(tokens, cache)
             self.checked, self.where = weakref.ref(cache), where
         if self.args is None:
             return None
         slot = cache.length
         if slot >= cache.max_len:
             raise RuntimeError(f"KV cache overflow: {slot + 1} positions > max_len {cache.max_len}")
-        cos, sin = rope
-        if (not (x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()) or cos.numel() != cache.k.shape[-1]
-                or (self_mask is not None and (self_mask.dtype != torch.bool or self_mask.stride(-1) != 1
-                                               or self_mask.numel() != self_mask.shape[-1]
-                                               or self_mask.shape[-1] <= slot))):
-            return None
-        return native.decoder_step(self.args, x, cos, sin, slot, self_mask)
+        logits, pick, pad = native.decoder_step(self.args, tokens, slot, not cache.all_valid, m.dtype)
+        cache.all_valid = cache.all_valid and not pad
+        cache.length += 1
+        return logits, pick
 
-    def _arguments(self, x: Tensor, cache) -> Optional[native.Decoder]:
+    def _arguments(self, tokens: Tensor, cache) -> Optional[native.Decoder]:
         """The native arguments for the model and `cache`, or None where the kernel cannot run them."""
-        m, dtype = self.model, x.dtype
+        m, dtype = self.model, self.model.dtype
+        if tokens.device.type != "cpu" or tokens.dtype != torch.long or cache.batch_size != 1:
+            return None
         blocks = [block_arguments(b, dtype) for b in m.decoder_blocks()]
-        head, norm = m.lm_head, m.transformer.ln_f
+        head, norm, emb = m.lm_head, m.transformer.ln_f, m.transformer.wte.weight
         int8 = step_weights(head)
         plain = is_plain_linear(head) and head.weight.dtype == dtype
         if (not blocks or any(b is None or bool(b.scale[0]) != (int8 is not None) for b in blocks)
-                or head.bias is not None or not (int8 is not None or plain) or norm.weight.dtype != dtype):
+                or head.bias is not None or not (int8 is not None or plain) or norm.weight.dtype != dtype
+                or not emb.is_contiguous() or emb.device.type != "cpu"):
             return None
         weight = head.weight if int8 is None else int8[0]
         cross = cache.cross_kv
-        caches = [*cache.k_layers, *cache.v_layers, *(t for kv in cross or () for t in kv)]
+        cos, sin = m.rope_table(cache)
+        caches = [*cache.k_layers, *cache.v_layers, *(t for kv in cross or () for t in kv), cos, sin]
         mask = cache.cross_mask
         if (any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" for t in caches)
                 or not weight.is_contiguous() or (cross is None) != (blocks[0].cwq is None)
-                or (mask is not None and not mask.is_contiguous())):
+                or (mask is not None and not mask.is_contiguous()) or not cache.valid.is_contiguous()):
             return None
         n = len(blocks)
         pointers = ctypes.c_void_p * n
@@ -276,8 +283,10 @@ class NativeDecoder:
         scale, sums = (None, None) if int8 is None else (int8[1].data_ptr(), int8[2].data_ptr())
         args = native.Decoder(array, n, norm.weight.data_ptr(), weight.data_ptr(), scale, sums, head.out_features,
                               norm.eps, kc, vc, cache.max_len, ck, cv, 0 if cross is None else cross[0][0].shape[-2],
-                              None if mask is None else mask.data_ptr())
-        args.arrays = (array, kc, vc, ck, cv)  # alive as long as the pointers into them are
+                              None if mask is None else mask.data_ptr(), emb.data_ptr(), emb.shape[0], cos.data_ptr(),
+                              sin.data_ptr(), cache.valid.data_ptr(), cache.positions.data_ptr(),
+                              m.config.pad_token_id)
+        args.arrays = (array, kc, vc, ck, cv, cos, sin)  # alive as long as the pointers into them are
         return args
 
 

@@ -827,6 +827,12 @@ typedef struct {
     const void *const *ck, *const *cv;  /* per block, the cross-attention K/V (n_kv x S x hd), or NULL: no encoder */
     int64_t S;
     const uint8_t *cross_valid;    /* S: the encoder positions attended, or NULL: all */
+    const void *emb;               /* the token embedding (rows x d, the dtype) */
+    int64_t rows;
+    const void *cos, *sin;         /* RoPE's tables, max_len x hd each (the dtype) */
+    uint8_t *valid;                /* the cache's slots that may be attended (max_len): each step writes its own */
+    int64_t *position;             /* the sequence's next RoPE position: each step reads and advances it */
+    int64_t pad;                   /* the pad token's id: its keys are masked */
 } mu_decoder;
 
 typedef struct {
@@ -994,11 +1000,23 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
     #pragma omp barrier
 }
 
-/* logits (vocab, the dtype; an int8 model's: fp32) of the token xin (d, the dtype) at cache slot `slot`: every
-   block of s in turn (block_step), the final RMSNorm and the vocabulary projection, in one parallel region.
-   Returns 0, or -1 if out of memory. */
-static int decoder_step(const mu_decoder *s, const void *xin, void *logits, const void *cos, const void *sin,
-                        int64_t slot, const uint8_t *self_valid, int nt, int bf, dot_fn dot) {
+/* the largest of v[c0..c1) (the dtype) and its first index into *where (-1 when empty): torch.argmax's pick, NaN the
+   largest */
+static float first_max(const void *v, int64_t c0, int64_t c1, int bf, int64_t *where) {
+    *where = c0 < c1 ? c0 : -1;
+    float best = c0 < c1 ? get_el(v, c0, bf) : -INFINITY;
+    for (int64_t c = c0 + 1; c < c1 && best == best; c++) {
+        float x = get_el(v, c, bf);
+        if (!(x <= best)) best = x, *where = c;
+    }
+    return best;
+}
+
+/* logits (vocab, the dtype; an int8 model's: fp32) of the token xin (d, the dtype) at cache slot `slot`, and their
+   greedy pick into *pick: every block of s in turn (block_step), the final RMSNorm and the vocabulary projection,
+   in one parallel region. Returns 0, or -1 if out of memory. */
+static int run_step(const mu_decoder *s, const void *xin, void *logits, int64_t *pick, const void *cos,
+                    const void *sin, int64_t slot, const uint8_t *self_valid, int nt, int bf, dot_fn dot) {
     const size_t es = bf ? 2 : 4;
     const int64_t d = s->blocks[0].d, L = slot + 1;
     int64_t wide = d, qd = 0, parts = 0;  /* the widest product output (or input), attention output, attend_parts */
@@ -1029,6 +1047,9 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
     w.codes = (uint8_t *)skewed((char *)w.o + es * qd);
     const int q8 = s->head_scale != NULL;
     for (int64_t i = 0; i < d; i++) w.x[i] = get_el(xin, i, bf);
+    float top[nt];  /* each thread's largest logit and where (-1: none), of the `used` threads */
+    int64_t at[nt];
+    int used = 1;
     #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
@@ -1042,15 +1063,41 @@ static int decoder_step(const mu_decoder *s, const void *xin, void *logits, cons
         int64_t c0, c1;
         share(s->vocab, tid, nth, &c0, &c1);
         for (int64_t c = c0; c < c1; c += VW) v_put(logits, c, c1, v_load(w.y, c, c1, 0), bf);
+        top[tid] = first_max(logits, c0, c1, bf, &at[tid]);
+        if (tid == 0) used = nth;
     }
     free(w.x);
     free(w.turns);
+    *pick = at[0];
+    for (int i = 1; i < used && top[0] == top[0]; i++)  /* the first thread's pick unless a later one is larger */
+        if (at[i] >= 0 && !(top[i] <= top[0])) top[0] = top[i], *pick = at[i];
     return 0;
 }
 
-int mu_decoder_step_f32(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
-                        int64_t slot, const uint8_t *self_valid, int nt) {
-    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_f32);
+/* the logits of the token *token at cache slot `slot` and their greedy pick (*pick), with what a step does beside
+   the layers: the token's embedding row, RoPE at *s->position (then advanced), the slot marked valid unless the
+   token is the pad; the keys masked by s->valid when `masked` or the token is the pad. Returns 0, 1 when the token
+   was the pad, -1 if out of memory, -2 for a token id outside the embedding, -3 for a slot or position outside the
+   cache. */
+static int decoder_step(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
+                        int masked, int nt, int bf, dot_fn dot) {
+    const int64_t t = *token, at = *s->position, d = s->blocks[0].d, hd = s->blocks[0].hd;
+    const size_t es = bf ? 2 : 4;
+    if (t < 0 || t >= s->rows) return -2;
+    if (slot < 0 || slot >= s->max_len || at < 0 || at >= s->max_len) return -3;
+    const int pad = t == s->pad;
+    s->valid[slot] = !pad;
+    const size_t row = (size_t)(at * hd) * es;
+    int rc = run_step(s, (const char *)s->emb + (size_t)(t * d) * es, logits, pick, (const char *)s->cos + row,
+                      (const char *)s->sin + row, slot, masked || pad ? s->valid : NULL, nt, bf, dot);
+    if (rc) return rc;
+    *s->position = at + 1;
+    return pad;
+}
+
+int mu_decoder_step_f32(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
+                        int masked, int nt) {
+    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_f32);
 }
 
 #if VW == 16 && defined(__AVX512VNNI__)
@@ -1076,16 +1123,16 @@ static inline float dot_u8s8(const void *xv, const void *wv, int64_t k) {
 
 /* an int8 model's decoder: fp32 activations, the products over 7-bit weight codes (`scale`, `wsum`, `head_scale`,
    `head_wsum` set) */
-int mu_decoder_step_i8(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
-                       int64_t slot, const uint8_t *self_valid, int nt) {
-    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, dot_u8s8);
+int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
+                       int masked, int nt) {
+    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_u8s8);
 }
 #elif VW == 8
 /* an int8 model's decoder on AVX2 CPUs (panel_part: the layers' packed codes, `scale`, `wsum`, `head_scale`,
    `head_wsum` set and padded to the panels) */
-int mu_decoder_step_i8(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
-                       int64_t slot, const uint8_t *self_valid, int nt) {
-    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 0, NULL);
+int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
+                       int masked, int nt) {
+    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, NULL);
 }
 #endif
 
@@ -1122,9 +1169,9 @@ void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w,
               load_bf16x16, store_bf16x16);
 }
 
-int mu_decoder_step_bf16(const mu_decoder *s, const void *x, void *logits, const void *cos, const void *sin,
-                         int64_t slot, const uint8_t *self_valid, int nt) {
-    return decoder_step(s, x, logits, cos, sin, slot, self_valid, nt, 1, dot_bf16);
+int mu_decoder_step_bf16(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
+                         int masked, int nt) {
+    return decoder_step(s, token, logits, pick, slot, masked, nt, 1, dot_bf16);
 }
 #endif
 #endif

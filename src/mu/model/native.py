@@ -78,7 +78,7 @@ _SIGNATURES = {
 # built only for CPUs with AVX-512 (bf16: AVX-512-BF16); name -> (argument types, result type)
 _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
-    **{name: ([_P, _P, _P, _P, _P, _I64, _P, _INT], _INT)
+    **{name: ([_P, _P, _P, _P, _I64, _INT, _INT], _INT)
        for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
     "mu_step_lanes": ([], _INT),
 }
@@ -306,23 +306,34 @@ class Decoder(ctypes.Structure):
     with per-channel `head_scale` and `head_wsum`), each block's self-attention cache (`kc`, `vc`: arrays of n
     pointers, n_kv_head x max_len x head_dim each), the cross-attention K/V (`ck`, `cv`: n pointers to n_kv_head x S x
     head_dim, or None: a decoder-only model) and the encoder positions they cover (`cross_valid`, S bools, or None:
-    all). The caller keeps the tensors and arrays alive."""
+    all); what a step reads and writes beside the layers: the token embedding (`emb`, `rows` x d in the model's
+    dtype), RoPE's cos and sin tables (max_len x head_dim each), the cache's `valid` slots (max_len bools), the
+    sequence's next RoPE `position` (an int64) and the `pad` token's id. The caller keeps the tensors and arrays
+    alive."""
 
     _fields_ = [("blocks", ctypes.POINTER(Block)), ("n", _I64), ("norm", _P), ("head", _P), ("head_scale", _P),
                 ("head_wsum", _P), ("vocab", _I64), ("eps", _F32), ("kc", ctypes.POINTER(_P)),
                 ("vc", ctypes.POINTER(_P)), ("max_len", _I64), ("ck", ctypes.POINTER(_P)), ("cv", ctypes.POINTER(_P)),
-                ("S", _I64), ("cross_valid", _P)]
+                ("S", _I64), ("cross_valid", _P), ("emb", _P), ("rows", _I64), ("cos", _P), ("sin", _P),
+                ("valid", _P), ("position", _P), ("pad", _I64)]
 
 
-def decoder_step(decoder: Decoder, x: Tensor, cos: Tensor, sin: Tensor, slot: int,
-                 self_valid: Optional[Tensor]) -> Tensor:
-    """The logits (1, vocab) of one token of one sequence, a decode step of `decoder`'s model: x (d) its embedding in
-    the model's dtype (fp32 or bf16, needs `decoder_step_available`; an int8 model's: fp32, its logits fp32), RoPE's
-    cos and sin at its position (head_dim each); each block writes the token's K/V into its cache at `slot` and
-    attends to slots 0..slot (those with `self_valid`, max_len bools, when given). All contiguous."""
-    out = x.new_empty(1, decoder.vocab)
-    if getattr(library(), _STEP["int8" if decoder.head_scale else x.dtype])(
-            ctypes.byref(decoder), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot,
-            None if self_valid is None else self_valid.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
-    return out
+def decoder_step(decoder: Decoder, token: Tensor, slot: int, masked: bool,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """The logits (1, vocab) of one token of one sequence, a decode step of `decoder`'s model (needs
+    `decoder_step_available`), and their greedy pick (1,) (the first largest, as `torch.argmax`): `token` holds its id
+    (one int64); its embedding row and RoPE at the sequence's position are read from `decoder`'s tables, the position
+    advanced, cache slot `slot` marked valid unless the token is the pad, each block writes the token's K/V there and
+    attends to slots 0..slot (those valid when `masked` or the token is the pad). Logits in `dtype`, the model's (an
+    int8 model's: fp32); also whether the token was the pad."""
+    out, pick = torch.empty(1, decoder.vocab, dtype=dtype), torch.empty(1, dtype=torch.long)
+    rc = getattr(library(), _STEP["int8" if decoder.head_scale else dtype])(
+        ctypes.byref(decoder), token.data_ptr(), out.data_ptr(), pick.data_ptr(), slot, masked,
+        torch.get_num_threads())
+    if rc < 0:
+        if rc == -1:
+            raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
+        if rc == -2:
+            raise IndexError(f"token id {int(token)} is outside the embedding's {decoder.rows} rows")
+        raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
+    return out, pick, rc == 1

@@ -80,6 +80,9 @@ class MuVLM(nn.Module):
     def decode_step(self, tokens: Tensor, cache) -> Tensor:
         return self.lm.decode_step(tokens, cache)
 
+    def greedy_step(self, tokens: Tensor, cache) -> tuple[Tensor, Tensor]:
+        return self.lm.greedy_step(tokens, cache)
+
     def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache, start_ids: Tensor,
                 images: Optional[Images] = None) -> Tensor:
         """Splice the images into the prompt, then the text model's prefill (encode once, cross K/V once)."""
