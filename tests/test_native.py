@@ -350,6 +350,61 @@ def test_native_decoder_step_picks_as_argmax(monkeypatch):
     assert picks(model) == [(260, 260)] * 3
 
 
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_native_greedy_loop_is_the_steps(monkeypatch, kind):
+    """`generate`'s greedy tokens of one sequence come from one native call (`greedy_tokens`): the tokens the steps
+    give (the modules' for fp32; int8's own step one at a time), stopping at the EOS, a streamer fed each token in
+    turn; an exception a streamer raises stops the call and reaches the caller, the cache holding the steps done."""
+    if not native.decoder_step_available(torch.float32 if kind == "fp32" else "int8"):
+        pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32)
+    if kind == "int8":
+        model.quantize_("int8")
+    loops = []
+    greedy = native.greedy_tokens
+    monkeypatch.setattr(native, "greedy_tokens", lambda *a: loops.append(a[4]) or greedy(*a))
+    ids = torch.randint(3, 300, (1, 15))
+
+    def stepped(**kw):  # the same generation a step at a time
+        m = copy.deepcopy(model)
+        m.greedy_tokens = lambda *a: None
+        return m.generate(ids, max_new_tokens=12, **kw)
+
+    want = stepped()
+    assert torch.equal(model.generate(ids, max_new_tokens=12), want) and loops == [11]
+    if kind == "fp32":
+        assert torch.equal(want, _module_path(copy.deepcopy(model)).generate(ids, max_new_tokens=12))
+    eos = int(want[0, 6])  # a token picked in the middle: the tokens end at its first pick
+    stop = want[0].tolist().index(eos, 1)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, eos_token_id=eos), want[:, :stop + 1])
+
+    class Streamer:
+        def __init__(self, fail_at=None):
+            self.got, self.ended, self.fail_at = [], False, fail_at
+
+        def put(self, tokens):
+            assert tokens.shape == (1,)
+            self.got.append(int(tokens[0]))
+            if len(self.got) == self.fail_at:
+                raise KeyboardInterrupt
+
+        def end(self):
+            self.ended = True
+
+    streamer = Streamer()
+    assert torch.equal(model.generate(ids, max_new_tokens=12, streamer=streamer), want)
+    assert streamer.got == want[0, 1:].tolist() and streamer.ended
+    with torch.inference_mode():
+        cache = model.new_cache(1, 20)
+        start = model.prefill(ids, None, cache, torch.ones(1, 1, dtype=torch.long)).argmax(-1)
+        streamer = Streamer(fail_at=4)
+        with pytest.raises(KeyboardInterrupt):
+            model.greedy_tokens(start[:, None], cache, 10, on_token=lambda t: streamer.put(torch.tensor([t])))
+        assert streamer.got == want[0, 2:6].tolist() and cache.length == 5 and int(cache.positions[0]) == 5
+        assert model.greedy_tokens(torch.tensor([[5], [6]]), cache, 3) is None  # two rows: the caller steps
+
+
 def test_native_decoder_step_steps_aside(monkeypatch):
     """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter, in any block)
     and quantized layers run the modules; a weight changed in place is read again."""

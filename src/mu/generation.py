@@ -229,6 +229,8 @@ def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optiona
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out = []
     token = sample_logits(logits, **sampling)
+    # greedy, one sequence: the rest in one native call where the model has one (`greedy_tokens`)
+    native = getattr(model, "greedy_tokens", None) if B == 1 and not sampling["do_sample"] else None
     for step in range(max_new_tokens):
         if eos is not None:
             token = token.masked_fill(finished, pad)
@@ -238,6 +240,13 @@ def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optiona
             streamer.put(token.cpu())
         if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
+        if native is not None:
+            on_token = None if streamer is None else (lambda t: streamer.put(torch.tensor([t])))
+            rest = native(token[:, None], cache, max_new_tokens - 1 - step, eos, on_token)
+            if rest is not None:
+                out.extend(rest.to(token.device).split(1))
+                break
+            native = None
         if sampling["do_sample"]:
             token = sample_logits(model.decode_step(token[:, None], cache), **sampling)
         else:

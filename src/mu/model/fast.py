@@ -231,9 +231,46 @@ class NativeDecoder:
         return {"model": self.model, "args": None, "checked": None, "where": None}
 
     def __call__(self, tokens: Tensor, cache) -> Optional[tuple[Tensor, Tensor]]:
+        args = self._ready(tokens, cache, 1)
+        if args is None:
+            return None
+        logits, pick, pad = native.decoder_step(args, tokens, cache.length, not cache.all_valid, self.model.dtype)
+        cache.all_valid = cache.all_valid and not pad
+        cache.length += 1
+        return logits, pick
+
+    def greedy_tokens(self, tokens: Tensor, cache, n: int, eos: Optional[int] = None,
+                      on_token: Optional[Callable[[int], object]] = None) -> Optional[Tensor]:
+        """Up to `n` greedy tokens after `tokens` (1, 1) in one native call (`native.greedy_tokens`: each step's pick
+        the next step's token, no Python between them); the last is `eos` where given and picked. `on_token` is
+        called with each token as it is picked (a streamer's put); an exception it raises stops the tokens and is
+        raised once the cache holds the steps done. Returns the tokens (m,), or None where the step cannot run."""
+        args = self._ready(tokens, cache, n)
+        if args is None:
+            return None
+        raised: list[BaseException] = []
+
+        def call(token: int) -> bool:
+            try:
+                on_token(token)
+            except BaseException as e:  # (kept, raised after the call: an exception cannot cross its C frames)
+                raised.append(e)
+                return True
+            return False
+
+        out, pad = native.greedy_tokens(args, tokens, cache.length, not cache.all_valid, n, eos, self.model.dtype,
+                                        None if on_token is None else call)
+        cache.all_valid = cache.all_valid and not pad
+        cache.length += len(out)
+        if raised:
+            raise raised[0]
+        return out
+
+    def _ready(self, tokens: Tensor, cache, n: int) -> Optional[native.Decoder]:
+        """The native arguments for `n` steps from `tokens` with `cache`, or None where the modules must run them."""
         m = self.model
         if (tokens.shape != (1, 1) or cache.compiled or m.training or torch.is_grad_enabled() or as_op()
-                or is_exporting() or torch.jit.is_tracing() or rope_scaled(m.config, cache.length + 1)):
+                or is_exporting() or torch.jit.is_tracing() or rope_scaled(m.config, cache.length + n)):
             return None
         cross = cache.cross_kv
         where = (cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr(), cache.positions.data_ptr(),
@@ -241,15 +278,9 @@ class NativeDecoder:
         if self.checked is None or self.checked() is not cache or where != self.where:  # a new generation
             self.args = self._arguments(tokens, cache)
             self.checked, self.where = weakref.ref(cache), where
-        if self.args is None:
-            return None
-        slot = cache.length
-        if slot >= cache.max_len:
-            raise RuntimeError(f"KV cache overflow: {slot + 1} positions > max_len {cache.max_len}")
-        logits, pick, pad = native.decoder_step(self.args, tokens, slot, not cache.all_valid, m.dtype)
-        cache.all_valid = cache.all_valid and not pad
-        cache.length += 1
-        return logits, pick
+        if self.args is not None and cache.length + n > cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {cache.length + n} positions > max_len {cache.max_len}")
+        return self.args
 
     def _arguments(self, tokens: Tensor, cache) -> Optional[native.Decoder]:
         """The native arguments for the model and `cache`, or None where the kernel cannot run them."""

@@ -1095,9 +1095,40 @@ static int decoder_step(const mu_decoder *s, const int64_t *token, void *logits,
     return pad;
 }
 
+/* up to n greedy tokens after the token *token (at cache slot `slot`) into out, in one call: each decoder_step's
+   pick is the next step's token; the last is eos where one is given (eos >= 0) and picked. on_token (may be NULL)
+   gets each token as it is picked, and stops the tokens by returning nonzero. *pads = 1 if a token fed was the pad.
+   Returns the number of tokens, or decoder_step's error */
+typedef int (*token_fn)(int64_t);
+
+static int64_t greedy_tokens(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n,
+                             int64_t eos, token_fn on_token, int64_t *out, int64_t *pads, int nt, int bf, dot_fn dot) {
+    void *logits = malloc((size_t)s->vocab * (bf ? 2 : 4));
+    if (!logits) return -1;
+    int64_t t = *token, i = 0;
+    *pads = 0;
+    while (i < n) {
+        int rc = decoder_step(s, &t, logits, &out[i], slot + i, masked, nt, bf, dot);
+        if (rc < 0) {
+            free(logits);
+            return rc;
+        }
+        if (rc == 1) masked = 1, *pads = 1;
+        t = out[i++];
+        if (t == eos || (on_token && on_token(t))) break;
+    }
+    free(logits);
+    return i;
+}
+
 int mu_decoder_step_f32(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
                         int masked, int nt) {
     return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_f32);
+}
+
+int64_t mu_greedy_f32(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
+                      token_fn on_token, int64_t *out, int64_t *pads, int nt) {
+    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, dot_f32);
 }
 
 #if VW == 16 && defined(__AVX512VNNI__)
@@ -1127,12 +1158,22 @@ int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, 
                        int masked, int nt) {
     return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_u8s8);
 }
+
+int64_t mu_greedy_i8(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
+                     token_fn on_token, int64_t *out, int64_t *pads, int nt) {
+    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, dot_u8s8);
+}
 #elif VW == 8
 /* an int8 model's decoder on AVX2 CPUs (panel_part: the layers' packed codes, `scale`, `wsum`, `head_scale`,
    `head_wsum` set and padded to the panels) */
 int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
                        int masked, int nt) {
     return decoder_step(s, token, logits, pick, slot, masked, nt, 0, NULL);
+}
+
+int64_t mu_greedy_i8(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
+                     token_fn on_token, int64_t *out, int64_t *pads, int nt) {
+    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, NULL);
 }
 #endif
 
@@ -1172,6 +1213,11 @@ void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w,
 int mu_decoder_step_bf16(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
                          int masked, int nt) {
     return decoder_step(s, token, logits, pick, slot, masked, nt, 1, dot_bf16);
+}
+
+int64_t mu_greedy_bf16(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
+                       token_fn on_token, int64_t *out, int64_t *pads, int nt) {
+    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 1, dot_bf16);
 }
 #endif
 #endif

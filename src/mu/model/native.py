@@ -54,7 +54,7 @@ import subprocess
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -80,10 +80,13 @@ _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
     **{name: ([_P, _P, _P, _P, _I64, _INT, _INT], _INT)
        for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
+    **{name: ([_P, _P, _I64, _INT, _I64, _I64, _P, _P, _P, _INT], _I64)
+       for name in ("mu_greedy_f32", "mu_greedy_bf16", "mu_greedy_i8")},
     "mu_step_lanes": ([], _INT),
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 _STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
+_GREEDY = {torch.float32: "mu_greedy_f32", torch.bfloat16: "mu_greedy_bf16", "int8": "mu_greedy_i8"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 # with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
 _NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
@@ -331,9 +334,32 @@ def decoder_step(decoder: Decoder, token: Tensor, slot: int, masked: bool,
         ctypes.byref(decoder), token.data_ptr(), out.data_ptr(), pick.data_ptr(), slot, masked,
         torch.get_num_threads())
     if rc < 0:
-        if rc == -1:
-            raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
-        if rc == -2:
-            raise IndexError(f"token id {int(token)} is outside the embedding's {decoder.rows} rows")
-        raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
+        _raise_step_error(rc, decoder, token, slot)
     return out, pick, rc == 1
+
+
+def _raise_step_error(rc: int, decoder: Decoder, token: Tensor, slot: int) -> None:
+    if rc == -1:
+        raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
+    if rc == -2:
+        raise IndexError(f"token id {int(token)} is outside the embedding's {decoder.rows} rows")
+    raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
+
+
+ON_TOKEN = ctypes.CFUNCTYPE(_INT, _I64)  # greedy_tokens' callback: a token picked -> nonzero to stop
+
+
+def greedy_tokens(decoder: Decoder, token: Tensor, slot: int, masked: bool, n: int, eos: Optional[int],
+                  dtype: torch.dtype, on_token: Optional[Callable[[int], bool]] = None) -> tuple[Tensor, bool]:
+    """Up to `n` greedy tokens of one sequence after `token` (one int64, at cache slot `slot`) in one call: each
+    `decoder_step`'s pick is the next step's token; the last is `eos` where one is given and picked. `on_token` gets
+    each token as it is picked and stops the tokens by returning True (it must not raise: an exception cannot cross
+    the call). Returns the tokens (m,), and whether a token fed was the pad."""
+    out, pads = torch.empty(n, dtype=torch.long), ctypes.c_int64()
+    callback = None if on_token is None else ON_TOKEN(lambda t: int(bool(on_token(t))))
+    got = getattr(library(), _GREEDY["int8" if decoder.head_scale else dtype])(
+        ctypes.byref(decoder), token.data_ptr(), slot, masked, n, -1 if eos is None else eos, callback,
+        out.data_ptr(), ctypes.byref(pads), torch.get_num_threads())
+    if got < 0:
+        _raise_step_error(got, decoder, token, slot)
+    return out[:got], bool(pads.value)

@@ -83,6 +83,10 @@ class MuVLM(nn.Module):
     def greedy_step(self, tokens: Tensor, cache) -> tuple[Tensor, Tensor]:
         return self.lm.greedy_step(tokens, cache)
 
+    def greedy_tokens(self, tokens: Tensor, cache, n: int, eos_token_id: Optional[int] = None,
+                      on_token=None) -> Optional[Tensor]:
+        return self.lm.greedy_tokens(tokens, cache, n, eos_token_id, on_token)
+
     def prefill(self, input_ids: Tensor, attention_mask: Optional[Tensor], cache, start_ids: Tensor,
                 images: Optional[Images] = None) -> Tensor:
         """Splice the images into the prompt, then the text model's prefill (encode once, cross K/V once)."""
