@@ -585,8 +585,10 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    in between in fp32). An int8 model's decoder (fp32 activations, 7-bit weight codes with a scale per output channel:
    mu.model.quantize.Int8Linear) runs the same way: each product's input gets 8-bit codes (one scale and zero point
    over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over the weights' codes row by row as they lie, on AVX2
-   CPUs over the panels of mu_pack_weights (panel_part). The code is written once over `vec`, VW fp32 lanes:
-   AVX-512's 16 or AVX2's 8 (no bf16 step there). */
+   CPUs over the panels of mu_pack_weights (panel_part). A step starts from the token's id (its embedding row, RoPE's
+   rows, its cache slot marked, the position advanced: decoder_step) and ends with the greedy pick; greedy_tokens runs
+   a sequence's greedy steps in one call. The code is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's
+   8 (no bf16 step there). */
 
 #ifdef VW
 int mu_step_lanes(void) { return VW; }  /* the step's vector width: 16 reads row-major int8 codes, 8 packed ones */

@@ -5,8 +5,9 @@
 - fp32 and bf16 products of a few rows on CPUs with AVX-512 (bf16: AVX-512-BF16) (`gemv_available(dtype)`,
   `gemv_float`): a float model's decode, over its own weights;
 - a whole decode step of one sequence (`decoder_step_available(kind)`, `decoder_step`, called by
-  `mu.model.fast.NativeDecoder`): every decoder block's norms, GEMVs, RoPE, cache write, attentions and MLP, then the
-  final norm and the vocabulary projection, in one OpenMP region; written once for AVX-512's 16 lanes and AVX2's 8.
+  `mu.model.fast.NativeDecoder`): from the token's id, every decoder block's norms, GEMVs, RoPE, cache write,
+  attentions and MLP, then the final norm, the vocabulary projection and the greedy pick, in one OpenMP region; a
+  sequence's greedy steps in one call (`greedy_tokens`); written once for AVX-512's 16 lanes and AVX2's 8.
   fp32 on CPUs with AVX-512 or AVX2 and FMA, bf16 with AVX-512-BF16, and an int8 model's (each product's input with
   its own 8-bit codes) with AVX-512 VNNI (VNNI dot products over the row-major 7-bit weight codes of
   `mu.model.quantize.Int8Linear`) or on AVX2 CPUs where the int8 kernels above run (over their packed codes, in
