@@ -15,6 +15,7 @@ from mu.bench import BenchConfig, generation_flops, run_benchmark
 from mu.bench.measure import count_generation_flops, random_input_ids, time_generation
 from mu.bench.models import HFRunner, ModelSpec, MuRunner, build_hf_model, build_runner
 from mu.bench.report import PLOTS
+from mu.model import native
 from mu.cli import main
 
 CPU = torch.device("cpu")
@@ -120,6 +121,35 @@ def test_replicated_batch_decodes_like_its_source_row(arch):
         three = runner.step(wide, token.repeat(3))
         reference = mu.generate(runner.model, ids, max_new_tokens=2)[:, -1]
     assert three.tolist() == [one.item()] * 3 and one.item() == reference.item()
+
+
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_steps_of_one_sequence_are_generates_tokens(arch):
+    """A turn of the lock-step decode runs `steps`: for one sequence mu's greedy tokens in one native call where the
+    CPU runs mu's native step (as `generate` does), the tokens of steps one at a time; several rows step."""
+    runner = build_runner(ModelSpec(arch, "tiny"), torch.float32, CPU)
+    ids = random_input_ids(1, 12, runner.vocab_size, 1, CPU)
+    loops = []
+    run = runner.model.greedy_tokens
+
+    def counted(*args):
+        got = run(*args)
+        if got is not None:
+            loops.append(args[2])
+        return got
+
+    runner.model.greedy_tokens = counted
+    with torch.inference_mode():
+        state, token = runner.prefill(ids, 8)
+        wide = runner.copy(state)
+        runner.expand(wide, 2)
+        last = runner.steps(state, token, 6)
+        both = runner.steps(wide, token.repeat(2), 6)
+        reference = mu.generate(runner.model, ids, max_new_tokens=7)[:, -1]
+    assert last.tolist() == reference.tolist() and both.tolist() == reference.tolist() * 2
+    assert loops == ([6, 6] if native.decoder_step_available(torch.float32) else [])  # (steps, then generate)
+    out = time_generation(runner, ids, 12, [1], replicate=True, device=CPU)
+    assert len(out["steps_s"][1]) == 11 and all(s > 0 for s in out["steps_s"][1])
 
 
 @pytest.mark.parametrize("arch", ["hf-t5", "hf-llama"])

@@ -43,14 +43,19 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+DECODE_CHUNK = 8  # decode steps a model runs in one turn of `time_generations`
+
+
 @torch.inference_mode()
 def time_generations(runners: dict, input_ids: Tensor, new_tokens: int, batch_sizes: Sequence[int],
                      replicate: bool, device: torch.device, decode_steps: Optional[int] = None) -> dict:
     """Time greedy generations of `new_tokens` tokens by several models in lock-step.
 
-    The models take turns: prefill each (in the dict's order), then for each batch size decode step
-    1 of each model, step 2 of each, ... (the order flipping every step), so a change in the
-    machine's background load hits all of them alike and their ratios stay sharp.
+    The models take turns: prefill each (in the dict's order), then for each batch size decode steps
+    1..k of each model, steps k+1..2k of each, ... (`DECODE_CHUNK` = k steps a turn, the order flipping
+    every turn), so a change in the machine's background load hits all of them alike and their ratios
+    stay sharp. A turn is one `runner.steps` call (a mu model's greedy steps of one sequence: one native
+    call, as `generate` runs them); each of its steps is given the turn's mean time.
 
     replicate=True: each model prefills the first row once (batch 1: its TTFT); for each batch size
     that state is copied and expanded to B identical rows before decoding. replicate=False: a real
@@ -76,12 +81,13 @@ def time_generations(runners: dict, input_ids: Tensor, new_tokens: int, batch_si
     def decode(states: dict, tokens: dict, B: int) -> None:
         for n in names:
             out[n]["steps_s"][B], out[n]["steps_cpu_s"][B] = [], []
-        for i in range(steps):
-            for n in (names if i % 2 == 0 else names[::-1]):
+        for turn, i in enumerate(range(0, steps, DECODE_CHUNK)):
+            k = min(DECODE_CHUNK, steps - i)
+            for n in (names if turn % 2 == 0 else names[::-1]):
                 with _Clock(device) as c:
-                    tokens[n] = runners[n].step(states[n], tokens[n])
-                out[n]["steps_s"][B].append(c.wall)
-                out[n]["steps_cpu_s"][B].append(c.cpu)
+                    tokens[n] = runners[n].steps(states[n], tokens[n], k)
+                out[n]["steps_s"][B] += [c.wall / k] * k
+                out[n]["steps_cpu_s"][B] += [c.cpu / k] * k
         for n in names:
             out[n]["cache_bytes"][B] = runners[n].cache_nbytes(states[n])
 

@@ -1,7 +1,7 @@
 """The models a benchmark runs, each behind one small interface: prefill, decode step, expand, copy.
 
 `MuRunner` drives mu's own generation path (`model.new_cache` -> `model.prefill` -> greedy steps,
-`mu.generation.greedy_step`): the loop `mu.generation.generate` runs, so both
+`mu.generation.greedy_step`, for one sequence `greedy_tokens`): the loop `mu.generation.generate` runs, so both
 architectures go through the same kernels and the same cache. `HFRunner` drives a Hugging Face
 `T5ForConditionalGeneration` or `LlamaForCausalLM` of the same size through its forward and its own
 cache classes (what `generate()` does inside, minus the logits processors).
@@ -103,6 +103,15 @@ class MuRunner:
 
         return greedy_step(self.model, token[:, None], cache)[1]
 
+    def steps(self, cache, token: Tensor, n: int) -> Tensor:
+        """`n` steps; for one sequence in one native call where `generate` makes one (`greedy_tokens`)."""
+        got = self.model.greedy_tokens(token[:, None], cache, n) if token.shape[0] == 1 else None
+        if got is None:
+            for _ in range(n):
+                token = self.step(cache, token)
+            return token
+        return got[-1:]
+
     def expand(self, cache, batch: int) -> None:
         cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))
 
@@ -168,6 +177,11 @@ class HFRunner:
                              **{kw: cache})
             state = {"cache": cache, "kw": kw}
         return state, out.logits[:, -1].argmax(-1)
+
+    def steps(self, state, token: Tensor, n: int) -> Tensor:
+        for _ in range(n):
+            token = self.step(state, token)
+        return token
 
     def step(self, state, token: Tensor) -> Tensor:
         cache = {state["kw"]: state["cache"]}  # updated in place by the model

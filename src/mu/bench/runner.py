@@ -4,7 +4,7 @@ Order of work (so ratios come from interleaved runs in one process and peaks nev
 1. memory bandwidth (for the roofline column);
 2. per dtype: build every model (random weights in the target dtype, or `model_dirs`), warm up, then
    `repeats` rounds of: for each input length, one lock-step generation of all models (prefill each,
-   then decode step 1 of each, step 2 of each, ...; see `measure.time_generations`; who goes first
+   then decode steps 1..8 of each, 9..16 of each, ...; see `measure.time_generations`; who goes first
    alternates between rounds) at batch 1, and at `summary_length` at every batch size; then one
    FlopCounterMode-counted generation per model at the shortest length;
 3. peak memory: one fresh `python -m mu.bench.worker` process per configuration, after all timings.
