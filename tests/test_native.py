@@ -400,7 +400,7 @@ def test_native_greedy_loop_is_the_steps(monkeypatch, kind):
         start = model.prefill(ids, None, cache, torch.ones(1, 1, dtype=torch.long)).argmax(-1)
         streamer = Streamer(fail_at=4)
         with pytest.raises(KeyboardInterrupt):
-            model.greedy_tokens(start[:, None], cache, 10, on_token=lambda t: streamer.put(torch.tensor([t])))
+            model.greedy_tokens(start[:, None], cache, 10, on_token=streamer.put)
         assert streamer.got == want[0, 2:6].tolist() and cache.length == 5 and int(cache.positions[0]) == 5
         assert model.greedy_tokens(torch.tensor([[5], [6]]), cache, 3) is None  # two rows: the caller steps
 

@@ -241,8 +241,8 @@ def _sample_loop(model, logits: Tensor, cache, max_new_tokens: int, eos: Optiona
         if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
             break
         if native is not None:
-            on_token = None if streamer is None else (lambda t: streamer.put(torch.tensor([t])))
-            rest = native(token[:, None], cache, max_new_tokens - 1 - step, eos, on_token)
+            put = None if streamer is None else streamer.put  # (each token a (1,) tensor, as above)
+            rest = native(token[:, None], cache, max_new_tokens - 1 - step, eos, put)
             if rest is not None:
                 out.extend(rest.to(token.device).split(1))
                 break

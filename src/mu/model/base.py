@@ -93,11 +93,12 @@ class MuModel(nn.Module):
         return logits, logits.float().argmax(-1) if pick is None else pick
 
     def greedy_tokens(self, tokens: Tensor, cache: KVCache, n: int, eos_token_id: Optional[int] = None,
-                      on_token: Optional[Callable[[int], object]] = None) -> Optional[Tensor]:
+                      on_token: Optional[Callable[[Tensor], object]] = None) -> Optional[Tensor]:
         """Up to `n` greedy tokens (m,) after `tokens` (1, 1), the cache advanced by m, in one native call where the
         fused step runs (`mu.model.fast.NativeDecoder.greedy_tokens`: no Python between the steps, ~0.15-0.25 ms a
         token less, docs/efficiency.md round 15); the last is `eos_token_id` where given and picked; `on_token`
-        gets each token as it is picked (a streamer). None where it does not run (the caller steps instead)."""
+        gets each token, a (1,) tensor, as it is picked (a streamer's `put`). None where it does not run (the caller
+        steps instead)."""
         run = getattr(self.fused_decode, "greedy_tokens", None)
         return None if run is None else run(tokens, cache, n, eos_token_id, on_token)
 

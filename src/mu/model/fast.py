@@ -240,30 +240,21 @@ class NativeDecoder:
         return logits, pick
 
     def greedy_tokens(self, tokens: Tensor, cache, n: int, eos: Optional[int] = None,
-                      on_token: Optional[Callable[[int], object]] = None) -> Optional[Tensor]:
+                      on_token: Optional[Callable[[Tensor], object]] = None) -> Optional[Tensor]:
         """Up to `n` greedy tokens after `tokens` (1, 1) in one native call (`native.greedy_tokens`: each step's pick
         the next step's token, no Python between them); the last is `eos` where given and picked. `on_token` is
-        called with each token as it is picked (a streamer's put); an exception it raises stops the tokens and is
-        raised once the cache holds the steps done. Returns the tokens (m,), or None where the step cannot run."""
+        called with each token, a (1,) tensor, as it is picked (a streamer's put); an exception it raises stops the
+        tokens and is raised once the cache holds the steps done. Returns the tokens (m,), or None where the step
+        cannot run."""
         args = self._ready(tokens, cache, n)
         if args is None:
             return None
-        raised: list[BaseException] = []
-
-        def call(token: int) -> bool:
-            try:
-                on_token(token)
-            except BaseException as e:  # (kept, raised after the call: an exception cannot cross its C frames)
-                raised.append(e)
-                return True
-            return False
-
-        out, pad = native.greedy_tokens(args, tokens, cache.length, not cache.all_valid, n, eos, self.model.dtype,
-                                        None if on_token is None else call)
+        out, pad, raised = native.greedy_tokens(args, tokens, cache.length, not cache.all_valid, n, eos,
+                                                self.model.dtype, on_token)
         cache.all_valid = cache.all_valid and not pad
         cache.length += len(out)
-        if raised:
-            raise raised[0]
+        if raised is not None:
+            raise raised
         return out
 
     def _ready(self, tokens: Tensor, cache, n: int) -> Optional[native.Decoder]:

@@ -1099,8 +1099,8 @@ static int decoder_step(const mu_decoder *s, const int64_t *token, void *logits,
 
 /* up to n greedy tokens after the token *token (at cache slot `slot`) into out, in one call: each decoder_step's
    pick is the next step's token; the last is eos where one is given (eos >= 0) and picked. on_token (may be NULL)
-   gets each token as it is picked, and stops the tokens by returning nonzero. *pads = 1 if a token fed was the pad.
-   Returns the number of tokens, or decoder_step's error */
+   is called with each token's index in out as it is picked, and stops the tokens by returning nonzero. *pads = 1 if
+   a token fed was the pad. Returns the number of tokens, or decoder_step's error */
 typedef int (*token_fn)(int64_t);
 
 static int64_t greedy_tokens(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n,
@@ -1116,8 +1116,10 @@ static int64_t greedy_tokens(const mu_decoder *s, const int64_t *token, int64_t 
             return rc;
         }
         if (rc == 1) masked = 1, *pads = 1;
-        t = out[i++];
-        if (t == eos || (on_token && on_token(t))) break;
+        t = out[i];
+        int stop = (on_token && on_token(i)) || t == eos;
+        i++;
+        if (stop) break;
     }
     free(logits);
     return i;

@@ -347,20 +347,34 @@ def _raise_step_error(rc: int, decoder: Decoder, token: Tensor, slot: int) -> No
     raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
 
 
-ON_TOKEN = ctypes.CFUNCTYPE(_INT, _I64)  # greedy_tokens' callback: a token picked -> nonzero to stop
+ON_TOKEN = ctypes.CFUNCTYPE(_INT, _I64)  # greedy_tokens' callback: a token's index -> nonzero to stop
 
 
 def greedy_tokens(decoder: Decoder, token: Tensor, slot: int, masked: bool, n: int, eos: Optional[int],
-                  dtype: torch.dtype, on_token: Optional[Callable[[int], bool]] = None) -> tuple[Tensor, bool]:
+                  dtype: torch.dtype, on_token: Optional[Callable[[Tensor], object]] = None
+                  ) -> tuple[Tensor, bool, Optional[BaseException]]:
     """Up to `n` greedy tokens of one sequence after `token` (one int64, at cache slot `slot`) in one call: each
     `decoder_step`'s pick is the next step's token; the last is `eos` where one is given and picked. `on_token` gets
-    each token as it is picked and stops the tokens by returning True (it must not raise: an exception cannot cross
-    the call). Returns the tokens (m,), and whether a token fed was the pad."""
-    out, pads = torch.empty(n, dtype=torch.long), ctypes.c_int64()
-    callback = None if on_token is None else ON_TOKEN(lambda t: int(bool(on_token(t))))
+    each token as it is picked, as a (1,) tensor (a streamer's `put`); an exception it raises stops the tokens.
+    Returns the tokens (m,), whether a token fed was the pad, and that exception (raise it: it cannot cross the
+    call)."""
+    out, pads, raised = torch.empty(n, dtype=torch.long), ctypes.c_int64(), []
+    callback = None
+    if on_token is not None:
+        views = out.split(1)  # (made here, not a tensor per token in the loop)
+
+        def call(i: int) -> int:
+            try:
+                on_token(views[i])
+            except BaseException as e:
+                raised.append(e)
+                return 1
+            return 0
+
+        callback = ON_TOKEN(call)
     got = getattr(library(), _GREEDY["int8" if decoder.head_scale else dtype])(
         ctypes.byref(decoder), token.data_ptr(), slot, masked, n, -1 if eos is None else eos, callback,
         out.data_ptr(), ctypes.byref(pads), torch.get_num_threads())
     if got < 0:
         _raise_step_error(got, decoder, token, slot)
-    return out[:got], bool(pads.value)
+    return out[:got], bool(pads.value), raised[0] if raised else None
