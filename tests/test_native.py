@@ -427,6 +427,17 @@ def test_native_decoder_step_steps_aside(monkeypatch):
     calls.clear()
     assert torch.allclose(_decode(model, one), _decode(_module_path(copy.deepcopy(model)), one), atol=1e-5)
     assert calls
+    with torch.inference_mode():  # a token id that is not an int64 (the modules take any integer type)
+        cache = model.new_cache(1, 30)
+        model.prefill(one, None, cache, torch.ones(1, 1, dtype=torch.long))
+        calls.clear()
+        model.decode_step(torch.tensor([[5]], dtype=torch.int32), cache)
+    assert not calls
+    renorm = copy.deepcopy(model)
+    renorm.transformer.wte.max_norm = 1.0  # an embedding that changes its rows on lookup (in place: copy first)
+    plain = _module_path(copy.deepcopy(renorm))
+    assert torch.allclose(_decode(renorm, one), _decode(plain, one), atol=1e-5)
+    assert not calls
     adapter = copy.deepcopy(model)
 
     class Adapter(torch.nn.Linear):  # an output that is more than the weight's product

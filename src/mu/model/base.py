@@ -40,7 +40,7 @@ class MuModel(nn.Module):
     # inference only: (tokens, cache) -> a decode step's logits and their argmax (the cache advanced), or None to
     # decline; the CPU fast paths set one that runs a step of one sequence as one native call
     # (`mu.model.fast.NativeDecoder`)
-    fused_decode: Optional[Callable[..., Optional[Tensor]]] = None
+    fused_decode: Optional[Callable[..., Optional[tuple[Tensor, Tensor]]]] = None
 
     # -- construction --------------------------------------------------------------------------
 

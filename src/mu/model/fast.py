@@ -260,26 +260,27 @@ class NativeDecoder:
     def _ready(self, tokens: Tensor, cache, n: int) -> Optional[native.Decoder]:
         """The native arguments for `n` steps from `tokens` with `cache`, or None where the modules must run them."""
         m = self.model
-        if (tokens.shape != (1, 1) or cache.compiled or m.training or torch.is_grad_enabled() or as_op()
-                or is_exporting() or torch.jit.is_tracing() or rope_scaled(m.config, cache.length + n)):
+        if (tokens.shape != (1, 1) or tokens.dtype != torch.long or tokens.device.type != "cpu" or cache.compiled
+                or m.training or torch.is_grad_enabled() or as_op() or is_exporting() or torch.jit.is_tracing()
+                or rope_scaled(m.config, cache.length + n)):
             return None
         cross = cache.cross_kv
         where = (cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr(), cache.positions.data_ptr(),
                  cross and cross[0][0].data_ptr(), cache.cross_mask is not None and cache.cross_mask.data_ptr())
         if self.checked is None or self.checked() is not cache or where != self.where:  # a new generation
-            self.args = self._arguments(tokens, cache)
+            self.args = self._arguments(cache)
             self.checked, self.where = weakref.ref(cache), where
         if self.args is not None and cache.length + n > cache.max_len:
             raise RuntimeError(f"KV cache overflow: {cache.length + n} positions > max_len {cache.max_len}")
         return self.args
 
-    def _arguments(self, tokens: Tensor, cache) -> Optional[native.Decoder]:
+    def _arguments(self, cache) -> Optional[native.Decoder]:
         """The native arguments for the model and `cache`, or None where the kernel cannot run them."""
-        m, dtype = self.model, self.model.dtype
-        if tokens.device.type != "cpu" or tokens.dtype != torch.long or cache.batch_size != 1:
-            return None
+        m, dtype, wte = self.model, self.model.dtype, self.model.transformer.wte
+        if cache.batch_size != 1 or type(wte) is not nn.Embedding or wte.max_norm is not None:
+            return None  # (an embedding of another kind, or one that renormalizes its rows, runs as a module)
         blocks = [block_arguments(b, dtype) for b in m.decoder_blocks()]
-        head, norm, emb = m.lm_head, m.transformer.ln_f, m.transformer.wte.weight
+        head, norm, emb = m.lm_head, m.transformer.ln_f, wte.weight
         int8 = step_weights(head)
         plain = is_plain_linear(head) and head.weight.dtype == dtype
         if (not blocks or any(b is None or bool(b.scale[0]) != (int8 is not None) for b in blocks)
