@@ -246,6 +246,13 @@ def _decode(model, ids, attention_mask=None, steps=12, static=False, tokens=None
     return torch.stack(logits).float()
 
 
+def _counted(monkeypatch, name: str, record=lambda *a: 1) -> list:
+    """A list that gets `record(*args)` at each call of `native.<name>` from now on (the function still runs)."""
+    calls, run = [], getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a: calls.append(record(*a)) or run(*a))
+    return calls
+
+
 def _module_path(model):
     """The model with its native decode step switched off (the PyTorch modules run)."""
     model.fused_decode = None
@@ -267,9 +274,7 @@ def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved
     ids = torch.randint(3, 300, (1, 37))
     padded = torch.ones_like(ids)
     padded[0, :20] = 0  # (a thread's whole share of the keys, with two threads)
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
     for mask, static in ((None, False), (padded, False), (padded, True), (torch.zeros_like(ids), False)):
         want = _decode(_module_path(copy.deepcopy(model)), ids, mask, static=static)
         calls.clear()
@@ -290,9 +295,7 @@ def test_native_decoder_step_keeps_the_cache_as_the_modules_do(monkeypatch):
         pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
     torch.manual_seed(0)
     model = _step_model(torch.float32)
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
     ids = torch.randint(3, 300, (1, 15))
     tokens = torch.randint(3, 300, (12, 1))
     tokens[4] = tokens[9] = model.config.pad_token_id
@@ -330,9 +333,7 @@ def test_native_decoder_step_picks_as_argmax(monkeypatch):
     torch.manual_seed(0)
     model = _step_model(torch.float32)
     ids = torch.randint(3, 300, (1, 15))
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
 
     def picks(m):
         with torch.inference_mode():
@@ -361,9 +362,7 @@ def test_native_greedy_loop_is_the_steps(monkeypatch, kind):
     model = _step_model(torch.float32)
     if kind == "int8":
         model.quantize_("int8")
-    loops = []
-    greedy = native.greedy_tokens
-    monkeypatch.setattr(native, "greedy_tokens", lambda *a: loops.append(a[4]) or greedy(*a))
+    loops = _counted(monkeypatch, "greedy_tokens", lambda *a: a[4])
     ids = torch.randint(3, 300, (1, 15))
 
     def stepped(**kw):  # the same generation a step at a time
@@ -412,9 +411,7 @@ def test_native_decoder_step_steps_aside(monkeypatch):
         pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 and a C compiler")
     torch.manual_seed(0)
     model = _step_model(torch.float32)
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
     ids = torch.randint(3, 300, (2, 20))
     want = _decode(_module_path(copy.deepcopy(model)), ids)
     assert torch.allclose(_decode(model, ids), want, atol=1e-5) and not calls  # two rows: the modules
@@ -472,9 +469,7 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
     for m in model.decoder_blocks()[0].mlp.modules():
         if isinstance(m, q8.Int8Linear):
             assert (m.codes is not None) == (layout == "rows") and m.step_weights() is not None
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
     ids = torch.randint(3, 300, (1, 37))
     want = _decode(_module_path(copy.deepcopy(model)), ids)
     calls.clear()
@@ -528,9 +523,7 @@ def test_native_step_in_a_decoder_only_block(monkeypatch, build, kind):
     torch.manual_seed(0)
     model = mu.build_model("tiny", arch="deconly", weight_init="fan_in").eval()
     model = model.quantize_("int8") if kind == "int8" else model.to(torch.bfloat16 if kind == "bf16" else torch.float32)
-    calls = []
-    step = native.decoder_step
-    monkeypatch.setattr(native, "decoder_step", lambda *a: calls.append(1) or step(*a))
+    calls = _counted(monkeypatch, "decoder_step")
     ids = torch.randint(3, 500, (1, 9))
 
     def decode(m, tokens=None):

@@ -285,7 +285,8 @@ class NativeDecoder:
         plain = is_plain_linear(head) and head.weight.dtype == dtype
         if (not blocks or any(b is None or bool(b.scale[0]) != (int8 is not None) for b in blocks)
                 or head.bias is not None or not (int8 is not None or plain) or norm.weight.dtype != dtype
-                or not emb.is_contiguous() or emb.device.type != "cpu"):
+                or not emb.is_contiguous() or emb.device.type != "cpu" or head.out_features > emb.shape[0]):
+            # (every pick must be a token the embedding holds: the next greedy step's input)
             return None
         weight = head.weight if int8 is None else int8[0]
         cross = cache.cross_kv

@@ -586,7 +586,7 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
    mu.model.quantize.Int8Linear) runs the same way: each product's input gets 8-bit codes (one scale and zero point
    over min(x, 0)..max(x, 0)); with AVX-512 VNNI dot products over the weights' codes row by row as they lie, on AVX2
    CPUs over the panels of mu_pack_weights (panel_part). A step starts from the token's id (its embedding row, RoPE's
-   rows, its cache slot marked, the position advanced: decoder_step) and ends with the greedy pick; greedy_tokens runs
+   rows, its cache slot marked, the position advanced: decoder_step) and ends with the greedy pick; decoder_steps runs
    a sequence's greedy steps in one call. The code is written once over `vec`, VW fp32 lanes: AVX-512's 16 or AVX2's
    8 (no bf16 step there). */
 
@@ -1097,43 +1097,39 @@ static int decoder_step(const mu_decoder *s, const int64_t *token, void *logits,
     return pad;
 }
 
-/* up to n greedy tokens after the token *token (at cache slot `slot`) into out, in one call: each decoder_step's
-   pick is the next step's token; the last is eos where one is given (eos >= 0) and picked. on_token (may be NULL)
-   is called with each token's index in out as it is picked, and stops the tokens by returning nonzero. *pads = 1 if
-   a token fed was the pad. Returns the number of tokens, or decoder_step's error */
+/* up to n greedy steps of one sequence in one call, from the token *token at cache slot `slot`: each
+   decoder_step's pick (into out) is the next step's token; the last is eos where one is given (eos >= 0) and picked.
+   logits (vocab, the dtype) holds the last step's. on_token (may be NULL) is called with each token's index in out
+   as it is picked, and stops the steps by returning nonzero. *pads = 1 if a token fed was the pad. Returns the number
+   of steps, or decoder_step's error (n = 1: one step, its logits and pick) */
 typedef int (*token_fn)(int64_t);
 
-static int64_t greedy_tokens(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n,
-                             int64_t eos, token_fn on_token, int64_t *out, int64_t *pads, int nt, int bf, dot_fn dot) {
-    void *logits = malloc((size_t)s->vocab * (bf ? 2 : 4));
-    if (!logits) return -1;
+static int64_t decoder_steps(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n,
+                             int64_t eos, token_fn on_token, void *logits, int64_t *out, int64_t *pads, int nt, int bf,
+                             dot_fn dot) {
     int64_t t = *token, i = 0;
     *pads = 0;
     while (i < n) {
         int rc = decoder_step(s, &t, logits, &out[i], slot + i, masked, nt, bf, dot);
-        if (rc < 0) {
-            free(logits);
-            return rc;
-        }
+        if (rc < 0) return rc;
         if (rc == 1) masked = 1, *pads = 1;
         t = out[i];
         int stop = (on_token && on_token(i)) || t == eos;
         i++;
         if (stop) break;
     }
-    free(logits);
     return i;
 }
 
-int mu_decoder_step_f32(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
-                        int masked, int nt) {
-    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_f32);
-}
+/* decoder_steps for each kind of model: fp32, int8 (fp32 activations), bf16 */
+#define DECODER_STEPS(kind, bf, dot)                                                                                \
+    int64_t mu_decoder_steps_##kind(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, \
+                                    int64_t eos, token_fn on_token, void *logits, int64_t *out, int64_t *pads,      \
+                                    int nt) {                                                                       \
+        return decoder_steps(s, token, slot, masked, n, eos, on_token, logits, out, pads, nt, bf, dot);             \
+    }
 
-int64_t mu_greedy_f32(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
-                      token_fn on_token, int64_t *out, int64_t *pads, int nt) {
-    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, dot_f32);
-}
+DECODER_STEPS(f32, 0, dot_f32)
 
 #if VW == 16 && defined(__AVX512VNNI__)
 /* the u8 x s8 dot product of k codes (vpdpbusd: four products into each int32 lane; 255 x 63 x 4 fits), as a float */
@@ -1158,27 +1154,11 @@ static inline float dot_u8s8(const void *xv, const void *wv, int64_t k) {
 
 /* an int8 model's decoder: fp32 activations, the products over 7-bit weight codes (`scale`, `wsum`, `head_scale`,
    `head_wsum` set) */
-int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
-                       int masked, int nt) {
-    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, dot_u8s8);
-}
-
-int64_t mu_greedy_i8(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
-                     token_fn on_token, int64_t *out, int64_t *pads, int nt) {
-    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, dot_u8s8);
-}
+DECODER_STEPS(i8, 0, dot_u8s8)
 #elif VW == 8
 /* an int8 model's decoder on AVX2 CPUs (panel_part: the layers' packed codes, `scale`, `wsum`, `head_scale`,
    `head_wsum` set and padded to the panels) */
-int mu_decoder_step_i8(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
-                       int masked, int nt) {
-    return decoder_step(s, token, logits, pick, slot, masked, nt, 0, NULL);
-}
-
-int64_t mu_greedy_i8(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
-                     token_fn on_token, int64_t *out, int64_t *pads, int nt) {
-    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 0, NULL);
-}
+DECODER_STEPS(i8, 0, NULL)
 #endif
 
 
@@ -1214,14 +1194,6 @@ void mu_gemv_bf16(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w,
               load_bf16x16, store_bf16x16);
 }
 
-int mu_decoder_step_bf16(const mu_decoder *s, const int64_t *token, void *logits, int64_t *pick, int64_t slot,
-                         int masked, int nt) {
-    return decoder_step(s, token, logits, pick, slot, masked, nt, 1, dot_bf16);
-}
-
-int64_t mu_greedy_bf16(const mu_decoder *s, const int64_t *token, int64_t slot, int masked, int64_t n, int64_t eos,
-                       token_fn on_token, int64_t *out, int64_t *pads, int nt) {
-    return greedy_tokens(s, token, slot, masked, n, eos, on_token, out, pads, nt, 1, dot_bf16);
-}
+DECODER_STEPS(bf16, 1, dot_bf16)
 #endif
 #endif

@@ -79,15 +79,12 @@ _SIGNATURES = {
 # built only for CPUs with AVX-512 (bf16: AVX-512-BF16); name -> (argument types, result type)
 _OPTIONAL = {
     **{name: ([_P, _I64, _I64, _P, _I64, _P, _P, _INT], None) for name in ("mu_gemv_f32", "mu_gemv_bf16")},
-    **{name: ([_P, _P, _P, _P, _I64, _INT, _INT], _INT)
-       for name in ("mu_decoder_step_f32", "mu_decoder_step_bf16", "mu_decoder_step_i8")},
-    **{name: ([_P, _P, _I64, _INT, _I64, _I64, _P, _P, _P, _INT], _I64)
-       for name in ("mu_greedy_f32", "mu_greedy_bf16", "mu_greedy_i8")},
+    **{name: ([_P, _P, _I64, _INT, _I64, _I64, _P, _P, _P, _P, _INT], _I64)
+       for name in ("mu_decoder_steps_f32", "mu_decoder_steps_bf16", "mu_decoder_steps_i8")},
     "mu_step_lanes": ([], _INT),
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
-_STEP = {torch.float32: "mu_decoder_step_f32", torch.bfloat16: "mu_decoder_step_bf16", "int8": "mu_decoder_step_i8"}
-_GREEDY = {torch.float32: "mu_greedy_f32", torch.bfloat16: "mu_greedy_bf16", "int8": "mu_greedy_i8"}
+_STEP = {torch.float32: "mu_decoder_steps_f32", torch.bfloat16: "mu_decoder_steps_bf16", "int8": "mu_decoder_steps_i8"}
 GEMV_ROWS = 8  # native.c's rows per pass of the GEMV
 # with VNNI (AVX-512's or AVX-VNNI), or on AVX-512 CPUs, oneDNN's and fbgemm's int8 kernels multiply 4x faster per uop
 _NOT_FOR_INT8 = frozenset({"avx512_vnni", "avx_vnni", "avx512f"})
@@ -330,21 +327,9 @@ def decoder_step(decoder: Decoder, token: Tensor, slot: int, masked: bool,
     advanced, cache slot `slot` marked valid unless the token is the pad, each block writes the token's K/V there and
     attends to slots 0..slot (those valid when `masked` or the token is the pad). Logits in `dtype`, the model's (an
     int8 model's: fp32); also whether the token was the pad."""
-    out, pick = torch.empty(1, decoder.vocab, dtype=dtype), torch.empty(1, dtype=torch.long)
-    rc = getattr(library(), _STEP["int8" if decoder.head_scale else dtype])(
-        ctypes.byref(decoder), token.data_ptr(), out.data_ptr(), pick.data_ptr(), slot, masked,
-        torch.get_num_threads())
-    if rc < 0:
-        _raise_step_error(rc, decoder, token, slot)
-    return out, pick, rc == 1
-
-
-def _raise_step_error(rc: int, decoder: Decoder, token: Tensor, slot: int) -> None:
-    if rc == -1:
-        raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
-    if rc == -2:
-        raise IndexError(f"token id {int(token)} is outside the embedding's {decoder.rows} rows")
-    raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
+    logits, pick = torch.empty(1, decoder.vocab, dtype=dtype), torch.empty(1, dtype=torch.long)
+    _, pad = _steps(decoder, token, slot, masked, 1, None, None, logits, pick)
+    return logits, pick, pad
 
 
 ON_TOKEN = ctypes.CFUNCTYPE(_INT, _I64)  # greedy_tokens' callback: a token's index -> nonzero to stop
@@ -358,7 +343,7 @@ def greedy_tokens(decoder: Decoder, token: Tensor, slot: int, masked: bool, n: i
     each token as it is picked, as a (1,) tensor (a streamer's `put`); an exception it raises stops the tokens.
     Returns the tokens (m,), whether a token fed was the pad, and that exception (raise it: it cannot cross the
     call)."""
-    out, pads, raised = torch.empty(n, dtype=torch.long), ctypes.c_int64(), []
+    out, raised = torch.empty(n, dtype=torch.long), []
     callback = None
     if on_token is not None:
         views = out.split(1)  # (made here, not a tensor per token in the loop)
@@ -372,9 +357,22 @@ def greedy_tokens(decoder: Decoder, token: Tensor, slot: int, masked: bool, n: i
             return 0
 
         callback = ON_TOKEN(call)
-    got = getattr(library(), _GREEDY["int8" if decoder.head_scale else dtype])(
+    got, pad = _steps(decoder, token, slot, masked, n, eos, callback, torch.empty(1, decoder.vocab, dtype=dtype), out)
+    return out[:got], pad, raised[0] if raised else None
+
+
+def _steps(decoder: Decoder, token: Tensor, slot: int, masked: bool, n: int, eos: Optional[int], callback,
+           logits: Tensor, out: Tensor) -> tuple[int, bool]:
+    """native.c's decoder_steps for `decoder`'s kind: the steps taken (their picks in `out`, the last one's logits in
+    `logits`) and whether a token fed was the pad; its errors raised."""
+    pads = ctypes.c_int64()
+    got = getattr(library(), _STEP["int8" if decoder.head_scale else logits.dtype])(
         ctypes.byref(decoder), token.data_ptr(), slot, masked, n, -1 if eos is None else eos, callback,
-        out.data_ptr(), ctypes.byref(pads), torch.get_num_threads())
+        logits.data_ptr(), out.data_ptr(), ctypes.byref(pads), torch.get_num_threads())
+    if got == -1:
+        raise MemoryError("mu: the native decoder step could not allocate its scratch memory")
+    if got == -2:
+        raise IndexError(f"token id {int(token)} is outside the embedding's {decoder.rows} rows")
     if got < 0:
-        _raise_step_error(got, decoder, token, slot)
-    return out[:got], bool(pads.value), raised[0] if raised else None
+        raise IndexError(f"cache slot {slot} or RoPE position outside the cache's {decoder.max_len} positions")
+    return got, bool(pads.value)
