@@ -128,14 +128,28 @@ class MuModel(nn.Module):
         return logits, None
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`)."""
+        """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`); a
+        compiled one on a GPU replays the step as a CUDA graph (`mu.model.cuda_graph`)."""
         B, T = tokens.shape
         if T != 1:
             raise ValueError(f"a static cache takes one token per row per step, got {T}")
         end = cache.length + 1
         if end > cache.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
-        cache.slot = torch.full((1,), cache.length, dtype=torch.long, device=tokens.device)
+        graphed = cache.compiled and tokens.is_cuda and cache.graph is not False
+        if graphed and not rope_scaled(self.config, cache.max_len):  # (RoPE's table is the same at every step)
+            from mu.model.cuda_graph import graph_step
+
+            logits = graph_step(self, tokens, cache)
+        else:
+            cache.slot = torch.full((1,), cache.length, dtype=torch.long, device=tokens.device)
+            logits = self._static_body(tokens, cache, end)
+        cache.advance(1)
+        return logits
+
+    def _static_body(self, tokens: Tensor, cache: KVCache, end: int) -> Tensor:
+        """A static step's device work, at `cache.slot`: what a CUDA graph records. `end` (> the step's position)
+        only decides whether RoPE is NTK-scaled."""
         cache.valid.index_copy_(1, cache.slot, tokens != self.config.pad_token_id)
         cos, sin = self._step_rope(cache, cache.positions[:, None], end)
         core = self._decode_core
@@ -144,7 +158,6 @@ class MuModel(nn.Module):
 
             core = compile_decode_(self)
         logits = core(self.transformer.wte(tokens), cos, sin, cache.valid[:, None, None, :], cache)
-        cache.advance(1)
         cache.positions += 1
         return logits
 

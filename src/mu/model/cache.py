@@ -41,6 +41,7 @@ class KVCache:
         self.static = False  # fixed-shape single-token steps (see the module docstring)
         self.compiled = False  # run those steps through torch.compile (set by generate(compile=True))
         self.slot: Optional[Tensor] = None  # (1,) the slot a static step writes
+        self.graph = None  # a compiled static step's CUDA graph (`mu.model.cuda_graph`); False: none for this cache
 
     def set_cross(self, cross_kv: list[tuple[Tensor, Tensor]], valid: Tensor) -> None:
         """Store the cross-attention K/V of every decoder layer and the encoder positions they cover."""
@@ -87,7 +88,9 @@ class KVCache:
         self.length += n
 
     def reorder(self, index: Tensor) -> None:
-        """Select/reorder batch rows (beam search, expanding a prefilled row to several beams)."""
+        """Select/reorder batch rows (beam search, expanding a prefilled row to several beams). The buffers are new,
+        so no CUDA graph is recorded over them (one would be recorded again at every beam step)."""
+        self.graph = False
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self._split_layers()
