@@ -152,6 +152,29 @@ def test_steps_of_one_sequence_are_generates_tokens(arch):
     assert len(out["steps_s"][1]) == 11 and all(s > 0 for s in out["steps_s"][1])
 
 
+def test_compiled_steps_are_generate_compiled_tokens(monkeypatch):
+    """`mu bench --compile`: the timed steps run as generate(compile=True) runs them (the compiled static step,
+    counted), with generate's tokens; `step` (the FLOP count's) stays eager; formats without a compiled step are
+    refused up front."""
+    from mu.model import fast
+
+    calls = []
+    compile_decode = fast.compile_decode_
+    monkeypatch.setattr(fast, "compile_decode_", lambda model: calls.append(1) or compile_decode(model))
+    runner = build_runner(ModelSpec("encdec", "tiny"), torch.float32, CPU, compile=True)
+    ids = random_input_ids(1, 12, runner.vocab_size, 1, CPU)
+    with torch.inference_mode():
+        state, token = runner.prefill(ids, 8)
+        assert state.max_len == 64 and not state.static  # generate(compile=True)'s rounded cache
+        runner.step(state, token)
+        assert not calls
+        last = runner.steps(state, token, 5)
+        reference = mu.generate(runner.model, ids, max_new_tokens=7)[:, -1]
+    assert last.tolist() == reference.tolist() and len(calls) == 5
+    with pytest.raises(mu.MuError, match="compile runs float and int8"):
+        BenchConfig(preset="tiny", dtypes=("int4",), compile=True)
+
+
 @pytest.mark.parametrize("arch", ["hf-t5", "hf-llama"])
 def test_hf_twins_match_size_and_run(arch):
     mu_arch = "encdec" if arch == "hf-t5" else "deconly"

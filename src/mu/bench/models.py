@@ -71,7 +71,7 @@ def _param_bytes(params) -> int:
 
 
 class MuRunner:
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device: torch.device, compile: bool = False):
         from mu.generation import DEFAULT_BOS_ID
 
         self.model = model.eval()
@@ -80,6 +80,7 @@ class MuRunner:
         self.bos = DEFAULT_BOS_ID
         self.pad = self.config.pad_token_id
         self.vocab_size = self.config.vocab_size
+        self.compile = compile  # timed steps (`steps`) as generate(compile=True) runs them; `step` stays eager
 
     def describe(self) -> dict:
         m = self.model
@@ -94,7 +95,8 @@ class MuRunner:
     def prefill(self, input_ids: Tensor, new_tokens: int) -> tuple[Any, Tensor]:
         from mu.generation import prepare, sample_logits
 
-        run = prepare(self.model, input_ids, new_tokens, bos_token_id=self.bos)  # generate's own set-up
+        # generate's own set-up (a compiled run's cache rounded up, as generate's)
+        run = prepare(self.model, input_ids, new_tokens, bos_token_id=self.bos, compile=self.compile)
         logits = self.model.prefill(run.input_ids, run.attention_mask, run.cache, run.start)
         return run.cache, sample_logits(logits)
 
@@ -104,7 +106,10 @@ class MuRunner:
         return greedy_step(self.model, token[:, None], cache)[1]
 
     def steps(self, cache, token: Tensor, n: int) -> Tensor:
-        """`n` steps; for one sequence in one native call where `generate` makes one (`greedy_tokens`)."""
+        """`n` steps; for one sequence in one native call where `generate` makes one (`greedy_tokens`), compiled
+        ones with the cache's shapes fixed (a GPU records the first as a CUDA graph and replays it)."""
+        if self.compile:
+            cache.static = cache.compiled = True
         got = self.model.greedy_tokens(token[:, None], cache, n) if token.shape[0] == 1 else None
         if got is None:
             for _ in range(n):
@@ -228,10 +233,11 @@ def mu_config_for(spec: ModelSpec) -> MuConfig:
     return MuConfig.from_name(spec.preset, arch)
 
 
-def build_runner(spec: ModelSpec, dtype, device: torch.device):
+def build_runner(spec: ModelSpec, dtype, device: torch.device, compile: bool = False):
     """A runner for `spec` in `dtype`: a torch.dtype or a format name (fp32, bf16, fp16, int8, int8wo, int4,
     auto). A quantization format builds fp32 weights and quantizes a mu model (`mu.model.quantize`);
-    Hugging Face models stay in fp32 then."""
+    Hugging Face models stay in fp32 then. `compile`: a mu model's decode steps run as `generate(compile=True)`
+    runs them."""
     from mu.checkpoint import parse_dtype
     from mu.model.quantize import split_format
 
@@ -239,7 +245,7 @@ def build_runner(spec: ModelSpec, dtype, device: torch.device):
     dtype = parse_dtype(dtype)
     if spec.arch in MU_ARCHS:
         model = build_mu_model(spec, dtype, device)
-        return MuRunner(model.quantize_(mode) if mode else model, device)
+        return MuRunner(model.quantize_(mode) if mode else model, device, compile)
     if spec.arch in HF_ARCHS:
         return HFRunner(build_hf_model(spec.arch, mu_config_for(spec), dtype, device), spec.arch, device)
     raise MuError(f"unknown arch {spec.arch!r}; expected one of {MU_ARCHS + HF_ARCHS}")

@@ -68,7 +68,9 @@ def markdown(result: dict) -> str:
         f"{meta['threads']} threads) · "
         + (f"int8 kernels: {meta['int8_kernels']} · " if "int8_kernels" in meta else "")
         + f"torch {meta['torch']} · preset `{cfg['preset']}` · {N} new tokens · greedy · {cfg['repeats']} repeats "
-        f"after {cfg['warmup']} warm-up · batch>1 prefill: {meta['prefill_batch']} · measured read bandwidth "
+        f"after {cfg['warmup']} warm-up · batch>1 prefill: {meta['prefill_batch']} · "
+        + ("mu decode steps compiled (generate(compile=True)) · " if cfg.get("compile") else "")
+        + "measured read bandwidth "
         f"{bw['read_bytes_per_s'] / 1e9:.1f} GB/s (copy {bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"
         + (f" · load average at the end {load[0]:.1f}" if load else "") + f" · {meta['wall_s'] / 60:.1f} min\n")
     out.append("Ratios are encoder-decoder / decoder-only of medians over repeats, the two measured in turn "

@@ -74,6 +74,7 @@ class BenchConfig:
     warmup: int = 1  # untimed rounds first (shortest length, a few decode steps, every batch size)
     compare_hf: bool = False  # add HF T5ForConditionalGeneration and LlamaForCausalLM of the same sizes
     prefill_batch: str = "auto"  # batch>1 decode: replicate (1 prefill, rows copied) | full | auto (cpu: replicate)
+    compile: bool = False  # mu models decode as generate(compile=True) does (a GPU replays a CUDA graph); HF eager
     memory: bool = True  # peak memory in one fresh subprocess per configuration
     memory_jobs: int = 2  # memory subprocesses at once (timings are over by then), each with cores/jobs threads
     flop_check: bool = True  # count one generation per model with FlopCounterMode at the shortest length
@@ -108,6 +109,8 @@ class BenchConfig:
             raise MuError(f"bench: dtypes must be a non-empty list without repeats, got {list(self.dtypes)}")
         for d in self.dtypes:
             check_format(d)
+            if self.compile and d in ("int8wo", "int4"):
+                raise MuError(f"bench: compile runs float and int8 models; dtype {d!r} decodes eagerly only")
         if self.prefill_batch not in PREFILL_MODES:
             raise MuError(f"bench: prefill_batch is {self.prefill_batch!r}; expected one of {PREFILL_MODES}")
         if self.summary_length is None:
@@ -281,7 +284,7 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
         runners = {}
         for a in archs:
             t0 = time.perf_counter()
-            runners[a] = build_runner(specs[a], dtype, device)
+            runners[a] = build_runner(specs[a], dtype, device, cfg.compile)
             models.setdefault(a, {}).update({dtype: runners[a].describe()})
             progress.note(f"built {a} ({dtype}) in {time.perf_counter() - t0:.1f}s: "
                           f"{models[a][dtype]['params'] / 1e6:.1f}M parameters")
@@ -289,9 +292,10 @@ def _run(cfg: BenchConfig) -> dict[str, Any]:
         max_b = max(cfg.batch_sizes) if not replicate else 1
         inputs = {L: random_input_ids(max_b, L, vocab, cfg.seed + L, device) for L in lengths}
 
-        for w in range(cfg.warmup):
-            time_generations(runners, inputs[lengths[0]], N, cfg.batch_sizes, replicate, device,
-                             decode_steps=min(N - 1, 4))
+        for w in range(cfg.warmup):  # compiled steps: every length too (each is a shape of its own to compile)
+            for L in (lengths if cfg.compile else lengths[:1]):
+                time_generations(runners, inputs[L], N, cfg.batch_sizes, replicate, device,
+                                 decode_steps=min(N - 1, 4))
             progress.note(f"warm-up {w + 1}/{cfg.warmup} ({dtype}) done")
 
         for a in archs:

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-batch", choices=["auto", "replicate", "full"], default="auto",
                    help="batch>1 decode after one batch-1 prefill copied to B rows (replicate), or a real batch-B "
                         "prefill (full); auto = replicate on CPU, full elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="mu models decode as `mu generate --compile` does: a torch.compile'd step, on a GPU replayed "
+                        "as a CUDA graph (float and int8; Hugging Face models and the memory runs stay eager)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--memory-jobs", type=int, default=2,
                    help="memory subprocesses at once, each with cores/jobs threads unless --threads (default 2)")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         new_tokens=pick("new_tokens", 64), batch_sizes=_ints("--batch-sizes", pick("batch_sizes", "1,16")),
         summary_length=args.summary_length, dtypes=_names(args.dtype), device=args.device,
         repeats=pick("repeats", 3), warmup=pick("warmup", 1), compare_hf=args.compare_hf,
-        prefill_batch=args.prefill_batch, memory=not args.no_memory, memory_jobs=args.memory_jobs,
+        prefill_batch=args.prefill_batch, compile=args.compile, memory=not args.no_memory, memory_jobs=args.memory_jobs,
         flop_check=not args.no_flop_check, threads=args.threads, seed=args.seed, out=args.out,
         plots=not args.no_plots, progress=not args.quiet)
 
