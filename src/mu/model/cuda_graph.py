@@ -33,16 +33,17 @@ class DecodeGraph:
     def run(self, cache) -> Tensor:
         """This step, run as usual but on a side stream: the warm-up that recording needs. Returns its logits."""
         cache.slot = self.slot
-        main, side = torch.cuda.current_stream(self.slot.device), torch.cuda.Stream(self.slot.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            logits = self.model._static_body(self.tokens, cache, cache.max_len)
-        main.wait_stream(side)
+        with torch.cuda.device(self.slot.device):  # (the model's GPU, whichever is current)
+            main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                logits = self.model._static_body(self.tokens, cache, cache.max_len)
+            main.wait_stream(side)
         return logits
 
     def record(self, cache) -> None:
         """Record the step (nothing runs: the cache is left as `run` left it)."""
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.device(self.slot.device), torch.cuda.graph(self.graph):
             self.logits = self.model._static_body(self.tokens, cache, cache.max_len)
 
     def replay(self, tokens: Tensor, cache) -> Tensor:
