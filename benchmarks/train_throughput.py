@@ -63,7 +63,7 @@ def bench_arch(arch: str, args) -> dict:
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
-        print(f"{arch} step {i + 1}/{args.warmup + args.steps}: {dt:.3f} s, loss {float(loss):.3f}",
+        print(f"{arch} step {i + 1}/{args.warmup + args.steps}: {dt:.3f} s, loss {loss.item():.3f}",
               file=sys.stderr, flush=True)
     step_s = statistics.median(times)
     enc, dec = batch["n_enc_tokens"], batch["n_dec_tokens"]
