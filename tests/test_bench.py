@@ -88,6 +88,22 @@ def test_ratios_are_ratios_of_the_recorded_numbers(result):
     assert [t["target"] for t in s["targets"]][0] == "time to first token"
 
 
+def test_memory_target_reads_the_accelerators_memory_where_measured():
+    """On a GPU the host's RSS says little (the weights live on the card): the memory target is the device peak."""
+    from mu.bench.runner import TARGETS, _summary
+
+    cfg = BenchConfig(preset="tiny", input_lengths=(16,), dtypes=("bf16",))
+    row = {m: 0.5 for _, m, _, _, _ in TARGETS} | {"batch": 1, "dtype": "bf16", "input_length": 16,
+                                                   "numerator": "encdec", "denominator": "deconly",
+                                                   "peak_rss_bytes": 0.97, "increment_bytes": 1.0,
+                                                   "kv_cache_bytes": 0.3, "e2e_s": 0.5, "ttft_cpu_s": 0.5,
+                                                   "decode_cpu_tok_s": 2.0, "device_peak_bytes": None}
+    memory = [t for t in _summary(cfg, [row])["targets"] if "memory" in t["target"]]
+    assert [(t["target"], t["measured"], t["met"]) for t in memory] == [("peak memory (RSS), batch 1", 0.97, False)]
+    memory = [t for t in _summary(cfg, [row | {"device_peak_bytes": 0.6}])["targets"] if "memory" in t["target"]]
+    assert [(t["target"], t["measured"], t["met"]) for t in memory] == [("peak device memory, batch 1", 0.6, True)]
+
+
 def test_analytic_flops_within_10_percent_of_the_counter(result):
     res, _ = result
     checks = {c["arch"]: c for c in res["flop_check"]}

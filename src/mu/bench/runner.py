@@ -524,6 +524,8 @@ def _summary(cfg: BenchConfig, ratios: list[dict]) -> dict:
                          "decode_speedup_by_batch": {B: r["decode_cpu_tok_s"] for B, r in sorted(primary.items())}},
         }
         for name, metric, B, op, bound in TARGETS:
+            if metric == "peak_rss_bytes" and b1.get("device_peak_bytes") is not None:  # an accelerator: its memory
+                name, metric = f"peak device memory, batch {B}", "device_peak_bytes"
             value = primary[B][metric] if B in primary else None
             met = None if value is None else (value <= bound if op == "<=" else value >= bound)
             targets.append({"dtype": dtype, "target": name, "metric": metric, "batch": B, "bound": f"{op} {bound}",
