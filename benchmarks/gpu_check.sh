@@ -5,8 +5,8 @@
 #   2. `mu bench --device cuda --compile` at 330m, bf16, batch 1 and 64, input 1024 (the decode steps as
 #      `mu generate --compile` runs them; device memory in fresh processes, eager),
 #   3. training throughput (tokens/s) and model FLOPs utilisation of the `small` and `330m` presets in bf16,
-#   4. `generate` at 330m in bf16, batch 1 and 16: eager against `compile=True` (the compiled step replayed as a
-#      CUDA graph), and at batch 1 each half alone.
+#   4. `generate` at 330m in bf16, batch 1 and 16: eager, `cuda_graph=True` (the eager step replayed as a CUDA
+#      graph) and `compile=True` (the compiled one), and at batch 1 the compiled step without a graph.
 # Usage (from the repository root, after `make install`):  bash benchmarks/gpu_check.sh [OUT_DIR]
 # STAGES="1 4" runs only those stages (default: all).
 # PY picks the interpreter (default .venv/bin/python, else python3; on a machine where mu is not installed, run it
@@ -85,21 +85,20 @@ done
 fi
 
 if want 4; then
-echo "== 4/4 generate: eager and compile=True (330m, bf16, 1024 input tokens, 128 new, batch 1 and 16)"
+echo "== 4/4 generate: eager, cuda_graph=True, compile=True (330m, bf16, 1024 input tokens, 128 new, batch 1, 16)"
 stage generate 300 "$PY" - "$OUT/generate.json" <<'PYEOF'
-# compile=True records the compiled step as a CUDA graph (mu.model.cuda_graph); two more variants say what each
-# half brings: the graph over the eager step, and the compiled step without a graph
+# cuda_graph=True replays the eager step as a CUDA graph, compile=True the compiled one (mu.model.cuda_graph); at
+# batch 1 a fourth variant, the compiled step without a graph, says what the compiler brings alone
 import json, sys, time, torch
 import mu
-from mu.model import cuda_graph, fast
+from mu.model import cuda_graph
 
-compiled_core, graph_step = fast.compile_decode_, cuda_graph.graph_step
+graph_step = cuda_graph.graph_step
 def no_graph(model, tokens, cache):
     cache.slot = torch.full((1,), cache.length, dtype=torch.long, device=tokens.device)
     return model._static_body(tokens, cache, cache.length + 1)
-VARIANTS = {"eager": (False, None), "compiled": (True, None),
-            "graph_of_eager_step": (True, ("compile_decode_", lambda m: m._decode_core)),
-            "compiled_without_graph": (True, ("graph_step", no_graph))}
+VARIANTS = {"eager": {}, "cuda_graph": {"cuda_graph": True}, "compiled": {"compile": True},
+            "compiled_without_graph": {"compile": True}}
 res = {}
 def record(key, value):
     res[key] = value
@@ -111,19 +110,18 @@ for arch in ("encdec", "deconly"):
     for B in (1, 16):
         ids = torch.randint(4, 30000, (B, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
         outs = {}
-        for name, (compile, patch) in VARIANTS.items():
-            if B > 1 and patch:
+        for name, kwargs in VARIANTS.items():
+            if B > 1 and name == "compiled_without_graph":
                 continue
-            if patch:
-                setattr(fast if patch[0] == "compile_decode_" else cuda_graph, patch[0], patch[1])
+            cuda_graph.graph_step = no_graph if name == "compiled_without_graph" else graph_step
             times = []
             for _ in range(3):  # the first run of each compiles, records or warms up; the best of the last two
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                outs[name] = model.generate(ids, max_new_tokens=128, compile=compile)  # no EOS: 128 steps
+                outs[name] = model.generate(ids, max_new_tokens=128, **kwargs)  # no EOS: 128 steps
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            fast.compile_decode_, cuda_graph.graph_step = compiled_core, graph_step
+            cuda_graph.graph_step = graph_step
             n = outs[name].shape[1] - (1 if arch == "encdec" else ids.shape[1])
             record(f"{arch}_B{B}_{name}", {"tokens": B * n, "first_run_s": round(times[0], 2),
                                            "tok_s": round(B * n / min(times[1:]), 1),

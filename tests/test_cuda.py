@@ -85,6 +85,22 @@ def test_cuda_compiled_decode_replays_a_cuda_graph_and_matches_eager(arch, monke
     assert torch.equal(gpu.generate(ids, compile=True, **kw), gpu.generate(ids, **kw)) and not replays
 
 
+def test_cuda_graph_of_the_eager_step_matches_eager(monkeypatch):
+    """cuda_graph=True: the eager static step recorded and replayed (nothing compiled), eager decoding's tokens."""
+    from mu.model import cuda_graph, fast
+
+    replays, compiles = [], []
+    replay = cuda_graph.DecodeGraph.replay
+    monkeypatch.setattr(cuda_graph.DecodeGraph, "replay", lambda self, *a: replays.append(1) or replay(self, *a))
+    monkeypatch.setattr(fast, "compile_decode_", lambda model: compiles.append(1))
+    for arch in ("encdec", "deconly"):
+        _, gpu = _pair(arch)
+        ids, mask = (t.to(CUDA) for t in _prompts())
+        eager = gpu.generate(ids, attention_mask=mask, max_new_tokens=10)
+        assert torch.equal(gpu.generate(ids, attention_mask=mask, max_new_tokens=10, cuda_graph=True), eager)
+    assert len(replays) == 16 and not compiles
+
+
 def test_cuda_bf16_model_logits_stay_close_to_fp32():
     _, gpu = _pair("encdec")
     ids = _prompts()[0].to(CUDA)

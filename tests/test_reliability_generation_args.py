@@ -62,6 +62,8 @@ def test_the_python_api_refuses_before_generating(model_dir):
             model.generate(ids, **kwargs)
     with pytest.raises(mu.MuError, match="999.*vocab_size 512"):
         model.generate(torch.tensor([[5, 999]]), max_new_tokens=2)
+    with pytest.raises(mu.MuError, match="cuda_graph=True .* on cpu"):
+        model.generate(ids, max_new_tokens=2, cuda_graph=True)
     assert model.generate(ids, max_new_tokens=2, do_sample=True, top_p=0.9, top_k=5).shape == (1, 3)
 
 
@@ -69,7 +71,8 @@ CLI_BAD = [(["--max-new-tokens", "0"], "--max-new-tokens"), (["--num-beams", "0"
            (["--sample", "--temperature", "0"], "--temperature"), (["--sample", "--top-p", "1.5"], "--top-p"),
            (["--top-k", "0"], "--top-k"), (["--sample", "--num-beams", "2"], "--sample"),
            (["--stream", "--num-beams", "2"], "--stream"), (["--dtype", "float8"], "float8"),
-           (["--device", "tpu"], "tpu"), (["--device", "cuda:99"], "cuda:99")]
+           (["--device", "tpu"], "tpu"), (["--device", "cuda:99"], "cuda:99"),
+           (["--cuda-graph", "--device", "cpu"], "--cuda-graph")]
 
 
 @pytest.mark.parametrize("extra,name", CLI_BAD, ids=[" ".join(c[0]) for c in CLI_BAD])

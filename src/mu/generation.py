@@ -139,7 +139,7 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
              num_beams: int = 1, eos_token_id: Optional[int] = None, bos_token_id: Optional[int] = None,
              attention_mask: Optional[Tensor] = None, streamer: Any = None,
              generator: Optional[torch.Generator] = None, length_penalty: float = 1.0, compile: bool = False,
-             **model_kwargs: Any) -> Tensor:
+             cuda_graph: bool = False, **model_kwargs: Any) -> Tensor:
     """Generate up to `max_new_tokens` tokens per row with a KV cache.
 
     eos_token_id=None never stops early (the attached tokenizer's EOS is *not* used implicitly,
@@ -147,11 +147,17 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     `streamer` gets `put(tokens)` with each step's new tokens (B,) and `end()` at the end
     (Hugging Face's TextStreamer works for batch 1). `model_kwargs` go to `model.prefill`
     (e.g. `inputs_embeds` from a vision-language model).
+
+    `compile=True`: the decode steps get fixed shapes and run `torch.compile`d; on a GPU the compiled step is also
+    replayed as a CUDA graph. `cuda_graph=True` (a GPU only): the eager step replayed as a CUDA graph, with no
+    compile to wait for (docs/generation.md).
     """
     check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
                           streamer is not None)
     pad = model.config.pad_token_id
     input_ids = _as_batch(input_ids, model.device, model.config.vocab_size)
+    if cuda_graph and model.device.type != "cuda":
+        raise MuError(f"cuda_graph=True replays the decode step on a GPU: this model is on {model.device}")
     if isinstance(model, torch.nn.Module) and model.device.type == "cpu":  # (not an ONNX Runtime session's model)
         huge_pages_(model)
     run = prepare(model, input_ids, max_new_tokens, attention_mask, bos_token_id, compile)
@@ -159,8 +165,8 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     model.eval()
     try:
         logits = model.prefill(run.input_ids, run.attention_mask, run.cache, run.start, **model_kwargs)
-        if compile:  # the prompt went through the usual path; the steps now have fixed shapes
-            run.cache.static = run.cache.compiled = True
+        if compile or cuda_graph:  # the prompt went through the usual path; the steps now have fixed shapes
+            run.cache.static, run.cache.compiled, run.cache.graphed = True, compile, True
         if num_beams > 1:
             new = beam_search(model, logits, run.cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
         else:

@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                         "first compile takes ~40 s on 2 cores, later runs reuse inductor's disk cache; on a GPU the "
                         "step is replayed as a CUDA graph, ~5x eager): faster decoding for long outputs "
                         "(docs/generation.md)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, replay the eager decode step as a CUDA graph: ~3.8x eager's tokens/s at batch 1, "
+                        "no compile to wait for (--compile adds another ~1.4x after its compile)")
 
 
 def check_prompt_length(tok, prompt: str, model, max_new_tokens: int) -> list[int]:
@@ -78,7 +81,7 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None, device: Opti
 
 def generate_text(model, prompt: str, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None, num_beams: int = 1, seed: int = 0,
-                  streamer=None, compile: bool = False) -> tuple[str, int, float]:
+                  streamer=None, compile: bool = False, cuda_graph: bool = False) -> tuple[str, int, float]:
     """One prompt through `model.generate` (cut to the context with a warning, seeded): the new text, how many
     tokens it has, and the seconds generation took."""
     tok = model.tokenizer
@@ -87,7 +90,7 @@ def generate_text(model, prompt: str, max_new_tokens: int = 64, do_sample: bool 
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                          top_k=top_k, top_p=top_p, num_beams=num_beams, eos_token_id=tok.eos_token_id,
-                         streamer=streamer, compile=compile)
+                         streamer=streamer, compile=compile, cuda_graph=cuda_graph)
     elapsed = time.perf_counter() - t0
     new = new_tokens(model, out, ids)[0]
     return tok.decode(new, skip_special_tokens=True), len(new), elapsed
@@ -97,9 +100,11 @@ def run(args) -> int:
     check_generation_args(args.max_new_tokens, args.sample, args.temperature, args.top_k, args.top_p,
                           args.num_beams, streaming=args.stream, names=CLI_NAMES)  # before the model loads
     check_format(args.dtype)
-    pick_device(args.device)
-    if args.compile and args.backend == "onnx":
-        raise MuError("--compile applies to --backend torch (onnxruntime runs the exported graphs as they are)")
+    if pick_device(args.device).type != "cuda" and args.cuda_graph:
+        raise MuError(f"--cuda-graph replays the decode step on a GPU: --device {args.device} is not one")
+    for flag, on in (("--compile", args.compile), ("--cuda-graph", args.cuda_graph)):
+        if on and args.backend == "onnx":
+            raise MuError(f"{flag} applies to --backend torch (onnxruntime runs the exported graphs as they are)")
     model = load_for_generation(args.model, args.tokenizer, args.device, args.dtype, args.backend)
     if model.tokenizer is None:
         raise MuError(f"{args.model} has no tokenizer files; pass --tokenizer DIR (e.g. the paper's phi3_tokenizer)")
@@ -112,7 +117,7 @@ def run(args) -> int:
 
         streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
     text, n, elapsed = generate_text(model, prompt, args.max_new_tokens, args.sample, args.temperature, args.top_k,
-                                     args.top_p, args.num_beams, args.seed, streamer, args.compile)
+                                     args.top_p, args.num_beams, args.seed, streamer, args.compile, args.cuda_graph)
     if not args.stream:
         print(text)
     print(f"[{n} tokens in {elapsed:.2f}s]", file=sys.stderr)

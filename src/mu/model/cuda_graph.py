@@ -1,11 +1,14 @@
-"""CUDA graphs of the fixed-shape decode step: what `generate(compile=True)` replays on a GPU.
+"""CUDA graphs of the fixed-shape decode step: what `generate(compile=True)` and `generate(cuda_graph=True)` replay
+on a GPU.
 
 At batch 1 a GPU decode step is bound by kernel launches, not by the GPU: the 330m encoder-decoder's eager bf16
 step took 8.6 ms on an H200 that reads its 260 MiB of decoder and head weights in ~0.1 ms (docs/efficiency.md,
-"On one GPU"; with the graph: 0.7-0.9 ms, 1083 tokens/s to eager's 200 in `generate`). A static cache (`KVCache.static`) gives every step the same shapes and the same buffers (the K/V
+"On one GPU"). A static cache (`KVCache.static`) gives every step the same shapes and the same buffers (the K/V
 written at a slot held in a tensor, the mask read from `valid`, RoPE's row picked by `positions`), so one step
 can be recorded as a CUDA graph and every later step replayed with one launch: only the token ids and the slot
-are copied in first. The step recorded is the compiled one (`compile_decode_`: inductor's fused kernels).
+are copied in first. The step recorded is the compiled one under compile=True (`compile_decode_`: inductor's fused
+kernels; 1083 tokens/s to eager's 200 in `generate` there), else the eager one (760 tokens/s, no compile to wait
+for).
 
 A graph belongs to one cache (it holds that cache's buffer addresses) and lives as long as it does: a cache whose
 rows are reordered (beam search) gets none, and RoPE scaled by the length (NTK) keeps the eager static step.
@@ -64,7 +67,7 @@ def graph_step(model, tokens: Tensor, cache) -> Tensor:
     try:
         graph.record(cache)
     except RuntimeError as e:
-        warnings.warn(f"generate(compile=True): recording the decode step as a CUDA graph failed ({e}); "
+        warnings.warn(f"generate: recording the decode step as a CUDA graph failed ({e}); "
                       "the remaining steps run without one", RuntimeWarning, stacklevel=2)
         cache.graph = False
         return logits
