@@ -11,17 +11,13 @@ import torch
 
 import mu
 from mu.cli import main as cli_main
-from mu.data.tasks import Example
 from mu.tokenizer import byte_tokenizer
 from mu.train import TrainConfig, train
 from mu.vision import VisionTowerConfig, build_vlm
+from tests.test_train import EXAMPLES, train_until_killed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
 CUDA = "cuda"
-EXAMPLES = [Example("0", "colour of the sky?", "blue", ["blue"]),
-            Example("1", "two plus two?", "four", ["four"]),
-            Example("2", "capital of France?", "Paris", ["Paris"]),
-            Example("3", "opposite of hot?", "cold", ["cold"])]
 
 
 def _pair(arch: str):
@@ -154,17 +150,8 @@ def test_cuda_killed_run_resumes_with_the_cuda_rng(tmp_path):
     carried that generator's state."""
     kw = dict(max_steps=7, save_every=3, model_overrides={"dropout": 0.1})
     train(_cfg(tmp_path / "a", **kw), train_examples=EXAMPLES * 2)
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(state):
-        if state.step == 5:
-            raise Killed()
-
     cfg = _cfg(tmp_path / "b", **kw)
-    with pytest.raises(Killed):
-        train(cfg, train_examples=EXAMPLES * 2, on_step=kill_at_5)
+    train_until_killed(cfg, 5, EXAMPLES * 2)
     torch.cuda.manual_seed(1234)  # what the resume must not see
     result = train(cfg, train_examples=EXAMPLES * 2)
     assert result.resumed_from == 3

@@ -220,6 +220,13 @@ def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, d
     assert not calls and torch.equal(fast, plain) and torch.equal(compiled, plain) and torch.equal(modules, plain)
 
 
+def _needs_native_step(what) -> None:
+    """Skip the test unless mu's native decoder step runs `what` (a float dtype, or "int8") on this machine."""
+    if not native.decoder_step_available(what):
+        pytest.skip(f"mu's decoder step for {what} needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16; int8 "
+                    "on AVX-512: VNNI) and a C compiler")
+
+
 def _step_model(dtype, interleaved=False):
     """A small encoder-decoder with every weight non-trivial (random norms and biases), widths that are not
     multiples of the kernels' 16 (heads of 16, an MLP of 200)."""
@@ -266,9 +273,7 @@ def test_native_decoder_step_is_the_block(monkeypatch, build, dtype, interleaved
     attended), growing and fixed-shape caches, fed the same tokens: fp32 equals the modules' logits to rounding; bf16
     (rounded where PyTorch's ops round) stays within a few bf16 steps of them; both pick the same tokens (bf16: nearly
     always)."""
-    if not native.decoder_step_available(dtype):
-        pytest.skip(f"mu's {dtype} decoder step needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16) and a C "
-                    "compiler")
+    _needs_native_step(dtype)
     torch.manual_seed(0)
     model = _step_model(dtype, interleaved)
     ids = torch.randint(3, 300, (1, 37))
@@ -291,8 +296,7 @@ def test_native_decoder_step_keeps_the_cache_as_the_modules_do(monkeypatch):
     position and length advance, the valid slots are the modules'; a token id outside the embedding is an
     IndexError that leaves the cache as it was; past `block_size` with NTK-scaled RoPE (its base depends on the
     length) the modules run."""
-    if not native.decoder_step_available(torch.float32):
-        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    _needs_native_step(torch.float32)
     torch.manual_seed(0)
     model = _step_model(torch.float32)
     calls = _counted(monkeypatch, "decoder_step")
@@ -328,8 +332,7 @@ def test_native_decoder_step_keeps_the_cache_as_the_modules_do(monkeypatch):
 def test_native_decoder_step_picks_as_argmax(monkeypatch):
     """The step's greedy pick is `torch.argmax`'s of its logits: the first of equal largest logits (here one in each
     thread's share of the vocabulary), a NaN before any number."""
-    if not native.decoder_step_available(torch.float32):
-        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    _needs_native_step(torch.float32)
     torch.manual_seed(0)
     model = _step_model(torch.float32)
     ids = torch.randint(3, 300, (1, 15))
@@ -356,8 +359,7 @@ def test_native_greedy_loop_is_the_steps(monkeypatch, kind):
     """`generate`'s greedy tokens of one sequence come from one native call (`greedy_tokens`): the tokens the steps
     give (the modules' for fp32; int8's own step one at a time), stopping at the EOS, a streamer fed each token in
     turn; an exception a streamer raises stops the call and reaches the caller, the cache holding the steps done."""
-    if not native.decoder_step_available(torch.float32 if kind == "fp32" else "int8"):
-        pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 or AVX2 and a C compiler")
+    _needs_native_step(torch.float32 if kind == "fp32" else "int8")
     torch.manual_seed(0)
     model = _step_model(torch.float32)
     if kind == "int8":
@@ -407,8 +409,7 @@ def test_native_greedy_loop_is_the_steps(monkeypatch, kind):
 def test_native_decoder_step_steps_aside(monkeypatch):
     """Batches of several rows, autograd, a projection that is not a plain linear layer (an adapter, in any block)
     and quantized layers run the modules; a weight changed in place is read again."""
-    if not native.decoder_step_available(torch.float32):
-        pytest.skip("mu's decoder step needs an x86 CPU with AVX-512 and a C compiler")
+    _needs_native_step(torch.float32)
     torch.manual_seed(0)
     model = _step_model(torch.float32)
     calls = _counted(monkeypatch, "decoder_step")
@@ -460,8 +461,7 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
     as the layers' kernels make them: the logits equal the int8 modules' to float rounding (and the odd activation
     code that rounding moves), the same tokens; a layer the step cannot read (quantized elsewhere) makes the step run
     the modules."""
-    if not native.decoder_step_available("int8"):
-        pytest.skip("mu's int8 decoder step needs an x86 CPU with AVX-512 VNNI, or AVX2 without VNNI, and a C compiler")
+    _needs_native_step("int8")
     torch.manual_seed(0)
     model = _step_model(torch.float32, interleaved).quantize_("int8")
     layout = native.step_int8_layout()
@@ -518,8 +518,7 @@ def test_native_step_in_a_decoder_only_block(monkeypatch, build, kind):
     """The decoder-only twin's blocks get the same one-call step (no cross-attention), so both architectures decode
     with the same kernels: one call per single-token step (the prompt runs the modules), logits of the
     modules fed the same tokens (fp32 and int8 to rounding, bf16 within bf16 steps)."""
-    if not native.decoder_step_available({"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}[kind]):
-        pytest.skip(f"mu's {kind} decoder step needs an x86 CPU with AVX-512 or AVX2 (bf16: AVX-512-BF16)")
+    _needs_native_step({"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}[kind])
     torch.manual_seed(0)
     model = mu.build_model("tiny", arch="deconly", weight_init="fan_in").eval()
     model = model.quantize_("int8") if kind == "int8" else model.to(torch.bfloat16 if kind == "bf16" else torch.float32)

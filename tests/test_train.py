@@ -35,6 +35,20 @@ def _cfg(tmp_path, arch="encdec", **kw):
     return TrainConfig(**base)
 
 
+def train_until_killed(cfg, step, examples):
+    """`train(cfg)` stopped as a kill would stop it, by an exception from its step hook once `step` is done (the
+    checkpoints written so far stay, nothing else is)."""
+    class Killed(Exception):
+        pass
+
+    def kill(state):
+        if state.step == step:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        train(cfg, train_examples=examples, on_step=kill)
+
+
 def _records(run_dir, event="train"):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("event") == event]
@@ -73,17 +87,8 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, capfd):
     kw = dict(max_steps=7, save_every=3, model_overrides={"dropout": 0.1})  # dropout: RNG state must be restored
     reference = train(_cfg(tmp_path / "a", **kw), train_examples=EXAMPLES * 2)
     ref_losses = [r["loss"] for r in _records(tmp_path / "a" / "run-encdec")]
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(state):
-        if state.step == 5:
-            raise Killed()
-
     cfg = _cfg(tmp_path / "b", **kw)
-    with pytest.raises(Killed):
-        train(cfg, train_examples=EXAMPLES * 2, on_step=kill_at_5)
+    train_until_killed(cfg, 5, EXAMPLES * 2)
     run = tmp_path / "b" / "run-encdec"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
     assert not (run / "final").exists()
