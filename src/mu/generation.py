@@ -166,7 +166,7 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
     try:
         logits = model.prefill(run.input_ids, run.attention_mask, run.cache, run.start, **model_kwargs)
         if compile or cuda_graph:  # the prompt went through the usual path; the steps now have fixed shapes
-            run.cache.static, run.cache.compiled, run.cache.graphed = True, compile, True
+            run.cache.static, run.cache.compiled = True, compile
         if num_beams > 1:
             new = beam_search(model, logits, run.cache, num_beams, max_new_tokens, eos_token_id, pad, length_penalty)
         else:

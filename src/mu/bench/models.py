@@ -109,7 +109,7 @@ class MuRunner:
         """`n` steps; for one sequence in one native call where `generate` makes one (`greedy_tokens`), compiled
         ones with the cache's shapes fixed (a GPU records the first as a CUDA graph and replays it)."""
         if self.compile:
-            cache.static = cache.compiled = cache.graphed = True
+            cache.static = cache.compiled = True
         got = self.model.greedy_tokens(token[:, None], cache, n) if token.shape[0] == 1 else None
         if got is None:
             for _ in range(n):

@@ -128,15 +128,15 @@ class MuModel(nn.Module):
         return logits, None
 
     def _static_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`); a
-        `graphed` one on a GPU replays the step as a CUDA graph (`mu.model.cuda_graph`)."""
+        """`decode_step` for one token per row with the shapes of every step equal (see `KVCache.static`); on a GPU
+        the step is recorded as a CUDA graph and replayed (`mu.model.cuda_graph`)."""
         B, T = tokens.shape
         if T != 1:
             raise ValueError(f"a static cache takes one token per row per step, got {T}")
         end = cache.length + 1
         if end > cache.max_len:
             raise RuntimeError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
-        graphed = cache.graphed and tokens.is_cuda and cache.graph is not False
+        graphed = tokens.is_cuda and cache.graph is not False
         if graphed and not rope_scaled(self.config, cache.max_len):  # (RoPE's table is the same at every step)
             from mu.model.cuda_graph import graph_step
 

@@ -41,8 +41,8 @@ class KVCache:
         self.static = False  # fixed-shape single-token steps (see the module docstring)
         self.compiled = False  # run those steps through torch.compile (set by generate(compile=True))
         self.slot: Optional[Tensor] = None  # (1,) the slot a static step writes
-        self.graphed = False  # on a GPU, replay the static steps as a CUDA graph (compile=True or cuda_graph=True)
-        self.graph = None  # that graph (`mu.model.cuda_graph`), recorded at the first step; False: none for this cache
+        self.graph = None  # on a GPU, the static step's CUDA graph (`mu.model.cuda_graph`), recorded at the first such
+        # step; False: none for this cache
 
     def set_cross(self, cross_kv: list[tuple[Tensor, Tensor]], valid: Tensor) -> None:
         """Store the cross-attention K/V of every decoder layer and the encoder positions they cover."""
