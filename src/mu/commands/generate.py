@@ -39,9 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (float and int8 models): on a GPU replayed as a CUDA graph, "
-                        "~5x eager's tokens/s; on x86 CPUs where mu's native step runs (AVX2, AVX-512) the eager "
-                        "step is faster (int8 ~2x on AVX-512); elsewhere it needs a C++ compiler, ~40 s to compile "
-                        "on 2 cores (docs/generation.md)")
+                        "~5x eager's tokens/s; on a CPU where mu's native step runs, the eager step measured faster "
+                        "(AVX-512: int8 ~2x); elsewhere it needs a C++ compiler, ~40 s to compile on 2 cores "
+                        "(docs/generation.md)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, replay the eager decode step as a CUDA graph: ~3.8x eager's tokens/s at batch 1, "
                         "no compile to wait for (--compile adds another ~1.4x after its compile)")
