@@ -189,6 +189,29 @@ def test_float_gemv_is_the_fp32_sum(dtype):
         assert (got == ref.bfloat16()).float().mean() > 0.98  # rounded once: nearly always the nearest value
 
 
+def test_u8_codes_are_pytorchs_quantized_codes(monkeypatch):
+    """The prefill's per-tensor activation codes for oneDNN's int8 matmul: the native pass gives the scale, zero point
+    and every code PyTorch's aminmax + quantize_per_tensor give (the same rounding, ties included), over lengths with
+    vector tails, ranges of all signs, all zeros and a non-finite value; the model's `_u8_codes` takes it."""
+    if not native.u8_codes_available():
+        pytest.skip("mu's u8 codes need an x86 CPU with AVX-512 and a C compiler")
+    torch.manual_seed(0)
+    cases = [torch.randn(n) * s + o for n in (1, 15, 17, 1000, 3 * 4096 + 5) for s, o in ((1, 0), (1e-3, 2), (50, -3))]
+    cases += [torch.rand(333), -torch.rand(333), torch.zeros(40), torch.tensor([1.0, float("inf"), -2.0])]
+    cases += [torch.randn(64, 96)[:, :80]]  # not contiguous
+    ties = torch.arange(-255, 256, dtype=torch.float32) / 2  # x / scale lands on .5 for half of them
+    cases.append(ties * ((ties.max() - ties.min()) / 255))
+    monkeypatch.setattr(native, "u8_codes_available", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (quantize_per_tensor's deprecation)
+        want = [q8._u8_codes(x) for x in cases]
+    monkeypatch.undo()
+    for x, (codes, scale, zero) in zip(cases, want):
+        got, got_scale, got_zero = q8._u8_codes(x)
+        assert (got_scale, got_zero) == (scale, zero)
+        assert got.dtype == torch.uint8 and got.shape == x.shape and torch.equal(got, codes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_float_decode_runs_the_native_gemv_eagerly_and_compiled(monkeypatch, dtype):
     """Every few-row product of a decode step (fused q/k/v, out, MLP, lm_head) goes through the GEMV: in eager mode

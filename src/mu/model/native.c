@@ -571,6 +571,50 @@ void mu_gemv_f32(const float *x, int64_t rows, int64_t k, const float *w, int64_
               store_f32);
 }
 
+/* ---- a prefill's activation codes for oneDNN's int8 matmul (mu.model.quantize._u8_codes), on CPUs with AVX-512 ----
+   out = 8-bit codes of the n fp32 values of x with one scale and zero point over min(x, 0)..max(x, 0): *scale =
+   (hi - lo) / 255 (1 with lo = 0 where that is not a positive number: all zeros, or non-finite values), *zero =
+   round(-lo / scale) in 0..255 (double, nearest even), each code clamp(rint(x * (1 / scale) + zero), 0, 255) in one
+   fused multiply-add, as torch.quantize_per_tensor rounds them. Two passes by nt threads over their shares of x (the
+   range, then the codes), where PyTorch makes an aminmax, a sync and a quantized tensor. */
+void mu_codes_u8(const float *x, int64_t n, uint8_t *out, double *scale, int64_t *zero, int nt) {
+    float lo[nt], hi[nt];
+    #pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        int64_t i0, i1;
+        share(n, tid, nth, &i0, &i1);
+        __m512 mn = _mm512_setzero_ps(), mx = _mm512_setzero_ps();  /* (0 in the range, as the codes' lo and hi) */
+        for (int64_t i = i0; i < i1; i += 16) {
+            __m512 v = load_f32(x + i, first(i, i1));
+            mn = _mm512_min_ps(mn, v);
+            mx = _mm512_max_ps(mx, v);
+        }
+        lo[tid] = _mm512_reduce_min_ps(mn);
+        hi[tid] = _mm512_reduce_max_ps(mx);
+        #pragma omp barrier
+        #pragma omp single
+        {
+            float a = 0.0f, b = 0.0f;
+            for (int t = 0; t < nth; t++) a = fminf(a, lo[t]), b = fmaxf(b, hi[t]);
+            double s = ((double)b - (double)a) / 255.0;
+            if (!(isfinite(s) && s > 0.0)) s = 1.0, a = 0.0f;
+            double z = nearbyint(-(double)a / s);
+            *scale = s;
+            *zero = z < 0.0 ? 0 : z > 255.0 ? 255 : (int64_t)z;
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / (float)*scale), zp = _mm512_set1_ps((float)*zero);
+        const __m512 top = _mm512_set1_ps(255.0f), none = _mm512_setzero_ps();
+        for (int64_t i = i0; i < i1; i += 16) {
+            __mmask16 valid = first(i, i1);
+            __m512 c = _mm512_roundscale_ps(_mm512_fmadd_ps(load_f32(x + i, valid), inv, zp),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            c = _mm512_min_ps(_mm512_max_ps(c, none), top);
+            _mm_mask_storeu_epi8(out + i, valid, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+        }
+    }
+}
+
 #endif
 
 /* ---- a decode step of one sequence, as one call (mu.model.fast.NativeDecoder) ----

@@ -82,6 +82,7 @@ _OPTIONAL = {
     **{name: ([_P, _P, _I64, _INT, _I64, _I64, _P, _P, _P, _P, _INT], _I64)
        for name in ("mu_decoder_steps_f32", "mu_decoder_steps_bf16", "mu_decoder_steps_i8")},
     "mu_step_lanes": ([], _INT),
+    "mu_codes_u8": ([_P, _I64, _P, _P, _P, _INT], None),
 }
 _GEMV = {torch.float32: "mu_gemv_f32", torch.bfloat16: "mu_gemv_bf16"}
 _STEP = {torch.float32: "mu_decoder_steps_f32", torch.bfloat16: "mu_decoder_steps_bf16", "int8": "mu_decoder_steps_i8"}
@@ -233,6 +234,23 @@ def activation_codes(x: Tensor, row_ranges: Optional[Tensor] = None) -> tuple[Te
     library().mu_codes_u7(x.data_ptr(), rows, cols, x.stride(0), None if row_ranges is None else row_ranges.data_ptr(),
                           codes.data_ptr(), k_pad, sx.data_ptr(), zx.data_ptr(), torch.get_num_threads())
     return codes, sx, zx
+
+
+def u8_codes_available() -> bool:
+    """True when `u8_codes` runs on this machine (a library built for AVX-512)."""
+    lib = library()
+    return lib is not None and hasattr(lib, "mu_codes_u8")
+
+
+def u8_codes(x: Tensor) -> tuple[Tensor, float, int]:
+    """8-bit codes of fp32 `x` with one scale and zero point over min(x, 0)..max(x, 0), the codes
+    `torch.quantize_per_tensor` makes with them (`mu.model.quantize._u8_codes`, in two passes of the threads over x):
+    (codes, a uint8 tensor of x's shape, scale, zero point). Needs `u8_codes_available()`."""
+    x = x.contiguous()
+    out, scale, zero = torch.empty(x.shape, dtype=torch.uint8), ctypes.c_double(), ctypes.c_int64()
+    library().mu_codes_u8(x.data_ptr(), x.numel(), out.data_ptr(), ctypes.byref(scale), ctypes.byref(zero),
+                          torch.get_num_threads())
+    return out, scale.value, zero.value
 
 
 def gemm(codes: Tensor, sx: Tensor, zx: Tensor, packed: Tensor, scale: Tensor, bias: Tensor, weight_sums: Tensor,
