@@ -10,6 +10,7 @@ import torch
 
 import mu
 from mu.model import layers, native
+from mu.model.cache import KVCache
 from mu.model import quantize as q8
 
 
@@ -481,9 +482,9 @@ def test_native_decoder_step_steps_aside(monkeypatch):
 def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
     """An int8 model's decoder: one call per step over the layers' and the lm_head's 7-bit codes (VNNI CPUs: kept
     row-major for it; AVX2 CPUs: the packed ones of mu's own kernels), each product's input with its own 8-bit codes,
-    as the layers' kernels make them: the logits equal the int8 modules' to float rounding (and the odd activation
-    code that rounding moves), the same tokens; a layer the step cannot read (quantized elsewhere) makes the step run
-    the modules."""
+    as the layers' kernels make them, the cross-attention K/V read from bf16 copies: the logits equal the int8
+    modules' over K/V rounded to bf16 to float rounding (and the odd activation code that rounding moves), the same
+    tokens; a layer the step cannot read (quantized elsewhere) makes the step run the modules."""
     _needs_native_step("int8")
     torch.manual_seed(0)
     model = _step_model(torch.float32, interleaved).quantize_("int8")
@@ -494,7 +495,11 @@ def test_int8_decoder_step_is_the_int8_block(monkeypatch, build, interleaved):
             assert (m.codes is not None) == (layout == "rows") and m.step_weights() is not None
     calls = _counted(monkeypatch, "decoder_step")
     ids = torch.randint(3, 300, (1, 37))
+    set_cross = KVCache.set_cross
+    monkeypatch.setattr(KVCache, "set_cross", lambda cache, kv, valid: set_cross(
+        cache, [(k.bfloat16().float(), v.bfloat16().float()) for k, v in kv], valid))
     want = _decode(_module_path(copy.deepcopy(model)), ids)
+    monkeypatch.setattr(KVCache, "set_cross", set_cross)
     calls.clear()
     got = _decode(model, ids, tokens=want.argmax(-1)[:-1].long())
     assert len(calls) == 13

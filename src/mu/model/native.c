@@ -872,6 +872,7 @@ typedef struct {
     int64_t max_len;
     const void *const *ck, *const *cv;  /* per block, the cross-attention K/V (n_kv x S x hd), or NULL: no encoder */
     int64_t S;
+    int64_t cross_bf16;            /* ck, cv hold bf16 values (a bf16 model's, or an int8 model's copies), else fp32 */
     const uint8_t *cross_valid;    /* S: the encoder positions attended, or NULL: all */
     const void *emb;               /* the token embedding (rows x d, the dtype) */
     int64_t rows;
@@ -957,12 +958,12 @@ static void norm_input(work *w, int64_t d, const void *weight, float eps, int q8
 }
 
 /* an attention and its out projection, by every thread of the region: each thread takes its share of the keys
-   0..L-1 of K, V (n_kv x stride x hd, the dtype; those with valid[s] when given: at least one, as mu.model.layers'
-   masks leave) and attends to it with every query head (queries in w->y, head h at h hd; each KV head's rows read
-   from memory once, by one thread), fetching its share of wo meanwhile; one thread combines the parts into w->o;
-   then the residual stream += the out projection (wo, bo: product p) of w->o */
-static void attend_out(const mu_block *b, work *w, const void *K, const void *V, int64_t stride, int64_t L,
-                       const uint8_t *valid, const void *wo, const void *bo, int p, int tid, int nth, int bf,
+   0..L-1 of K, V (n_kv x stride x hd, bf16 where kvbf, else fp32; those with valid[s] when given: at least one, as
+   mu.model.layers' masks leave) and attends to it with every query head (queries in w->y, head h at h hd; each KV
+   head's rows read from memory once, by one thread), fetching its share of wo meanwhile; one thread combines the
+   parts into w->o (the dtype); then the residual stream += the out projection (wo, bo: product p) of w->o */
+static void attend_out(const mu_block *b, work *w, const void *K, const void *V, int kvbf, int64_t stride,
+                       int64_t L, const uint8_t *valid, const void *wo, const void *bo, int p, int tid, int nth, int bf,
                        dot_fn dot) {
     const int64_t H = b->n_head, hd = b->hd, qd = H * hd, per = b->n_head / b->n_kv;
     const size_t es = bf ? 2 : 4, row = (size_t)qd * (b->scale[0] ? 1 : es);
@@ -972,12 +973,12 @@ static void attend_out(const mu_block *b, work *w, const void *K, const void *V,
     ahead next = ahead_of(wo, c0, c1, row, H * (s1 - s0));
     float *part = w->part + (int64_t)tid * (qd + 2 * H);
     for (int64_t g = 0; g < b->n_kv; g++) {  /* a KV head's query heads in turn: the second finds its rows in cache */
-        size_t at = (size_t)g * stride * hd * es;
+        size_t at = (size_t)g * stride * hd * (kvbf ? 2 : 4);
         for (int64_t i = 0; i < per; i++) {
             int64_t h = query_head(b, g, i);
             float *ph = part + h * (hd + 2);
             attend_part(w->y + h * hd, (const char *)K + at, (const char *)V + at, s0, s1, hd, valid,
-                        w->scores + (int64_t)tid * w->keys, ph, ph + hd, ph + hd + 1, bf, &next);
+                        w->scores + (int64_t)tid * w->keys, ph, ph + hd, ph + hd + 1, kvbf, &next);
         }
     }
     #pragma omp barrier
@@ -994,11 +995,12 @@ static void attend_out(const mu_block *b, work *w, const void *K, const void *V,
 
 /* the block applied to w->x (d, fp32: rounded to the dtype) at cache slot `slot`, by every thread of the enclosing
    parallel region (thread tid of nth): the token's K/V go into kc, vc there, self-attention reads slots 0..slot
-   (those with self_valid[s] when given), cross-attention reads ck, cv (positions with cross_valid[s] when given;
-   none when the block has no cross-attention, cwq NULL: a decoder-only block, whose MLP norm is ln3) */
+   (those with self_valid[s] when given), cross-attention reads ck, cv (bf16 values where cross_bf16; positions with
+   cross_valid[s] when given; none when the block has no cross-attention, cwq NULL: a decoder-only block, whose MLP
+   norm is ln3) */
 static void block_step(const mu_block *b, work *w, const void *cos, const void *sin, void *kc, void *vc,
                        int64_t max_len, int64_t slot, const uint8_t *self_valid, const void *ck, const void *cv,
-                       int64_t S, const uint8_t *cross_valid, int tid, int nth, int bf, dot_fn dot) {
+                       int cross_bf16, int64_t S, const uint8_t *cross_valid, int tid, int nth, int bf, dot_fn dot) {
     const int64_t d = b->d, H = b->n_head, KV = b->n_kv, hd = b->hd, qd = H * hd, kvd = KV * hd, F = b->hidden;
     const int q8 = b->scale[0] != NULL;
     float *x = w->x, *y = w->y;
@@ -1022,13 +1024,13 @@ static void block_step(const mu_block *b, work *w, const void *cos, const void *
                 put_el(vc, at, y[qd + kvd + (h - H) * hd + i], bf);
             }
     }
-    attend_out(b, w, kc, vc, max_len, slot + 1, self_valid, b->wo, b->bo, P_O, tid, nth, bf, dot);
+    attend_out(b, w, kc, vc, bf, max_len, slot + 1, self_valid, b->wo, b->bo, P_O, tid, nth, bf, dot);
 
     if (b->cwq) {  /* cross-attention (a decoder-only block has none) */
         norm_input(w, d, b->ln2, b->eps, q8, bf);
         product(w, tid, nth, from_in, d, b->cwq, b->cbq, y, qd, bf, dot, b->scale[P_CQ], b->wsum[P_CQ], NULL);
         #pragma omp barrier
-        attend_out(b, w, ck, cv, S, S, cross_valid, b->cwo, b->cbo, P_CO, tid, nth, bf, dot);
+        attend_out(b, w, ck, cv, cross_bf16, S, S, cross_valid, b->cwo, b->cbo, P_CO, tid, nth, bf, dot);
     }
 
     /* MLP: tanh-GELU as x sigmoid(2z) (mu.model.layers.gelu_tanh) */
@@ -1101,7 +1103,8 @@ static int run_step(const mu_decoder *s, const void *xin, void *logits, int64_t 
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         for (int64_t i = 0; i < s->n; i++)
             block_step(&s->blocks[i], &w, cos, sin, s->kc[i], s->vc[i], s->max_len, slot, self_valid,
-                       s->ck ? s->ck[i] : NULL, s->cv ? s->cv[i] : NULL, s->S, s->cross_valid, tid, nth, bf, dot);
+                       s->ck ? s->ck[i] : NULL, s->cv ? s->cv[i] : NULL, (int)s->cross_bf16, s->S, s->cross_valid, tid,
+                       nth, bf, dot);
         norm_input(&w, d, s->norm, s->eps, q8, bf);
         product(&w, tid, nth, q8 ? (const void *)w.codes : w.in, d, s->head, NULL, w.y, s->vocab, bf, dot,
                 s->head_scale, s->head_wsum, NULL);

@@ -324,17 +324,17 @@ class Decoder(ctypes.Structure):
     `Block`s), the final norm's weight and eps, the vocabulary projection (`head`, vocab x d; an int8 model's: codes
     with per-channel `head_scale` and `head_wsum`), each block's self-attention cache (`kc`, `vc`: arrays of n
     pointers, n_kv_head x max_len x head_dim each), the cross-attention K/V (`ck`, `cv`: n pointers to n_kv_head x S x
-    head_dim, or None: a decoder-only model) and the encoder positions they cover (`cross_valid`, S bools, or None:
-    all); what a step reads and writes beside the layers: the token embedding (`emb`, `rows` x d in the model's
-    dtype), RoPE's cos and sin tables (max_len x head_dim each), the cache's `valid` slots (max_len bools), the
-    sequence's next RoPE `position` (an int64) and the `pad` token's id. The caller keeps the tensors and arrays
-    alive."""
+    head_dim, bf16 values where `cross_bf16` is set, else fp32; or None: a decoder-only model) and the encoder
+    positions they cover (`cross_valid`, S bools, or None: all); what a step reads and writes beside the layers: the
+    token embedding (`emb`, `rows` x d in the model's dtype), RoPE's cos and sin tables (max_len x head_dim each), the
+    cache's `valid` slots (max_len bools), the sequence's next RoPE `position` (an int64) and the `pad` token's id. The
+    caller keeps the tensors and arrays alive."""
 
     _fields_ = [("blocks", ctypes.POINTER(Block)), ("n", _I64), ("norm", _P), ("head", _P), ("head_scale", _P),
                 ("head_wsum", _P), ("vocab", _I64), ("eps", _F32), ("kc", ctypes.POINTER(_P)),
                 ("vc", ctypes.POINTER(_P)), ("max_len", _I64), ("ck", ctypes.POINTER(_P)), ("cv", ctypes.POINTER(_P)),
-                ("S", _I64), ("cross_valid", _P), ("emb", _P), ("rows", _I64), ("cos", _P), ("sin", _P),
-                ("valid", _P), ("position", _P), ("pad", _I64)]
+                ("S", _I64), ("cross_bf16", _I64), ("cross_valid", _P), ("emb", _P), ("rows", _I64), ("cos", _P),
+                ("sin", _P), ("valid", _P), ("position", _P), ("pad", _I64)]
 
 
 def decoder_step(decoder: Decoder, token: Tensor, slot: int, masked: bool,
