@@ -24,13 +24,15 @@ different kernels over the same stored weights:
   `quantized::linear_dynamic` (`_DynamicInt8`: 7-bit activation codes, 8-bit weights), the kernel behind
   `torch.ao` dynamic quantisation, whose calls cost ~25 us more each (docs/efficiency.md); the products that
   only ever prefill (the encoder's, the cross-attention's k/v of the encoder output) then also hold the same
-  codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`) from `ONEDNN_MIN_ROWS` rows on (faster
-  than fbgemm at a 512-token prompt, slower for short ones; one byte more per encoder weight held). ~1-2%
-  relative error per layer output on random weights in every case. A one-sequence decode's decoder blocks and
+  codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`; its activation codes from mu's native
+  pass where it is built, `native.u8_codes`) from `ONEDNN_MIN_ROWS` rows on (faster than fbgemm at a 512-token
+  prompt, slower for short ones; one byte more per encoder weight held). ~1-2% relative error per layer output on
+  random weights in every case. A one-sequence decode's decoder blocks and
   lm_head run mu's native decoder step instead (`mu.model.fast.NativeDecoder`, `Int8Linear.step_weights`): on CPUs
   with AVX-512 VNNI, VNNI dot products over the same 7-bit codes, kept row-major for it by the layers it reads
   (`Int8Linear(keep_codes=True)`; the same 8-bit activation codes as fbgemm's); on AVX2 CPUs without VNNI, over the
-  packed codes of `_NativeInt8` with its GEMV's arithmetic (nothing more held). Where fbgemm is unavailable (non-x86
+  packed codes of `_NativeInt8` with its GEMV's arithmetic (nothing more held); in both, the cross-attention reads
+  bf16 copies of the encoder's K/V (half the bytes; the modules keep fp32). Where fbgemm is unavailable (non-x86
   builds) it dequantizes the same int8 weights into a float matmul instead: same numbers to rounding, no
   speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
