@@ -148,6 +148,25 @@ def test_streamer_gets_every_token(model):
     assert s.ended and [t[0] for t in s.tokens] == out[0, -4:].tolist()
 
 
+def test_generate_runs_in_eval_mode_and_restores_the_modules_modes():
+    """Generation runs every module in eval mode (no dropout) and leaves the model as it found a training one, or
+    every module in eval mode where the model was (one module left training is switched off too); a quantized
+    layer starts in the mode of the layer it replaced."""
+    torch.manual_seed(0)
+    model = mu.build_model("tiny", arch="encdec")  # (dropout 0.1: a generation in training mode differs)
+    prompt = _ids(2, 7)
+    want = model.eval().generate(prompt, max_new_tokens=5)
+    model.train()
+    assert torch.equal(model.generate(prompt, max_new_tokens=5), want)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model.transformer.h[0].mlp.train()
+    assert torch.equal(model.generate(prompt, max_new_tokens=5), want)
+    assert not any(m.training for m in model.modules())
+    model.quantize_("int8")
+    assert not any(m.training for m in model.modules())
+
+
 def test_cache_memory_is_output_sized_for_encdec():
     """The encoder-decoder's self-attention cache holds only the output; cross K/V once per layer."""
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
 """The inference fast paths give the same answers as the plain model: fused projections, RoPE tables,
 bf16, int8 (`model.quantize_`), within each path's tolerance."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -838,6 +840,9 @@ def test_huge_pages_move_the_weights_not_the_parameters(monkeypatch, tmp_path):
     where = [p.data_ptr() for p in params]
     fast.huge_pages_(model)
     assert [p.data_ptr() for p in params] == where  # once
+    other = copy.deepcopy(model).to(torch.bfloat16)  # (its record of where the tensors lie is the original's)
+    fast.huge_pages_(other)
+    assert all(_advised_for_huge_pages(p.data_ptr()) for p in other.parameters())  # new tensors: moved as well
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     enc, dec = _padded_inputs()
     model.train()

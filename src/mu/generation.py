@@ -162,7 +162,10 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
         huge_pages_(model)
     run = prepare(model, input_ids, max_new_tokens, attention_mask, bos_token_id, compile)
     was_training = model.training
-    model.eval()
+    # eval() and train() walk the modules setting each flag (~1.5 ms each at 330m): only where one is set
+    switch = any(m.training for m in model.modules())
+    if switch:
+        model.eval()
     try:
         logits = model.prefill(run.input_ids, run.attention_mask, run.cache, run.start, **model_kwargs)
         if compile or cuda_graph:  # the prompt went through the usual path; the steps now have fixed shapes
@@ -174,7 +177,8 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
                                dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator))
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
     return torch.cat([run.prefix, new], dim=1)
 
 

@@ -393,15 +393,27 @@ def huge_pages_(model: nn.Module) -> nn.Module:
     transparent huge pages (Linux; see `mu.utils.huge_page_bytes`), in groups of `ARENA_BYTES`, so a decode step's
     stream of weight reads crosses 2 MiB pages instead of 4 KiB ones. Same parameters (their data moves), same values;
     nothing happens where huge pages cannot be asked for, for models under `HUGE_PAGES_MIN_BYTES`, or when done
-    already. `mu.load_model` and `generate` call it on CPU."""
-    params = [p for p in (*model.parameters(), *model.buffers())
-              if p.device.type == "cpu" and (p.is_floating_point() or p.dtype == torch.int8)]
+    already. `mu.load_model` and `generate` call it on CPU: a call that finds every tensor where an earlier one left
+    it is one walk over the modules (~0.6 ms at 330m int8, against ~2.5 ms that filtered `parameters()` and
+    `buffers()` again)."""
+    tensors = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     done = model.__dict__.get("_huge_pages")
-    if done is not None and all(p.data_ptr() in done for p in params):
+    if done is not None and all(t.data_ptr() in done for t in tensors):
         return model
+    try:
+        _move_to_huge_pages(tensors)
+    finally:  # where every tensor now lies, moved or not (not where a moved one was: that memory is free again)
+        model.__dict__["_huge_pages"] = {t.data_ptr() for t in tensors}
+    return model
+
+
+def _move_to_huge_pages(tensors: list[Tensor]) -> None:
+    seen: set[int] = set()  # (a tied weight comes twice)
+    params = [p for p in tensors if p.device.type == "cpu" and (p.is_floating_point() or p.dtype == torch.int8)
+              and not (id(p) in seen or seen.add(id(p)))]
     if sum(p.nbytes for p in params) < HUGE_PAGES_MIN_BYTES:
-        return model
-    groups: list[list[nn.Parameter]] = [[]]
+        return
+    groups: list[list[Tensor]] = [[]]
     size = 0  # of the last group
     for p in params:
         if groups[-1] and size + p.nbytes > ARENA_BYTES:
@@ -409,21 +421,17 @@ def huge_pages_(model: nn.Module) -> nn.Module:
             size = 0
         groups[-1].append(p)
         size += round_up(p.nbytes, 64)
-    moved = set()
     with torch.no_grad(), torch.inference_mode(False):  # (normal tensors: the model may train afterwards)
         for group in groups:
             arena = huge_page_bytes(sum(round_up(p.nbytes, 64) for p in group))
             if arena is None:
-                return model
+                return
             at = 0
             for p in group:
                 data = arena[at:at + p.nbytes].view(p.dtype).view(p.shape)
                 data.copy_(p.data)
                 p.data = data
-                moved.add(data.data_ptr())
                 at += round_up(p.nbytes, 64)
-    model.__dict__["_huge_pages"] = moved
-    return model
 
 
 def speed_up_(model: nn.Module) -> nn.Module:

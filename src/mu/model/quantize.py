@@ -612,10 +612,11 @@ def quantize_(model: nn.Module, mode: str = "int8", include_encoder: bool = True
                     if is_plain_linear(child):
                         fn = (make_prefill if block in encoder and id(child) not in unfused
                               else make_step if id(child) in stepped else make)
-                        setattr(parent, child_name, fn(child.weight, child.bias))
+                        setattr(parent, child_name, fn(child.weight, child.bias).train(child.training))
             if mode == "int8" and isinstance(getattr(block, "mlp", None), MLP):
                 block.mlp.fused_forward = _fused_mlp  # declines unless both products run mu's or oneDNN's GEMM
-        model.lm_head = make_step(model.lm_head.weight)  # unties it: the embedding lookup keeps its floats
+        # (unties it: the embedding lookup keeps its floats)
+        model.lm_head = make_step(model.lm_head.weight).train(model.lm_head.training)
     model.quantization = mode
     return model
 
