@@ -162,8 +162,9 @@ def generate(model, input_ids: Tensor | Sequence[int], max_new_tokens: int = 64,
         huge_pages_(model)
     run = prepare(model, input_ids, max_new_tokens, attention_mask, bos_token_id, compile)
     was_training = model.training
-    # eval() and train() walk the modules setting each flag (~1.5 ms each at 330m): only where one is set
-    switch = any(m.training for m in model.modules())
+    # eval() and train() walk the modules setting each flag (~1.5 ms each at 330m): only where one is set (an ONNX
+    # Runtime session's model has no modules)
+    switch = not isinstance(model, torch.nn.Module) or any(m.training for m in model.modules())
     if switch:
         model.eval()
     try:
