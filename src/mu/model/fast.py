@@ -222,7 +222,7 @@ class NativeDecoder:
 
     An int8 model's step reads the cross-attention K/V from bf16 copies made there, once per generation (the cache
     keeps fp32 ones for the modules): half of what a step reads besides the weights (7.9 of 7.9 + 131 MiB at `330m`
-    with 512 input tokens), 2.5-3.7% faster steps (docs/efficiency.md, round 16). Their rounding (a relative 2^-9)
+    with 512 input tokens), 2.3-4.5% faster steps (docs/efficiency.md, round 16). Their rounding (a relative 2^-9)
     is finer than the step of the 8-bit codes every product's input gets.
     """
 
@@ -394,7 +394,7 @@ def huge_pages_(model: nn.Module) -> nn.Module:
     stream of weight reads crosses 2 MiB pages instead of 4 KiB ones. Same parameters (their data moves), same values;
     nothing happens where huge pages cannot be asked for, for models under `HUGE_PAGES_MIN_BYTES`, or when done
     already. `mu.load_model` and `generate` call it on CPU: a call that finds every tensor where an earlier one left
-    it is one walk over the modules (~0.6 ms at 330m int8, against ~2.5 ms that filtered `parameters()` and
+    it is one walk over the modules (~1.3 ms at 330m int8, against 2.4-3.0 ms that filtered `parameters()` and
     `buffers()` again)."""
     tensors = [t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     done = model.__dict__.get("_huge_pages")

@@ -27,14 +27,13 @@ different kernels over the same stored weights:
   codes in oneDNN's layout and run oneDNN's int8 matmul (`_OnednnInt8`; its activation codes from mu's native
   pass where it is built, `native.u8_codes`) from `ONEDNN_MIN_ROWS` rows on (faster than fbgemm at a 512-token
   prompt, slower for short ones; one byte more per encoder weight held). ~1-2% relative error per layer output on
-  random weights in every case. A one-sequence decode's decoder blocks and
-  lm_head run mu's native decoder step instead (`mu.model.fast.NativeDecoder`, `Int8Linear.step_weights`): on CPUs
-  with AVX-512 VNNI, VNNI dot products over the same 7-bit codes, kept row-major for it by the layers it reads
-  (`Int8Linear(keep_codes=True)`; the same 8-bit activation codes as fbgemm's); on AVX2 CPUs without VNNI, over the
-  packed codes of `_NativeInt8` with its GEMV's arithmetic (nothing more held); in both, the cross-attention reads
-  bf16 copies of the encoder's K/V (half the bytes; the modules keep fp32). Where fbgemm is unavailable (non-x86
-  builds) it dequantizes the same int8 weights into a float matmul instead: same numbers to rounding, no
-  speed-up.
+  random weights in every case. A one-sequence decode's decoder blocks and lm_head run mu's native decoder step
+  instead (`mu.model.fast.NativeDecoder`, `Int8Linear.step_weights`): on CPUs with AVX-512 VNNI, VNNI dot products
+  over the same 7-bit codes, kept row-major for it by the layers it reads (`Int8Linear(keep_codes=True)`; the same
+  8-bit activation codes as fbgemm's); on AVX2 CPUs without VNNI, over the packed codes of `_NativeInt8` with its
+  GEMV's arithmetic (nothing more held); in both, the cross-attention reads bf16 copies of the encoder's K/V (half
+  the bytes; the modules keep fp32). Where fbgemm is unavailable (non-x86 builds) it dequantizes the same int8
+  weights into a float matmul instead: same numbers to rounding, no speed-up.
 - "int8wo" (`Int8WeightOnlyLinear`, weight-only int8): 8-bit per-channel codes; decode runs
   `torch._weight_int8pack_mm` (bf16 activations, never quantized), prefill runs "int8"'s kernels over
   its own codes of the same weights (the weight-only kernel is a GEMV kernel: 4x slower than fp32 at 512 rows).
@@ -192,7 +191,8 @@ def _onednn_available() -> bool:
 def _u8_codes(x: Tensor) -> tuple[Tensor, float, int]:
     """8-bit activation codes of `x` with one scale and zero point (the range min(x, 0)..max(x, 0) over 0..255, as
     fbgemm chooses them): (codes as a plain uint8 tensor, scale, zero point). mu's native pass where it is built
-    (`native.u8_codes`: the same codes, 2.5-7x faster on the AVX-512 development machine), else PyTorch's ops."""
+    (`native.u8_codes`: the same codes; 5.5-7.5x PyTorch's ops on inputs in cache, 16.7 vs 18.2 ms over a 330m
+    prefill's inputs, which come from memory: docs/efficiency.md round 16), else PyTorch's ops."""
     if native.u8_codes_available():
         return native.u8_codes(x)
     lo, hi = (v.item() for v in torch.aminmax(x))
