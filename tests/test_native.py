@@ -353,6 +353,45 @@ def test_native_decoder_step_keeps_the_cache_as_the_modules_do(monkeypatch):
     assert torch.allclose(got, run(_module_path(copy.deepcopy(scaled)))[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_native_step_reads_cross_kv_set_again_in_place(monkeypatch, kind):
+    """A cache whose cross-attention K/V are written over in place and set again (as `SlotCache` does when a row
+    joins), here another prompt's, of another width: the next native step reads the new ones (an int8 model: new bf16
+    copies), its logits the modules' with the same cache (int8: to the copies' rounding), not those of the first
+    prompt's K/V."""
+    _needs_native_step(torch.float32 if kind == "fp32" else "int8")
+    torch.manual_seed(0)
+    model = _step_model(torch.float32)
+    if kind == "int8":
+        model.quantize_("int8")
+    calls = _counted(monkeypatch, "decoder_step")
+    first, second = torch.randint(3, 300, (1, 20)), torch.randint(3, 300, (1, 20))
+    second[0, 12:] = model.config.pad_token_id  # (its encoder output covers 12 positions: a mask now)
+    token = torch.tensor([[7]])
+
+    def run(m, swap=True):
+        with torch.inference_mode():
+            cache = m.new_cache(1, 8)
+            m.prefill(first, None, cache, torch.ones(1, 1, dtype=torch.long))
+            m.decode_step(token, cache)
+            if swap:
+                enc, valid = m.encode(second)
+                for block, (k, v) in zip(m.decoder_blocks(), cache.cross_kv):
+                    new_k, new_v = block.cross_kv(enc)
+                    k.copy_(new_k)
+                    v.copy_(new_v)
+                cache.set_cross(cache.cross_kv, valid)
+            return m.decode_step(token, cache)
+
+    want = run(_module_path(copy.deepcopy(model)))
+    stale = run(_module_path(copy.deepcopy(model)), swap=False)
+    calls.clear()
+    got = run(model)
+    assert len(calls) == 3
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < (1e-5 if kind == "fp32" else 3e-2) and ((stale - want).norm() / want.norm()).item() > 0.2
+
+
 def test_native_decoder_step_picks_as_argmax(monkeypatch):
     """The step's greedy pick is `torch.argmax`'s of its logits: the first of equal largest logits (here one in each
     thread's share of the vocabulary), a NaN before any number."""

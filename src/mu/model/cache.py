@@ -37,6 +37,7 @@ class KVCache:
         self.cross_kv: Optional[list[tuple[Tensor, Tensor]]] = None  # per decoder layer, (B, n_kv, S, hd)
         self.cross_valid: Optional[Tensor] = None  # (B, S) valid encoder positions
         self.cross_mask: Optional[Tensor] = None  # (B, 1, 1, S) bool, or None when every position is valid
+        self.cross_version = 0  # counts set_cross's calls: what was derived from the K/V (a copy) is made again
         self.rope: Optional[tuple[Tensor, Tensor]] = None  # cos, sin for positions 0..max_len-1, (max_len, hd)
         self.static = False  # fixed-shape single-token steps (see the module docstring)
         self.compiled = False  # run those steps through torch.compile (set by generate(compile=True))
@@ -45,9 +46,11 @@ class KVCache:
         # step; False: none for this cache
 
     def set_cross(self, cross_kv: list[tuple[Tensor, Tensor]], valid: Tensor) -> None:
-        """Store the cross-attention K/V of every decoder layer and the encoder positions they cover."""
+        """Store the cross-attention K/V of every decoder layer and the encoder positions they cover (also after
+        writing into the tensors held: `mu.serve.slots.SlotCache` does, as rows join and leave)."""
         from mu.model.layers import key_padding_mask
 
+        self.cross_version += 1
         self.cross_kv = cross_kv
         self.cross_valid = valid
         self.cross_mask = None if bool(valid.all()) else key_padding_mask(valid)

@@ -217,8 +217,8 @@ class NativeDecoder:
     base depends on the length (NTK scaling past `block_size`), another dtype or CPU, a linear layer that is neither a
     plain one nor an int8 one whose codes the step reads (an adapter, another quantization). The kernel reads the
     weights where they lie, so changes in place need nothing; which modules and tensors the model holds, and where the
-    cache keeps its buffers, is checked once per cache (a generation; again if the cache's buffers move), where their
-    pointers are taken.
+    cache keeps its buffers, is checked once per cache (a generation; again if the cache's buffers move or its
+    cross-attention K/V are set again: `KVCache.cross_version`), where their pointers are taken.
 
     An int8 model's step reads the cross-attention K/V from bf16 copies made there, once per generation (the cache
     keeps fp32 ones for the modules): half of what a step reads besides the weights (7.9 of 7.9 + 131 MiB at `330m`
@@ -269,9 +269,8 @@ class NativeDecoder:
                 or m.training or torch.is_grad_enabled() or as_op() or is_exporting() or torch.jit.is_tracing()
                 or rope_scaled(m.config, cache.length + n)):
             return None
-        cross = cache.cross_kv
         where = (cache.k.data_ptr(), cache.v.data_ptr(), cache.valid.data_ptr(), cache.positions.data_ptr(),
-                 cross and cross[0][0].data_ptr(), cache.cross_mask is not None and cache.cross_mask.data_ptr())
+                 cache.cross_version)  # (cross K/V set again, in place or not: new copies, their width, the mask)
         if self.checked is None or self.checked() is not cache or where != self.where:  # a new generation
             self.args = self._arguments(cache)
             self.checked, self.where = weakref.ref(cache), where
