@@ -584,14 +584,7 @@ void mu_codes_u8(const float *x, int64_t n, uint8_t *out, double *scale, int64_t
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         int64_t i0, i1;
         share(n, tid, nth, &i0, &i1);
-        __m512 mn = _mm512_setzero_ps(), mx = _mm512_setzero_ps();  /* (0 in the range, as the codes' lo and hi) */
-        for (int64_t i = i0; i < i1; i += 16) {
-            __m512 v = load_f32(x + i, first(i, i1));
-            mn = _mm512_min_ps(mn, v);
-            mx = _mm512_max_ps(mx, v);
-        }
-        lo[tid] = _mm512_reduce_min_ps(mn);
-        hi[tid] = _mm512_reduce_max_ps(mx);
+        row_range(x + i0, i1 - i0, &lo[tid], &hi[tid]);
         #pragma omp barrier
         #pragma omp single
         {

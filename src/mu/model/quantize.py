@@ -191,7 +191,7 @@ def _onednn_available() -> bool:
 def _u8_codes(x: Tensor) -> tuple[Tensor, float, int]:
     """8-bit activation codes of `x` with one scale and zero point (the range min(x, 0)..max(x, 0) over 0..255, as
     fbgemm chooses them): (codes as a plain uint8 tensor, scale, zero point). mu's native pass where it is built
-    (`native.u8_codes`: the same codes; 5.5-7.5x PyTorch's ops on inputs in cache, 16.7 vs 18.2 ms over a 330m
+    (`native.u8_codes`: the same codes; 5-7x PyTorch's ops on inputs in cache, 16.7 vs 18.2 ms over a 330m
     prefill's inputs, which come from memory: docs/efficiency.md round 16), else PyTorch's ops."""
     if native.u8_codes_available():
         return native.u8_codes(x)
