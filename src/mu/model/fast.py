@@ -407,9 +407,8 @@ def huge_pages_(model: nn.Module) -> nn.Module:
 
 
 def _move_to_huge_pages(tensors: list[Tensor]) -> None:
-    seen: set[int] = set()  # (a tied weight comes twice)
-    params = [p for p in tensors if p.device.type == "cpu" and (p.is_floating_point() or p.dtype == torch.int8)
-              and not (id(p) in seen or seen.add(id(p)))]
+    params = list({id(p): p for p in tensors  # (once each: a tied weight comes twice)
+                   if p.device.type == "cpu" and (p.is_floating_point() or p.dtype == torch.int8)}.values())
     if sum(p.nbytes for p in params) < HUGE_PAGES_MIN_BYTES:
         return
     groups: list[list[Tensor]] = [[]]
