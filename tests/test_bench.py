@@ -320,3 +320,24 @@ def test_side_by_side_report_gives_every_issue19_target(monkeypatch, capsys):
     assert cpu_ratios["issue19_decode_roofline_mu_fp32"] is None
     del results["mu-encdec-bf16"]
     assert last_line()["ratios"]["issue19_bf16_decode_over_fp32"] is None
+
+
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_step_read_bound_reads_the_decode_steps_weights(monkeypatch, arch):
+    """benchmarks/step_read_bound.py's pieces are the weights of the products a decode step runs: every linear
+    layer of the decoder blocks and the head, but the cross-attention K/V projections (once per request)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(repo, "benchmarks"))
+    from step_read_bound import step_pieces
+
+    model = mu.build_model("tiny", arch=arch)
+    blocks = {id(m) for m in model.decoder_blocks().modules()}
+    once = {id(b.cross_attn.k_linear) for b in model.decoder_blocks() if hasattr(b, "cross_attn")}
+    once |= {id(b.cross_attn.v_linear) for b in model.decoder_blocks() if hasattr(b, "cross_attn")}
+    read = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in once
+            and (id(m) in blocks or m is model.lm_head)]
+    pieces = step_pieces(model.config, 2)
+    assert sum(pieces) == 2 * sum(m.weight.numel() for m in read)
+    per_block = 6 if arch == "encdec" else 4
+    assert len(pieces) == per_block * model.config.n_decoder_layer + 1
+    assert pieces[-1] == 2 * model.lm_head.weight.numel()
