@@ -1,18 +1,16 @@
-/* A decode step's weight bytes read two ways by `threads` OpenMP threads, alternating, `samples` times: in one
-   piece, and in the step's pieces in order (the weights of each product, or of products that read the same input)
-   with a barrier after each, as the step's threads wait for each other before the next product. The threads take
-   CHUNK bytes at a time, as they come (a slower thread reads less, as the step's products share their rows out in
-   turns). No arithmetic beyond the loads: the ceiling that the step's order and barriers alone put on its roofline
-   fraction. Prints one line per sample: GB/s in one piece, GB/s in pieces. Driven by step_read_bound.py.
-
-       step_read_bound threads samples bytes...
-*/
+/* A decode step's weight bytes read two ways by the threads of one OpenMP region: in one piece, and in the step's
+   pieces in order (the weights of each product, or of products that read the same input) with a barrier after
+   each, as the step's threads wait for each other before the next product. The threads share each piece's blocks
+   out in turns, as the step's products share their rows (a slower thread reads less). No arithmetic
+   beyond the loads: the ceiling that the step's order and barriers alone put on its roofline fraction. A library
+   for step_read_bound.py, which loads it into a process running torch, so the reads run in torch's OpenMP threads
+   as mu's native step does. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 static double now(void) {
@@ -37,61 +35,84 @@ static __m256i read_bytes(const char *p, size_t n) {
     return _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
 }
 
-#define CHUNK (64 << 10)
+#define BLOCK (16 << 10)
 
-/* the n bytes at p (a multiple of 256) read by the threads of the region, CHUNK at a time as they come; *next: the
-   region's shared counter, 0 on entry, left at n */
-static __m256i share_read(const char *p, size_t n, size_t *next) {
-    __m256i acc = _mm256_setzero_si256();
-    for (;;) {
-        size_t at = __atomic_fetch_add(next, CHUNK, __ATOMIC_RELAXED);
-        if (at >= n) return acc;
-        acc = _mm256_add_epi32(acc, read_bytes(p + at, n - at < CHUNK ? n - at : CHUNK));
+/* The blocks of a piece are shared out as mu's native step shares a product's rows: each thread reads its own range
+   front to back; one whose range is done takes the back half of another's range left. turns[8 t] packs thread t's
+   range [lo, hi) (32 bits each), changed by compare-and-swap; a piece's ranges are set before a barrier. */
+static inline uint64_t range(uint64_t lo, uint64_t hi) { return lo << 32 | hi; }
+
+static int take(uint64_t *turns, int tid, int nth, uint64_t *block) {
+    for (int i = 0; i < nth; i++) {
+        uint64_t *t = turns + 8 * ((tid + i) % nth), v = __atomic_load_n(t, __ATOMIC_ACQUIRE);
+        for (;;) {
+            uint64_t lo = v >> 32, hi = v & 0xffffffff, mid = i ? lo + (hi - lo) / 2 : lo;
+            if (lo >= hi) break;
+            if (__atomic_compare_exchange_n(t, &v, i ? range(lo, mid) : range(lo + 1, hi), 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE)) {
+                if (i) __atomic_store_n(turns + 8 * tid, range(mid + 1, hi), __ATOMIC_RELEASE);
+                *block = mid;
+                return 1;
+            }
+        }
     }
+    return 0;
 }
 
-int main(int argc, char **argv) {
-    if (argc < 4) {
-        fprintf(stderr, "usage: %s threads samples bytes...\n", argv[0]);
-        return 2;
+/* the n bytes at p (a multiple of 256) read by the threads of the region, sharing its BLOCK-byte blocks out in
+   turns; ends with a barrier */
+static __m256i share_read(const char *p, size_t n, uint64_t *turns, int tid, int nth) {
+    uint64_t blocks = (n + BLOCK - 1) / BLOCK, b;
+    __atomic_store_n(turns + 8 * tid, range(blocks * (uint64_t)tid / (uint64_t)nth,
+                                            blocks * (uint64_t)(tid + 1) / (uint64_t)nth), __ATOMIC_RELEASE);
+    #pragma omp barrier
+    __m256i acc = _mm256_setzero_si256();
+    while (take(turns, tid, nth, &b)) {
+        size_t at = (size_t)b * BLOCK;
+        acc = _mm256_add_epi32(acc, read_bytes(p + at, n - at < BLOCK ? n - at : BLOCK));
     }
-    const int threads = atoi(argv[1]), samples = atoi(argv[2]), n = argc - 3;
-    size_t *piece = malloc(sizeof(size_t) * (size_t)n), *next = calloc((size_t)n + 1, sizeof(size_t)), total = 0;
-    if (!piece || !next || threads < 1) return 1;
-    for (int i = 0; i < n; i++) {
-        piece[i] = (strtoull(argv[3 + i], NULL, 10) + 255) / 256 * 256;
-        total += piece[i];
-    }
-    char *buf = aligned_alloc(4096, total);
-    if (!buf) return 1;
-    memset(buf, 1, total);
+    #pragma omp barrier
+    return acc;
+}
+
+/* bytes of weights on transparent huge pages where the system gives them (as mu.model.fast.huge_pages_ puts a
+   model's), filled; NULL if out of memory */
+char *step_read_buffer(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    char *buf = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
+    if (!buf) return NULL;
+    madvise(buf, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
+    memset(buf, 1, bytes);
+    return buf;
+}
+
+void step_read_free(char *buf) { free(buf); }
+
+/* seconds to read the n pieces (bytes each, multiples of 256) of buf with `threads` threads: in one piece
+   (pieces = 0) or piece by piece with a barrier after each (pieces = 1); -1 if out of memory */
+double step_read(const char *buf, const int64_t *bytes, int n, int threads, int pieces) {
+    uint64_t *turns = aligned_alloc(64, (size_t)threads * 64);
+    size_t total = 0;
+    if (!turns) return -1;
+    for (int i = 0; i < n; i++) total += (size_t)bytes[i];
     volatile int sink = 0;
-    for (int s = 0; s < samples; s++) {
-        double t[2];
-        for (int pieces = 0; pieces < 2; pieces++) {
-            memset(next, 0, sizeof(size_t) * ((size_t)n + 1));
-            double t0 = now();
-            #pragma omp parallel num_threads(threads)
-            {
-                __m256i acc = _mm256_setzero_si256();
-                if (!pieces) {
-                    acc = share_read(buf, total, &next[n]);
-                } else {
-                    size_t at = 0;
-                    for (int i = 0; i < n; i++) {
-                        acc = _mm256_add_epi32(acc, share_read(buf + at, piece[i], &next[i]));
-                        at += piece[i];
-                        #pragma omp barrier
-                    }
-                }
-                sink += _mm256_extract_epi32(acc, 0);
+    double t0 = now();
+    #pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        __m256i acc = _mm256_setzero_si256();
+        if (!pieces) {
+            acc = share_read(buf, total, turns, tid, nth);
+        } else {
+            size_t at = 0;
+            for (int i = 0; i < n; i++) {
+                acc = _mm256_add_epi32(acc, share_read(buf + at, (size_t)bytes[i], turns, tid, nth));
+                at += (size_t)bytes[i];
             }
-            t[pieces] = now() - t0;
         }
-        printf("%.2f %.2f\n", (double)total / t[0] / 1e9, (double)total / t[1] / 1e9);
+        sink += _mm256_extract_epi32(acc, 0);
     }
-    free(buf);
-    free(piece);
-    free(next);
-    return 0;
+    double t = now() - t0;
+    free(turns);
+    return t;
 }
