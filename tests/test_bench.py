@@ -231,7 +231,7 @@ def test_bench_runs_a_quantized_and_an_auto_format(tmp_path):
 
 def test_bench_times_mu_models_where_generate_puts_their_weights(monkeypatch):
     """`generate` moves a CPU model's weights onto huge pages (`huge_pages_`) before it decodes, which makes a 330m
-    int8 step 1.18x faster on the development machine (docs/efficiency.md, round 17); the benchmark's timed mu
+    int8 step 1.12-1.18x faster on the development machine (docs/efficiency.md, round 17); the benchmark's timed mu
     models get the same move, so its decode figures are generate's."""
     import mu.bench.runner as bench_runner
 
