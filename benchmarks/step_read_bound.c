@@ -4,13 +4,11 @@
    out in turns, as the step's products share their rows (a slower thread reads less). No arithmetic
    beyond the loads: the ceiling that the step's order and barriers alone put on its roofline fraction. A library
    for step_read_bound.py, which loads it into a process running torch, so the reads run in torch's OpenMP threads
-   as mu's native step does. */
+   as mu's native step does, over a buffer it makes (on huge pages, as a model's weights lie). */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
 #include <time.h>
 
 static double now(void) {
@@ -74,19 +72,6 @@ static __m256i share_read(const char *p, size_t n, uint64_t *turns, int tid, int
     #pragma omp barrier
     return acc;
 }
-
-/* bytes of weights on transparent huge pages where the system gives them (as mu.model.fast.huge_pages_ puts a
-   model's), filled; NULL if out of memory */
-char *step_read_buffer(size_t bytes) {
-    const size_t huge = (size_t)2 << 20;
-    char *buf = aligned_alloc(huge, (bytes + huge - 1) / huge * huge);
-    if (!buf) return NULL;
-    madvise(buf, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);
-    memset(buf, 1, bytes);
-    return buf;
-}
-
-void step_read_free(char *buf) { free(buf); }
 
 /* seconds to read the n pieces (bytes each, multiples of 256) of buf with `threads` threads: in one piece
    (pieces = 0) or piece by piece with a barrier after each (pieces = 1); -1 if out of memory */

@@ -35,7 +35,7 @@ from mu.bench.measure import random_input_ids, read_bandwidth, stream_tensor
 from mu.bench.models import ModelSpec, build_runner
 from mu.config import MuConfig
 from mu.model.fast import huge_pages_
-from mu.utils import cpu_isa
+from mu.utils import cpu_isa, huge_page_bytes
 
 BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
 
@@ -100,16 +100,13 @@ def main() -> None:
         subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(source), "-o", str(path)],
                        check=True)
         lib = ctypes.CDLL(str(path))
-    lib.step_read_buffer.restype = ctypes.c_void_p
-    lib.step_read_buffer.argtypes = [ctypes.c_size_t]
-    lib.step_read_free.argtypes = [ctypes.c_void_p]
     lib.step_read.restype = ctypes.c_double
     lib.step_read.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.c_int,
                               ctypes.c_int]
     total = sum(pieces)
-    buf = lib.step_read_buffer(total)
-    if not buf:
-        raise SystemExit(f"step_read_bound: no memory for {total} bytes")
+    weights = huge_page_bytes(total)  # (where a model's weights lie once `generate` has moved them)
+    weights = (torch.empty(total, dtype=torch.uint8) if weights is None else weights).fill_(1)
+    buf = weights.data_ptr()
     sizes = (ctypes.c_int64 * len(pieces))(*pieces)
     stream = stream_tensor(256 << 20)
     step, step_bytes = (None, 0) if args.no_step else step_timer(args)
@@ -117,8 +114,9 @@ def main() -> None:
     for _ in range(args.samples):
         read = read_bandwidth(stream, repeats=3)
         one, split = (lib.step_read(buf, sizes, len(pieces), args.threads, k) for k in (0, 1))
+        if one < 0 or split < 0:
+            raise SystemExit(f"step_read_bound: out of memory for {args.threads} threads' turns")
         rows.append((read, total / one, total / split, step_bytes / step() if step else math.nan))
-    lib.step_read_free(buf)
     rows.sort()
     q = max(1, len(rows) // 4)
     print(f"# {cpu_isa()}, {args.threads} threads; {args.preset} {args.arch} {args.format}, {total / 1e6:.1f} MB a "
